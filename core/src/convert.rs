@@ -1,0 +1,144 @@
+//! Conversions between the wire contract (`drover-proto`) and the domain types. The proto crate
+//! holds only generated code, so the mapping lives here, once.
+
+use chrono::{DateTime, Utc};
+use drover_proto::v1 as pb;
+
+use crate::repo::{EventRecord, RunRecord};
+use crate::spec::{RawSpec, RunSpec};
+use crate::state::RunState;
+
+pub fn state_to_proto(s: RunState) -> pb::RunState {
+    match s {
+        RunState::PendingApproval => pb::RunState::PendingApproval,
+        RunState::Queued => pb::RunState::Queued,
+        RunState::Assigned => pb::RunState::Assigned,
+        RunState::Running => pb::RunState::Running,
+        RunState::Succeeded => pb::RunState::Succeeded,
+        RunState::Failed => pb::RunState::Failed,
+        RunState::Cancelled => pb::RunState::Cancelled,
+        RunState::TimedOut => pb::RunState::TimedOut,
+        RunState::Rejected => pb::RunState::Rejected,
+        RunState::DeadLettered => pb::RunState::DeadLettered,
+    }
+}
+
+/// `None` for UNSPECIFIED or a number this build does not know.
+pub fn state_from_proto(v: i32) -> Option<RunState> {
+    Some(match pb::RunState::try_from(v).ok()? {
+        pb::RunState::Unspecified => return None,
+        pb::RunState::PendingApproval => RunState::PendingApproval,
+        pb::RunState::Queued => RunState::Queued,
+        pb::RunState::Assigned => RunState::Assigned,
+        pb::RunState::Running => RunState::Running,
+        pb::RunState::Succeeded => RunState::Succeeded,
+        pb::RunState::Failed => RunState::Failed,
+        pb::RunState::Cancelled => RunState::Cancelled,
+        pb::RunState::TimedOut => RunState::TimedOut,
+        pb::RunState::Rejected => RunState::Rejected,
+        pb::RunState::DeadLettered => RunState::DeadLettered,
+    })
+}
+
+pub fn raw_spec_from_proto(spec: pb::RunSpec) -> RawSpec {
+    let res = spec.resources.unwrap_or_default();
+    RawSpec {
+        image: spec.image,
+        command: spec.command,
+        env: spec.env.into_iter().collect(),
+        cpus: res.cpus,
+        memory_bytes: res.memory_bytes,
+        pids: res.pids,
+        timeout_secs: spec.timeout_seconds,
+        pool: spec.pool,
+        priority: spec.priority,
+        max_attempts: spec.max_attempts,
+        labels: spec.labels.into_iter().collect(),
+        network: spec.network,
+        metadata: spec.metadata.into_iter().collect(),
+    }
+}
+
+pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
+    pb::RunSpec {
+        image: spec.image.clone(),
+        command: spec.command.clone(),
+        env: spec.env.clone().into_iter().collect(),
+        resources: Some(pb::Resources {
+            cpus: spec.resources.cpus,
+            memory_bytes: spec.resources.memory_bytes,
+            pids: spec.resources.pids,
+        }),
+        timeout_seconds: spec.timeout_secs,
+        pool: spec.pool.clone(),
+        priority: spec.priority,
+        max_attempts: spec.max_attempts,
+        labels: spec.labels.clone().into_iter().collect(),
+        network: spec.network.as_str().to_owned(),
+        metadata: spec.metadata.clone().into_iter().collect(),
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn non_negative(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub fn run_to_proto(r: &RunRecord) -> pb::Run {
+    pb::Run {
+        id: r.id.to_string(),
+        state: state_to_proto(r.state).into(),
+        spec: Some(spec_to_proto(&r.spec)),
+        attempt: u32::try_from(r.attempt).unwrap_or(0),
+        lease_epoch: non_negative(r.lease_epoch),
+        agent_id: r.agent_id.clone().unwrap_or_default(),
+        exit_code: r.exit_code,
+        output: r.output.clone(),
+        output_truncated: r.output_truncated,
+        reason: r.reason.clone().unwrap_or_default(),
+        executor: r.executor.clone().unwrap_or_default(),
+        idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+        created_at: Some(timestamp(r.created_at)),
+        updated_at: Some(timestamp(r.updated_at)),
+        started_at: r.started_at.map(timestamp),
+        finished_at: r.finished_at.map(timestamp),
+    }
+}
+
+pub fn event_to_proto(e: &EventRecord) -> pb::RunEvent {
+    pb::RunEvent {
+        run_id: e.run_id.to_string(),
+        seq: u64::try_from(e.seq).unwrap_or(0),
+        from_state: e
+            .from_state
+            .map(state_to_proto)
+            .unwrap_or(pb::RunState::Unspecified)
+            .into(),
+        to_state: state_to_proto(e.to_state).into(),
+        attempt: u32::try_from(e.attempt).unwrap_or(0),
+        lease_epoch: non_negative(e.lease_epoch),
+        reason: e.reason.clone().unwrap_or_default(),
+        at: Some(timestamp(e.at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_proto() {
+        for s in RunState::ALL {
+            let n: i32 = state_to_proto(s).into();
+            assert_eq!(state_from_proto(n), Some(s));
+        }
+        assert_eq!(state_from_proto(0), None);
+        assert_eq!(state_from_proto(999), None);
+    }
+}

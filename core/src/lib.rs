@@ -1,0 +1,28 @@
+//! drover-core: what every drover binary shares.
+//!
+//! Owns the domain types ([`ids`], [`state`], [`spec`]), the run state machine as a transition
+//! table, run-spec validation, typed configuration ([`config`]), the Postgres repository
+//! ([`repo`]) and migrations ([`db`]), the RabbitMQ topology ([`topology`]) and wire messages
+//! ([`messages`]), Redis key names ([`redis_keys`]) and the outbox relay ([`outbox_relay`]).
+//!
+//! It must not serve gRPC, consume queues or run containers: those belong to the binaries.
+
+pub mod amqp;
+pub mod config;
+pub mod convert;
+pub mod db;
+pub mod error;
+pub mod events;
+pub mod ids;
+pub mod messages;
+pub mod outbox_relay;
+pub mod pg_wakeup;
+pub mod redis_keys;
+pub mod repo;
+pub mod shutdown;
+pub mod spec;
+pub mod state;
+pub mod telemetry;
+pub mod topology;
+
+pub use error::CoreError;

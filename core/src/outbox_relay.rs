@@ -1,0 +1,199 @@
+//! The outbox relay: publishes committed outbox rows to RabbitMQ with publisher confirms and
+//! marks them published. Runs in every API and dispatcher process; `FOR UPDATE SKIP LOCKED`
+//! keeps relays off each other's rows. A crash between confirm and mark republishes a row,
+//! which receivers recognise as a duplicate (messages carry ids and fencing numbers only).
+//!
+//! Publishes are `mandatory`: an unroutable message (no queue bound yet) comes back and the row
+//! is retried later with backoff instead of vanishing. Pool queues are declared on first use.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use secrecy::SecretString;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelaySettings;
+use crate::error::CoreError;
+use crate::messages::CONTENT_TYPE;
+use crate::repo::outbox;
+use crate::{amqp, pg_wakeup, topology};
+
+pub struct OutboxRelay {
+    pool: PgPool,
+    amqp_url: SecretString,
+    delivery_limit: u32,
+    settings: RelaySettings,
+    name: String,
+}
+
+struct Link {
+    _conn: Connection,
+    channel: Channel,
+    declared_pools: HashSet<String>,
+}
+
+impl OutboxRelay {
+    pub fn new(
+        pool: PgPool,
+        amqp_url: SecretString,
+        delivery_limit: u32,
+        settings: RelaySettings,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            pool,
+            amqp_url,
+            delivery_limit,
+            settings,
+            name: name.into(),
+        }
+    }
+
+    /// Runs until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) {
+        let wake: Arc<Notify> =
+            pg_wakeup::spawn(self.pool.clone(), crate::repo::OUTBOX_CHANNEL, cancel.clone());
+        let poll = Duration::from_millis(self.settings.poll_interval_ms);
+        let mut link: Option<Link> = None;
+        loop {
+            // Register interest before draining so a NOTIFY during the drain is not lost.
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            if link.is_none() {
+                link = self.open(&cancel).await;
+                if link.is_none() {
+                    return; // cancelled while connecting
+                }
+            }
+            if let Some(l) = link.as_mut() {
+                loop {
+                    match self.publish_batch(l).await {
+                        Ok(0) => break,
+                        Ok(n) => tracing::debug!(published = n, "outbox batch published"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox relay batch failed");
+                            if matches!(e, CoreError::Amqp(_)) || !l.channel.status().connected()
+                            {
+                                link = None;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = &mut notified => {},
+                _ = tokio::time::sleep(poll) => {},
+            }
+        }
+    }
+
+    async fn open(&self, cancel: &CancellationToken) -> Option<Link> {
+        loop {
+            let conn =
+                amqp::connect_with_retry(&self.amqp_url, &format!("{}-relay", self.name), cancel)
+                    .await?;
+            let setup = async {
+                let channel = conn.create_channel().await?;
+                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                topology::declare_base(&channel).await?;
+                Ok::<_, CoreError>(channel)
+            };
+            match setup.await {
+                Ok(channel) => {
+                    tracing::info!("outbox relay connected to rabbitmq");
+                    return Some(Link {
+                        _conn: conn,
+                        channel,
+                        declared_pools: HashSet::new(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay channel setup failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes one batch of due rows; returns how many were published.
+    async fn publish_batch(&self, link: &mut Link) -> Result<usize, CoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = outbox::claim(&mut tx, self.settings.batch_size).await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        for row in &rows {
+            if row.exchange == topology::RUNS_EXCHANGE
+                && !link.declared_pools.contains(&row.routing_key)
+            {
+                topology::declare_pool_queue(&link.channel, &row.routing_key, self.delivery_limit)
+                    .await?;
+                link.declared_pools.insert(row.routing_key.clone());
+            }
+        }
+        // Pipeline the publishes, then collect the confirms.
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(CONTENT_TYPE.into())
+                .with_message_id(format!("outbox-{}", row.id).into());
+            let confirm = link
+                .channel
+                .basic_publish(
+                    row.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &row.payload,
+                    props,
+                )
+                .await;
+            pending.push((row.id, confirm));
+        }
+        let mut published = Vec::with_capacity(rows.len());
+        let mut broken: Option<lapin::Error> = None;
+        for (id, confirm) in pending {
+            let outcome = match confirm {
+                Ok(c) => c.await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(Confirmation::Ack(None)) => published.push(id),
+                Ok(Confirmation::Ack(Some(_))) => {
+                    tracing::warn!(outbox_id = id, "message unroutable; will retry");
+                    outbox::mark_failed(&mut tx, id, "unroutable: no queue bound").await?;
+                }
+                Ok(Confirmation::Nack(_)) => {
+                    outbox::mark_failed(&mut tx, id, "nacked by broker").await?;
+                }
+                Ok(Confirmation::NotRequested) => published.push(id),
+                Err(e) => {
+                    outbox::mark_failed(&mut tx, id, "publish failed").await?;
+                    broken.get_or_insert(e);
+                }
+            }
+        }
+        outbox::mark_published(&mut tx, &published).await?;
+        tx.commit().await?;
+        if let Some(e) = broken {
+            return Err(e.into());
+        }
+        Ok(published.len())
+    }
+}

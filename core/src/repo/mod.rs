@@ -1,0 +1,19 @@
+//! The Postgres repository. Every state change is one conditional `UPDATE` whose guard comes
+//! from the state table ([`runs::transition`]); its row count decides, and a refusal is
+//! explained, never applied. Queries are runtime-checked (`sqlx::query`) and exercised by the
+//! end-to-end tests against real Postgres; compile-time checking would need a database or
+//! checked-in offline data at every build, which the fresh-machine CI would have to provision
+//! first.
+
+pub mod agents;
+pub mod logs;
+pub mod outbox;
+pub mod runs;
+
+pub use runs::{EventRecord, RunRecord, Transition, TransitionPatch};
+
+/// NOTIFY channel that wakes outbox relays after a commit that wrote outbox rows.
+pub const OUTBOX_CHANNEL: &str = "drover_outbox";
+/// NOTIFY channel that wakes dispatchers waiting for capacity (agent registered, heartbeat
+/// after idle, run finished).
+pub const CAPACITY_CHANNEL: &str = "drover_capacity";

@@ -1,0 +1,110 @@
+//! The transactional outbox: rows written with the state change that caused them, published
+//! by the relay, marked afterwards. A crash between publish and mark republishes the row;
+//! consumers treat duplicates as normal.
+
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+
+use crate::error::CoreError;
+use crate::ids::TenantId;
+
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+}
+
+/// Adds a message to publish once the caller's transaction commits, and wakes the relays.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+) -> Result<(), CoreError> {
+    sqlx::query(
+        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(tenant.0)
+    .bind(exchange)
+    .bind(routing_key)
+    .bind(payload)
+    .execute(&mut *conn)
+    .await?;
+    // NOTIFYs are delivered at commit and folded when repeated, so this is cheap.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(super::OUTBOX_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Claims due rows for this transaction; other relays skip them.
+pub async fn claim(
+    tx: &mut Transaction<'_, Postgres>,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, CoreError> {
+    let rows = sqlx::query(
+        "SELECT id, exchange, routing_key, payload FROM outbox \
+         WHERE published_at IS NULL AND available_at <= now() \
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get("id")?,
+                exchange: r.try_get("exchange")?,
+                routing_key: r.try_get("routing_key")?,
+                payload: r.try_get("payload")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn mark_published(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[i64],
+) -> Result<(), CoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Puts a row back for a later try, with a delay growing with its attempts (capped at 30 s).
+pub async fn mark_failed(
+    tx: &mut Transaction<'_, Postgres>,
+    id: i64,
+    error: &str,
+) -> Result<(), CoreError> {
+    sqlx::query(
+        "UPDATE outbox SET publish_attempts = publish_attempts + 1, last_error = $2, \
+         available_at = now() + least(30000, 100 * power(2, least(publish_attempts, 10))) \
+             * interval '1 millisecond' \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Unpublished rows and the age of the oldest, for health and metrics.
+pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<f64>), CoreError> {
+    let row = sqlx::query(
+        "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at))::float8 AS age \
+         FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.try_get("n")?, row.try_get("age")?))
+}

@@ -1,0 +1,480 @@
+//! Runs and their events.
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::{CoreError, Refusal};
+use crate::ids::{RunId, TenantId};
+use crate::messages::{self, RunMessage};
+use crate::spec::RunSpec;
+use crate::state::RunState;
+use crate::topology;
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub tenant_id: TenantId,
+    pub state: RunState,
+    pub spec: RunSpec,
+    pub spec_hash: String,
+    pub idempotency_key: Option<String>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub lease_epoch: i64,
+    pub agent_id: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub output: Vec<u8>,
+    pub output_truncated: bool,
+    pub reason: Option<String>,
+    pub executor: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const RUN_COLUMNS: &str = "id, tenant_id, state, spec, spec_hash, idempotency_key, attempt, \
+    max_attempts, lease_epoch, agent_id, lease_expires_at, exit_code, output, output_truncated, \
+    reason, executor, created_at, updated_at, started_at, finished_at";
+
+fn parse_state(s: &str) -> Result<RunState, CoreError> {
+    s.parse()
+        .map_err(|e: crate::state::UnknownState| CoreError::Corrupt(e.to_string()))
+}
+
+impl RunRecord {
+    fn from_row(row: &PgRow) -> Result<Self, CoreError> {
+        let state: String = row.try_get("state")?;
+        let Json(spec): Json<RunSpec> = row.try_get("spec")?;
+        Ok(RunRecord {
+            id: RunId(row.try_get("id")?),
+            tenant_id: TenantId(row.try_get("tenant_id")?),
+            state: parse_state(&state)?,
+            spec,
+            spec_hash: row.try_get("spec_hash")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            attempt: row.try_get("attempt")?,
+            max_attempts: row.try_get("max_attempts")?,
+            lease_epoch: row.try_get("lease_epoch")?,
+            agent_id: row.try_get("agent_id")?,
+            lease_expires_at: row.try_get("lease_expires_at")?,
+            exit_code: row.try_get("exit_code")?,
+            output: row.try_get("output")?,
+            output_truncated: row.try_get("output_truncated")?,
+            reason: row.try_get("reason")?,
+            executor: row.try_get("executor")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub run_id: RunId,
+    pub seq: i32,
+    pub from_state: Option<RunState>,
+    pub to_state: RunState,
+    pub attempt: i32,
+    pub lease_epoch: i64,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl EventRecord {
+    fn from_row(row: &PgRow) -> Result<Self, CoreError> {
+        let from: Option<String> = row.try_get("from_state")?;
+        let to: String = row.try_get("to_state")?;
+        Ok(EventRecord {
+            run_id: RunId(row.try_get("run_id")?),
+            seq: row.try_get("seq")?,
+            from_state: from.as_deref().map(parse_state).transpose()?,
+            to_state: parse_state(&to)?,
+            attempt: row.try_get("attempt")?,
+            lease_epoch: row.try_get("lease_epoch")?,
+            reason: row.try_get("reason")?,
+            at: row.try_get("at")?,
+        })
+    }
+}
+
+/// Result of a submit: the run, and whether it already existed under the idempotency key.
+#[derive(Debug)]
+pub struct Submitted {
+    pub run: RunRecord,
+    pub deduplicated: bool,
+}
+
+/// Stores a new QUEUED run, its first event and its outbox message in one transaction.
+/// With an idempotency key already used: the same spec returns the stored run, another spec
+/// is [`CoreError::IdempotencyConflict`].
+pub async fn submit(
+    pool: &PgPool,
+    tenant: TenantId,
+    spec: &RunSpec,
+    idempotency_key: Option<&str>,
+) -> Result<Submitted, CoreError> {
+    let id = RunId::new();
+    let hash = spec.canonical_hash();
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, pool, priority, \
+         attempt, max_attempts) VALUES ($1, $2, 'QUEUED', $3, $4, $5, $6, $7, 1, $8) \
+         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}"
+    ))
+    .bind(id.0)
+    .bind(tenant.0)
+    .bind(Json(spec))
+    .bind(&hash)
+    .bind(idempotency_key)
+    .bind(&spec.pool)
+    .bind(spec.priority)
+    .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
+    .fetch_optional(&mut *tx)
+    .await?;
+
+    let Some(row) = inserted else {
+        // The key exists (possibly committed by a concurrent submit we just waited for).
+        let existing = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE tenant_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(tenant.0)
+        .bind(idempotency_key)
+        .fetch_one(&mut *tx)
+        .await?;
+        let run = RunRecord::from_row(&existing)?;
+        tx.rollback().await?;
+        if run.spec_hash == hash {
+            return Ok(Submitted {
+                run,
+                deduplicated: true,
+            });
+        }
+        return Err(CoreError::IdempotencyConflict {
+            existing: run.id.to_string(),
+        });
+    };
+    let run = RunRecord::from_row(&row)?;
+    insert_event(&mut tx, &run, None, Some("submitted")).await?;
+    enqueue_run_message(&mut tx, &run).await?;
+    tx.commit().await?;
+    Ok(Submitted {
+        run,
+        deduplicated: false,
+    })
+}
+
+/// Writes the dispatch message of the run's current attempt to the outbox.
+pub async fn enqueue_run_message(
+    conn: &mut PgConnection,
+    run: &RunRecord,
+) -> Result<(), CoreError> {
+    let msg = RunMessage {
+        v: 1,
+        run_id: run.id,
+        tenant_id: run.tenant_id,
+        attempt: run.attempt,
+    };
+    super::outbox::enqueue(
+        conn,
+        run.tenant_id,
+        topology::RUNS_EXCHANGE,
+        &run.spec.pool,
+        &messages::encode(&msg),
+    )
+    .await
+}
+
+async fn insert_event(
+    conn: &mut PgConnection,
+    run: &RunRecord,
+    from: Option<RunState>,
+    reason: Option<&str>,
+) -> Result<EventRecord, CoreError> {
+    // The run row is locked by the caller's insert/update, so MAX(seq)+1 cannot race.
+    let row = sqlx::query(
+        "INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
+         lease_epoch, agent_id, reason) \
+         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6, $7, $8 \
+         FROM run_events WHERE run_id = $1 \
+         RETURNING run_id, seq, from_state, to_state, attempt, lease_epoch, reason, at",
+    )
+    .bind(run.id.0)
+    .bind(run.tenant_id.0)
+    .bind(from.map(RunState::as_str))
+    .bind(run.state.as_str())
+    .bind(run.attempt)
+    .bind(run.lease_epoch)
+    .bind(run.agent_id.as_deref())
+    .bind(reason)
+    .fetch_one(conn)
+    .await?;
+    EventRecord::from_row(&row)
+}
+
+pub async fn get(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: RunId,
+) -> Result<Option<RunRecord>, CoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND tenant_id = $2"
+    ))
+    .bind(id.0)
+    .bind(tenant.0)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(RunRecord::from_row).transpose()
+}
+
+/// Newest first; `before` is the last id of the previous page.
+pub async fn list(
+    pool: &PgPool,
+    tenant: TenantId,
+    states: &[RunState],
+    limit: i64,
+    before: Option<RunId>,
+) -> Result<Vec<RunRecord>, CoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE tenant_id = $1 \
+         AND (cardinality($2::text[]) = 0 OR state = ANY($2)) \
+         AND ($3::uuid IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+    ))
+    .bind(tenant.0)
+    .bind(RunState::names(states))
+    .bind(before.map(|r| r.0))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(RunRecord::from_row).collect()
+}
+
+/// Events of a run with `seq > after`, in order.
+pub async fn events_after(
+    pool: &PgPool,
+    tenant: TenantId,
+    run: RunId,
+    after: i32,
+) -> Result<Vec<EventRecord>, CoreError> {
+    let rows = sqlx::query(
+        "SELECT run_id, seq, from_state, to_state, attempt, lease_epoch, reason, at \
+         FROM run_events WHERE run_id = $1 AND tenant_id = $2 AND seq > $3 ORDER BY seq",
+    )
+    .bind(run.0)
+    .bind(tenant.0)
+    .bind(after)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(EventRecord::from_row).collect()
+}
+
+/// Columns a transition sets besides `state`.
+#[derive(Debug, Clone, Default)]
+pub enum TransitionPatch {
+    #[default]
+    None,
+    /// New lease: bump the epoch, record the agent, set the expiry.
+    Assign { agent_id: String, lease_ttl_ms: i64 },
+    /// The container started.
+    Start { executor: String },
+    /// The attempt ended.
+    Finish {
+        exit_code: Option<i32>,
+        output: Vec<u8>,
+        output_truncated: bool,
+    },
+}
+
+/// One guarded state change. Guards left `None` are not checked.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub run_id: RunId,
+    pub to: RunState,
+    pub tenant: Option<TenantId>,
+    pub expected_epoch: Option<i64>,
+    pub expected_attempt: Option<i32>,
+    pub expected_agent: Option<String>,
+    pub reason: Option<String>,
+    pub patch: TransitionPatch,
+}
+
+impl Transition {
+    pub fn new(run_id: RunId, to: RunState) -> Self {
+        Self {
+            run_id,
+            to,
+            tenant: None,
+            expected_epoch: None,
+            expected_attempt: None,
+            expected_agent: None,
+            reason: None,
+            patch: TransitionPatch::None,
+        }
+    }
+}
+
+/// Applies `t` as one conditional UPDATE (guarded by the state table's sources for `t.to`,
+/// and by epoch, attempt, agent and tenant when given) plus its event row, inside the
+/// caller's transaction. Zero rows updated means refused: the reason is worked out from the
+/// current row and returned as [`CoreError::Refused`]; nothing changed.
+pub async fn transition(
+    conn: &mut PgConnection,
+    t: &Transition,
+) -> Result<(RunRecord, EventRecord), CoreError> {
+    let allowed = RunState::names(&RunState::sources_of(t.to));
+    let (assign_agent, lease_ms, executor, exit_code, output, truncated) = match &t.patch {
+        TransitionPatch::None => (None, None, None, None, None, None),
+        TransitionPatch::Assign {
+            agent_id,
+            lease_ttl_ms,
+        } => (Some(agent_id.as_str()), Some(*lease_ttl_ms), None, None, None, None),
+        TransitionPatch::Start { executor } => {
+            (None, None, Some(executor.as_str()), None, None, None)
+        }
+        TransitionPatch::Finish {
+            exit_code,
+            output,
+            output_truncated,
+        } => (
+            None,
+            None,
+            None,
+            *exit_code,
+            Some(output.as_slice()),
+            Some(*output_truncated),
+        ),
+    };
+    let bump_epoch = matches!(t.patch, TransitionPatch::Assign { .. });
+    let row = sqlx::query(&format!(
+        "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE) \
+         UPDATE runs r SET \
+           state = $2, \
+           lease_epoch = CASE WHEN $3 THEN r.lease_epoch + 1 ELSE r.lease_epoch END, \
+           agent_id = COALESCE($4, r.agent_id), \
+           lease_expires_at = CASE WHEN $5::bigint IS NOT NULL \
+               THEN now() + $5::bigint * interval '1 millisecond' \
+               WHEN $2 IN ('ASSIGNED', 'RUNNING') THEN r.lease_expires_at ELSE NULL END, \
+           executor = COALESCE($6, r.executor), \
+           exit_code = CASE WHEN $3 THEN NULL ELSE COALESCE($7, r.exit_code) END, \
+           output = COALESCE($8, r.output), \
+           output_truncated = COALESCE($9, r.output_truncated), \
+           reason = $10, \
+           started_at = CASE WHEN $2 = 'RUNNING' THEN now() ELSE r.started_at END, \
+           finished_at = CASE WHEN $2 = ANY($11) THEN now() ELSE r.finished_at END, \
+           updated_at = now() \
+         FROM prev WHERE r.id = prev.id AND r.state = ANY($12) \
+           AND ($13::bigint IS NULL OR r.lease_epoch = $13) \
+           AND ($14::int IS NULL OR r.attempt = $14) \
+           AND ($15::text IS NULL OR r.agent_id = $15) \
+           AND ($16::uuid IS NULL OR r.tenant_id = $16) \
+         RETURNING prev.prev_state, {}",
+        RUN_COLUMNS
+            .split(", ")
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .bind(t.run_id.0)
+    .bind(t.to.as_str())
+    .bind(bump_epoch)
+    .bind(assign_agent)
+    .bind(lease_ms)
+    .bind(executor)
+    .bind(exit_code)
+    .bind(output)
+    .bind(truncated)
+    .bind(t.reason.as_deref())
+    .bind(RunState::names(
+        &RunState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect::<Vec<_>>(),
+    ))
+    .bind(&allowed)
+    .bind(t.expected_epoch)
+    .bind(t.expected_attempt)
+    .bind(t.expected_agent.as_deref())
+    .bind(t.tenant.map(|x| x.0))
+    .fetch_optional(&mut *conn)
+    .await?;
+
+    let Some(row) = row else {
+        return Err(explain_refusal(conn, t).await);
+    };
+    let prev: String = row.try_get("prev_state")?;
+    let run = RunRecord::from_row(&row)?;
+    let event = insert_event(conn, &run, Some(parse_state(&prev)?), t.reason.as_deref()).await?;
+    Ok((run, event))
+}
+
+async fn explain_refusal(conn: &mut PgConnection, t: &Transition) -> CoreError {
+    let row = sqlx::query(
+        "SELECT state, lease_epoch, attempt, agent_id, tenant_id FROM runs WHERE id = $1",
+    )
+    .bind(t.run_id.0)
+    .fetch_optional(conn)
+    .await;
+    let row = match row {
+        Ok(Some(row)) => row,
+        Ok(None) => return Refusal::NotFound.into(),
+        Err(e) => return e.into(),
+    };
+    let get = || -> Result<Refusal, sqlx::Error> {
+        let tenant: Uuid = row.try_get("tenant_id")?;
+        if t.tenant.is_some_and(|x| x.0 != tenant) {
+            return Ok(Refusal::NotFound);
+        }
+        let state: String = row.try_get("state")?;
+        let epoch: i64 = row.try_get("lease_epoch")?;
+        let attempt: i32 = row.try_get("attempt")?;
+        let agent: Option<String> = row.try_get("agent_id")?;
+        if let Some(given) = t.expected_epoch.filter(|&g| g != epoch) {
+            return Ok(Refusal::StaleEpoch {
+                given,
+                current: epoch,
+            });
+        }
+        if let Some(given) = t.expected_attempt.filter(|&g| g != attempt) {
+            return Ok(Refusal::StaleAttempt {
+                given,
+                current: attempt,
+            });
+        }
+        if t.expected_agent.is_some() && t.expected_agent != agent {
+            return Ok(Refusal::WrongAgent);
+        }
+        Ok(Refusal::Illegal {
+            from: state.parse().unwrap_or(t.to),
+            to: t.to,
+        })
+    };
+    match get() {
+        Ok(r) => r.into(),
+        Err(e) => e.into(),
+    }
+}
+
+/// Terminal-state notification for dispatchers waiting on capacity, inside the transaction.
+pub async fn notify_capacity(conn: &mut PgConnection) -> Result<(), CoreError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(super::CAPACITY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Whether a run id belongs to the tenant; used before attaching to logs or events.
+pub async fn exists(pool: &PgPool, tenant: TenantId, id: RunId) -> Result<bool, CoreError> {
+    let row = sqlx::query("SELECT 1 FROM runs WHERE id = $1 AND tenant_id = $2")
+        .bind(id.0)
+        .bind(tenant.0)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.is_some())
+}

@@ -1,0 +1,384 @@
+//! The run spec as drover stores it, and validation of what clients send. Every limit here is
+//! the one the proto comments promise; an error names the offending field so clients can fix it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const MAX_IMAGE_BYTES: usize = 512;
+pub const MAX_ARG_BYTES: usize = 16 * 1024;
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+pub const MAX_ENV_ENTRIES: usize = 128;
+pub const MAX_ENV_NAME_BYTES: usize = 256;
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+pub const DEFAULT_TIMEOUT_SECS: u32 = 3600;
+pub const MAX_TIMEOUT_SECS: u32 = 86_400;
+pub const MAX_ATTEMPTS: u32 = 20;
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_BYTES: usize = 256;
+pub const MAX_METADATA_ENTRIES: usize = 64;
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+pub const DEFAULT_POOL: &str = "default";
+pub const DEFAULT_CPUS: f64 = 1.0;
+pub const DEFAULT_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
+pub const DEFAULT_PIDS: u32 = 256;
+
+/// A validated run spec with defaults filled in. Maps are ordered so the JSON form, and with it
+/// [`RunSpec::canonical_hash`], is canonical.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub image: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub timeout_secs: u32,
+    pub pool: String,
+    #[serde(default)]
+    pub priority: i32,
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub network: Network,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub pids: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    None,
+    Bridge,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Bridge => "bridge",
+        }
+    }
+}
+
+/// Which field was wrong and why. The message is safe to return to clients.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {message}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ValidationError {
+    ValidationError {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The unvalidated shape clients send (mirrors the proto, with zero meaning "default").
+#[derive(Debug, Clone, Default)]
+pub struct RawSpec {
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub pids: u32,
+    pub timeout_secs: u32,
+    pub pool: String,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub labels: Vec<(String, String)>,
+    pub network: String,
+    pub metadata: Vec<(String, String)>,
+}
+
+impl RawSpec {
+    pub fn validate(self) -> Result<RunSpec, ValidationError> {
+        let image = self.image.trim().to_owned();
+        if image.is_empty() {
+            return Err(invalid("spec.image", "must not be empty"));
+        }
+        if image.len() > MAX_IMAGE_BYTES {
+            return Err(invalid(
+                "spec.image",
+                format!("must be at most {MAX_IMAGE_BYTES} bytes"),
+            ));
+        }
+        if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid("spec.image", "must not contain whitespace"));
+        }
+
+        if self.command.is_empty() {
+            return Err(invalid(
+                "spec.command",
+                "must be a non-empty argv array (e.g. [\"sh\", \"-c\", \"...\"])",
+            ));
+        }
+        if self.command[0].is_empty() {
+            return Err(invalid("spec.command", "the program (argv[0]) must not be empty"));
+        }
+        if self.command.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+            return Err(invalid(
+                "spec.command",
+                format!("each argument must be at most {MAX_ARG_BYTES} bytes"),
+            ));
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(invalid("spec.command", "arguments must not contain NUL"));
+        }
+        let total: usize = self.command.iter().map(String::len).sum();
+        if total > MAX_COMMAND_BYTES {
+            return Err(invalid(
+                "spec.command",
+                format!("must be at most {MAX_COMMAND_BYTES} bytes in all, got {total}"),
+            ));
+        }
+
+        let env = validate_env(self.env)?;
+
+        let cpus = if self.cpus == 0.0 { DEFAULT_CPUS } else { self.cpus };
+        if !cpus.is_finite() || !(0.01..=64.0).contains(&cpus) {
+            return Err(invalid("spec.resources.cpus", "must be between 0.01 and 64"));
+        }
+        let memory_bytes = if self.memory_bytes == 0 {
+            DEFAULT_MEMORY_BYTES
+        } else {
+            self.memory_bytes
+        };
+        if !(4 * 1024 * 1024..=256 * 1024 * 1024 * 1024).contains(&memory_bytes) {
+            return Err(invalid(
+                "spec.resources.memory_bytes",
+                "must be between 4 MiB and 256 GiB",
+            ));
+        }
+        let pids = if self.pids == 0 { DEFAULT_PIDS } else { self.pids };
+        if pids > 32_768 {
+            return Err(invalid("spec.resources.pids", "must be at most 32768"));
+        }
+
+        let timeout_secs = if self.timeout_secs == 0 {
+            DEFAULT_TIMEOUT_SECS
+        } else {
+            self.timeout_secs
+        };
+        if timeout_secs > MAX_TIMEOUT_SECS {
+            return Err(invalid(
+                "spec.timeout_seconds",
+                format!("must be at most {MAX_TIMEOUT_SECS}"),
+            ));
+        }
+
+        let pool = if self.pool.is_empty() {
+            DEFAULT_POOL.to_owned()
+        } else {
+            self.pool
+        };
+        validate_pool(&pool)?;
+
+        if !(-1000..=1000).contains(&self.priority) {
+            return Err(invalid("spec.priority", "must be between -1000 and 1000"));
+        }
+        let max_attempts = self.max_attempts.max(1);
+        if max_attempts > MAX_ATTEMPTS {
+            return Err(invalid(
+                "spec.max_attempts",
+                format!("must be at most {MAX_ATTEMPTS}"),
+            ));
+        }
+
+        let labels = bounded_map("spec.labels", self.labels, MAX_LABELS, MAX_LABEL_BYTES * 2 * MAX_LABELS)?;
+        if labels.iter().any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES) {
+            return Err(invalid(
+                "spec.labels",
+                format!("keys must be non-empty and keys and values at most {MAX_LABEL_BYTES} bytes"),
+            ));
+        }
+        let metadata = bounded_map(
+            "spec.metadata",
+            self.metadata,
+            MAX_METADATA_ENTRIES,
+            MAX_METADATA_BYTES,
+        )?;
+
+        let network = match self.network.as_str() {
+            "" | "none" => Network::None,
+            "bridge" => Network::Bridge,
+            other => {
+                return Err(invalid(
+                    "spec.network",
+                    format!("must be \"none\" or \"bridge\", got {other:?}"),
+                ));
+            }
+        };
+
+        Ok(RunSpec {
+            image,
+            command: self.command,
+            env,
+            resources: Resources {
+                cpus,
+                memory_bytes,
+                pids,
+            },
+            timeout_secs,
+            pool,
+            priority: self.priority,
+            max_attempts,
+            labels,
+            network,
+            metadata,
+        })
+    }
+}
+
+fn validate_env(env: Vec<(String, String)>) -> Result<BTreeMap<String, String>, ValidationError> {
+    if env.len() > MAX_ENV_ENTRIES {
+        return Err(invalid(
+            "spec.env",
+            format!("at most {MAX_ENV_ENTRIES} entries, got {}", env.len()),
+        ));
+    }
+    let mut total = 0usize;
+    let mut out = BTreeMap::new();
+    for (k, v) in env {
+        let valid_name = !k.is_empty()
+            && k.len() <= MAX_ENV_NAME_BYTES
+            && k.bytes().enumerate().all(|(i, b)| {
+                b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
+            });
+        if !valid_name {
+            return Err(invalid(
+                "spec.env",
+                format!("name {k:?} must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_NAME_BYTES} bytes"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(invalid("spec.env", format!("value of {k} must not contain NUL")));
+        }
+        total += k.len() + v.len();
+        out.insert(k, v);
+    }
+    if total > MAX_ENV_BYTES {
+        return Err(invalid(
+            "spec.env",
+            format!("must be at most {MAX_ENV_BYTES} bytes in all, got {total}"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Pool names become queue names (`drover.runs.<pool>`), so they are kept to a safe alphabet.
+pub fn validate_pool(pool: &str) -> Result<(), ValidationError> {
+    let ok = !pool.is_empty()
+        && pool.len() <= 63
+        && pool
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("spec.pool", "must be 1..63 characters of [a-z0-9_-]"))
+    }
+}
+
+fn bounded_map(
+    field: &'static str,
+    entries: Vec<(String, String)>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Result<BTreeMap<String, String>, ValidationError> {
+    if entries.len() > max_entries {
+        return Err(invalid(field, format!("at most {max_entries} entries")));
+    }
+    let total: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > max_bytes {
+        return Err(invalid(field, format!("must be at most {max_bytes} bytes in all")));
+    }
+    Ok(entries.into_iter().collect())
+}
+
+impl RunSpec {
+    /// SHA-256 of the canonical JSON form: equal specs hash equal whatever order the client
+    /// sent maps in. Idempotent submits compare these.
+    pub fn canonical_hash(&self) -> String {
+        // Serialising a struct of ordered maps cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(json))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_raw() -> RawSpec {
+        RawSpec {
+            image: "drover/busybox:latest".into(),
+            command: vec!["echo".into(), "hello".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled() {
+        let s = ok_raw().validate().unwrap();
+        assert_eq!(s.pool, "default");
+        assert_eq!(s.max_attempts, 1);
+        assert_eq!(s.timeout_secs, DEFAULT_TIMEOUT_SECS);
+        assert_eq!(s.network, Network::None);
+        assert_eq!(s.resources.pids, DEFAULT_PIDS);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(RawSpec, &str)> = vec![
+            (RawSpec { image: " ".into(), ..ok_raw() }, "spec.image"),
+            (RawSpec { command: vec![], ..ok_raw() }, "spec.command"),
+            (RawSpec { command: vec!["".into()], ..ok_raw() }, "spec.command"),
+            (
+                RawSpec { env: vec![("1BAD".into(), "x".into())], ..ok_raw() },
+                "spec.env",
+            ),
+            (
+                RawSpec { env: vec![("BIG".into(), "x".repeat(MAX_ENV_BYTES))], ..ok_raw() },
+                "spec.env",
+            ),
+            (RawSpec { pool: "Bad Pool".into(), ..ok_raw() }, "spec.pool"),
+            (RawSpec { network: "host".into(), ..ok_raw() }, "spec.network"),
+            (RawSpec { max_attempts: 21, ..ok_raw() }, "spec.max_attempts"),
+            (RawSpec { timeout_secs: 86_401, ..ok_raw() }, "spec.timeout_seconds"),
+            (RawSpec { memory_bytes: 1, ..ok_raw() }, "spec.resources.memory_bytes"),
+            (RawSpec { cpus: f64::NAN, ..ok_raw() }, "spec.resources.cpus"),
+        ];
+        for (raw, field) in cases {
+            let err = raw.validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn hash_ignores_map_order() {
+        let a = RawSpec {
+            env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
+            ..ok_raw()
+        };
+        let b = RawSpec {
+            env: vec![("B".into(), "2".into()), ("A".into(), "1".into())],
+            ..ok_raw()
+        };
+        let (a, b) = (a.validate().unwrap(), b.validate().unwrap());
+        assert_eq!(a.canonical_hash(), b.canonical_hash());
+        let c = RawSpec { command: vec!["true".into()], ..ok_raw() }.validate().unwrap();
+        assert_ne!(a.canonical_hash(), c.canonical_hash());
+    }
+}
