@@ -1,1 +1,140 @@
-//! placeholder
+//! drover-api: the gRPC server clients and agents talk to (RunService, AgentService,
+//! `grpc.health.v1`, server reflection), plus the outbox relay that publishes what it commits.
+//!
+//! It owns request validation, the mapping of errors to gRPC codes ([`error`]) and the
+//! WatchRun fan-out ([`watch`]). It must not consume run queues or run containers, and it
+//! never returns driver or internal text to clients.
+
+pub mod agent_service;
+pub mod error;
+pub mod run_service;
+pub mod settings;
+pub mod state;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_core::events::EventBus;
+use drover_core::outbox_relay::OutboxRelay;
+use drover_core::{CoreError, db};
+use drover_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use settings::Settings;
+use state::AppState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("redis url is invalid: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("grpc server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection set-up failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A built API: database migrated and listener bound, not yet serving.
+pub struct Application {
+    state: AppState,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Application {
+    /// Connects to Postgres, applies migrations and binds the listener (port 0 allowed).
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let pool = db::connect(&settings.database).await?;
+        db::migrate(&pool).await?;
+        let bus = Arc::new(EventBus::new(&settings.redis.url, &settings.redis.prefix)?);
+        let listener =
+            TcpListener::bind(&settings.listen_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: settings.listen_addr.clone(),
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: settings.listen_addr.clone(),
+            source,
+        })?;
+        Ok(Self {
+            state: AppState {
+                pool,
+                bus,
+                settings: Arc::new(settings),
+            },
+            listener,
+            addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `cancel` fires, then stops intake, lets in-flight calls finish and stops
+    /// the relay.
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), StartError> {
+        let tasks = TaskTracker::new();
+        let settings = &self.state.settings;
+        let relay = OutboxRelay::new(
+            self.state.pool.clone(),
+            settings.amqp.url.clone(),
+            settings.amqp.delivery_limit,
+            settings.relay.clone(),
+            "drover-api",
+        );
+        tasks.spawn(relay.run(cancel.child_token()));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<pb::run_service_server::RunServiceServer<run_service::RunApi>>()
+            .await;
+        health
+            .set_serving::<pb::agent_service_server::AgentServiceServer<agent_service::AgentApi>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+
+        tracing::info!(addr = %self.addr, "drover-api serving");
+        let shutdown = cancel.clone();
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(pb::run_service_server::RunServiceServer::new(
+                run_service::RunApi::new(self.state.clone()),
+            ))
+            .add_service(pb::agent_service_server::AgentServiceServer::new(
+                agent_service::AgentApi::new(self.state.clone()),
+            ))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+                shutdown.cancelled().await;
+            })
+            .await?;
+
+        tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within 10 s");
+        }
+        self.state.pool.close().await;
+        tracing::info!("drover-api stopped");
+        Ok(())
+    }
+}

@@ -1,1 +1,87 @@
-fn main() {}
+//! `drover`: submit, watch, get, list, and `drover dev`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drover_cli::client;
+use drover_cli::commands::{dev, get, list, submit, watch};
+
+#[derive(Parser)]
+#[command(name = "drover", version, about = "Run containers on a drover cluster")]
+struct Cli {
+    /// API endpoint.
+    #[arg(long, global = true, env = "DROVER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// Bearer token.
+    #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a run; prints its id (or waits for it with --wait).
+    Submit(submit::SubmitArgs),
+    /// Show one run.
+    Get {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs, newest first.
+    List {
+        /// Only runs in this state (repeatable), e.g. --state running.
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a run's state changes until it ends.
+    Watch { id: String },
+    /// Run API, dispatcher and one agent in this process against local services.
+    Dev {
+        /// gRPC listen address of the API.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: String,
+        /// Runs the agent executes at once.
+        #[arg(long, default_value_t = 4)]
+        capacity: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Dev { listen, capacity } = &cli.command {
+        drover_core::telemetry::init("info");
+        dev::run(listen, *capacity).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut c = client::connect(&cli.endpoint, cli.token.as_deref()).await?;
+    match cli.command {
+        Command::Submit(args) => submit::run(&mut c, args).await,
+        Command::Get { id, json } => get::run(&mut c, &id, json).await.map(|()| ExitCode::SUCCESS),
+        Command::List {
+            states,
+            limit,
+            json,
+        } => list::run(&mut c, &states, limit, json)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Watch { id } => watch::run(&mut c, &id).await,
+        Command::Dev { .. } => Ok(ExitCode::SUCCESS),
+    }
+}

@@ -1,1 +1,94 @@
-//! placeholder
+//! drover-dispatcher: consumes the run queues of its pools and assigns each run to a live
+//! agent with a free slot, under a new lease epoch, acking only after the Postgres commit.
+//! Runs the outbox relay for the agent commands it writes. Many dispatchers may run at once;
+//! the conditional UPDATE and the agent row lock make them safe.
+//!
+//! It must not talk to agents directly or execute anything; lease reaping, retries and
+//! dead-lettering of exhausted runs come with the guarantees work.
+
+pub mod assign;
+pub mod consumer;
+pub mod settings;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_core::events::EventBus;
+use drover_core::outbox_relay::OutboxRelay;
+use drover_core::spec::validate_pool;
+use drover_core::{CoreError, db, pg_wakeup, repo};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use settings::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("invalid pool {0:?}: {1}")]
+    Pool(String, String),
+    #[error("redis url is invalid: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+pub struct Dispatcher {
+    settings: Arc<Settings>,
+    db: PgPool,
+    bus: Arc<EventBus>,
+}
+
+impl Dispatcher {
+    pub async fn build(settings: Settings) -> Result<Self, DispatcherError> {
+        for p in &settings.pools {
+            validate_pool(p).map_err(|e| DispatcherError::Pool(p.clone(), e.message))?;
+        }
+        let db = db::connect(&settings.database).await?;
+        db::migrate(&db).await?;
+        let bus = Arc::new(EventBus::new(&settings.redis.url, &settings.redis.prefix)?);
+        Ok(Self {
+            settings: Arc::new(settings),
+            db,
+            bus,
+        })
+    }
+
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), DispatcherError> {
+        let tasks = TaskTracker::new();
+        let capacity = pg_wakeup::spawn(self.db.clone(), repo::CAPACITY_CHANNEL, cancel.clone());
+        for pool in &self.settings.pools {
+            let consumer = consumer::PoolConsumer {
+                pool_name: pool.clone(),
+                db: self.db.clone(),
+                bus: self.bus.clone(),
+                settings: self.settings.clone(),
+                capacity: capacity.clone(),
+            };
+            tasks.spawn(consumer.run(cancel.child_token()));
+        }
+        // The relay outlives the consumers briefly so commands of final assignments go out.
+        let relay_token = CancellationToken::new();
+        let relay = OutboxRelay::new(
+            self.db.clone(),
+            self.settings.amqp.url.clone(),
+            self.settings.amqp.delivery_limit,
+            self.settings.relay.clone(),
+            "drover-dispatcher",
+        );
+        let relay_task = tokio::spawn(relay.run(relay_token.clone()));
+        tracing::info!(pools = ?self.settings.pools, "drover-dispatcher running");
+
+        cancel.cancelled().await;
+        tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
+            tracing::warn!("consumers did not stop within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        relay_token.cancel();
+        let _ = relay_task.await;
+        self.db.close().await;
+        tracing::info!("drover-dispatcher stopped");
+        Ok(())
+    }
+}

@@ -1,1 +1,28 @@
-fn main() {}
+//! `drover-dispatcher [--config FILE]`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use drover_core::{config, shutdown, telemetry};
+use drover_dispatcher::{Dispatcher, Settings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "drover-dispatcher", version, about = "drover dispatcher: assigns queued runs to agents")]
+struct Cli {
+    /// TOML settings file; DROVER_… environment variables override it.
+    #[arg(long, env = "DROVER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init("info");
+    let settings: Settings = config::load(cli.config.as_deref()).context("loading settings")?;
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signals(token.clone())?;
+    Dispatcher::build(settings).await?.run_until_stopped(token).await?;
+    Ok(())
+}

@@ -478,3 +478,13 @@ pub async fn exists(pool: &PgPool, tenant: TenantId, id: RunId) -> Result<bool, 
         .await?;
     Ok(row.is_some())
 }
+
+/// Loads a run whatever its tenant. Only for agent-facing calls, which are authorised by the
+/// lease (agent id + epoch), not by tenant.
+pub async fn get_unscoped(pool: &PgPool, id: RunId) -> Result<Option<RunRecord>, CoreError> {
+    let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(RunRecord::from_row).transpose()
+}

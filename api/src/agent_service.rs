@@ -1,0 +1,276 @@
+//! AgentService: what worker agents call. Every run-related call is authorised by the lease:
+//! the run must be held by this agent under this epoch. A stale report is refused with
+//! FAILED_PRECONDITION and changes nothing; a repeat of an accepted report is a no-op.
+
+use drover_core::convert;
+use drover_core::error::Refusal;
+use drover_core::ids::{AgentId, RunId};
+use drover_core::repo::agents::{self, AgentRegistration};
+use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs};
+use drover_core::spec::validate_pool;
+use drover_core::state::RunState;
+use drover_core::CoreError;
+use drover_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::{AppState, parse_run_id};
+
+const MAX_CHUNKS: usize = 64;
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
+const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    state: AppState,
+}
+
+fn agent_id(s: &str) -> ApiResult<AgentId> {
+    AgentId::parse(s).map_err(|m| ApiError::bad("agent_id", m))
+}
+
+fn epoch(v: u64) -> ApiResult<i64> {
+    i64::try_from(v).map_err(|_| ApiError::bad("lease_epoch", "out of range"))
+}
+
+impl AgentApi {
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+
+    /// The run, if `agent` holds its lease under `epoch` right now.
+    async fn leased_run(&self, agent: &AgentId, run: RunId, epoch: i64) -> ApiResult<RunRecord> {
+        let rec = runs::get_unscoped(&self.state.pool, run)
+            .await?
+            .ok_or(ApiError::NotFound("run not found"))?;
+        if rec.agent_id.as_deref() != Some(agent.as_str()) {
+            tracing::warn!(run_id = %run, agent_id = %agent, "report for a run not leased to this agent");
+            return Err(ApiError::Precondition("run is not leased to this agent".into()));
+        }
+        if rec.lease_epoch != epoch {
+            tracing::info!(run_id = %run, agent_id = %agent, given = epoch, current = rec.lease_epoch, "stale lease epoch refused");
+            return Err(ApiError::Precondition(format!(
+                "stale lease epoch {epoch}; current epoch is {}",
+                rec.lease_epoch
+            )));
+        }
+        Ok(rec)
+    }
+
+    async fn apply(&self, t: Transition) -> Result<RunRecord, CoreError> {
+        let mut tx = self.state.pool.begin().await?;
+        let (run, event) = runs::transition(&mut tx, &t).await?;
+        if run.state.is_terminal() {
+            runs::notify_capacity(&mut tx).await?;
+        }
+        tx.commit().await?;
+        self.state.bus.run_event(run.id, event.seq).await;
+        Ok(run)
+    }
+
+    async fn register(&self, req: pb::RegisterAgentRequest) -> ApiResult<pb::RegisterAgentResponse> {
+        let id = agent_id(&req.agent_id)?;
+        validate_pool(&req.pool).map_err(|e| ApiError::bad("pool", e.message))?;
+        if !(1..=1024).contains(&req.capacity) {
+            return Err(ApiError::bad("capacity", "must be 1..1024"));
+        }
+        let reg = AgentRegistration {
+            id: id.as_str().to_owned(),
+            hostname: req.hostname,
+            pool: req.pool,
+            labels: req.labels.into_iter().collect(),
+            capacity: i32::try_from(req.capacity).unwrap_or(1),
+            executor: req.executor,
+            version: req.version,
+        };
+        agents::register(&self.state.pool, &reg).await?;
+        tracing::info!(agent_id = %id, pool = %reg.pool, capacity = reg.capacity, executor = %reg.executor, "agent registered");
+        let lease = &self.state.settings.lease;
+        Ok(pb::RegisterAgentResponse {
+            heartbeat_interval_ms: lease.heartbeat_interval_ms,
+            lease_ttl_ms: lease.lease_ttl_ms,
+        })
+    }
+
+    async fn heartbeat(&self, req: pb::HeartbeatRequest) -> ApiResult<pb::HeartbeatResponse> {
+        let id = agent_id(&req.agent_id)?;
+        let mut leases = Vec::with_capacity(req.running.len());
+        for l in &req.running {
+            leases.push((parse_run_id("running.run_id", &l.run_id)?, epoch(l.lease_epoch)?));
+        }
+        let ttl = i64::try_from(self.state.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
+        let revoked = match agents::heartbeat(&self.state.pool, id.as_str(), &leases, ttl).await {
+            Err(CoreError::NotFound) => return Err(ApiError::NotFound("agent not registered")),
+            other => other?,
+        };
+        Ok(pb::HeartbeatResponse {
+            revoked: revoked
+                .into_iter()
+                .map(|(r, e)| pb::LeaseRef {
+                    run_id: r.to_string(),
+                    lease_epoch: u64::try_from(e).unwrap_or(0),
+                })
+                .collect(),
+        })
+    }
+
+    async fn get_assignment(&self, req: pb::GetAssignmentRequest) -> ApiResult<pb::GetAssignmentResponse> {
+        let agent = agent_id(&req.agent_id)?;
+        let run = parse_run_id("run_id", &req.run_id)?;
+        let rec = self.leased_run(&agent, run, epoch(req.lease_epoch)?).await?;
+        if !matches!(rec.state, RunState::Assigned | RunState::Running) {
+            return Err(ApiError::Precondition(format!("run is {}", rec.state)));
+        }
+        Ok(pb::GetAssignmentResponse {
+            run_id: rec.id.to_string(),
+            attempt: u32::try_from(rec.attempt).unwrap_or(0),
+            lease_epoch: req.lease_epoch,
+            state: convert::state_to_proto(rec.state).into(),
+            spec: Some(convert::spec_to_proto(&rec.spec)),
+            tenant_id: rec.tenant_id.to_string(),
+        })
+    }
+
+    async fn report_started(&self, req: pb::ReportStartedRequest) -> ApiResult<()> {
+        let agent = agent_id(&req.agent_id)?;
+        let run = parse_run_id("run_id", &req.run_id)?;
+        let ep = epoch(req.lease_epoch)?;
+        let executor = if req.executor.is_empty() { "docker".to_owned() } else { req.executor };
+        let t = Transition {
+            expected_epoch: Some(ep),
+            expected_agent: Some(agent.as_str().to_owned()),
+            reason: Some(format!("started on {agent} ({executor})")),
+            patch: TransitionPatch::Start { executor },
+            ..Transition::new(run, RunState::Running)
+        };
+        match self.apply(t).await {
+            Ok(_) => {
+                tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, "run started");
+                Ok(())
+            }
+            // A repeat of an accepted start report.
+            Err(CoreError::Refused(Refusal::Illegal { from: RunState::Running, .. })) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn push_logs(&self, req: pb::PushLogsRequest) -> ApiResult<()> {
+        let agent = agent_id(&req.agent_id)?;
+        let run = parse_run_id("run_id", &req.run_id)?;
+        if req.chunks.len() > MAX_CHUNKS {
+            return Err(ApiError::bad("chunks", format!("at most {MAX_CHUNKS} per request")));
+        }
+        if req.chunks.iter().any(|c| c.data.len() > MAX_CHUNK_BYTES) {
+            return Err(ApiError::bad("chunks.data", format!("at most {MAX_CHUNK_BYTES} bytes per chunk")));
+        }
+        let rec = self.leased_run(&agent, run, epoch(req.lease_epoch)?).await?;
+        if !matches!(rec.state, RunState::Assigned | RunState::Running) {
+            return Err(ApiError::Precondition(format!("run is {}", rec.state)));
+        }
+        let chunks: Vec<(i16, Vec<u8>)> = req
+            .chunks
+            .into_iter()
+            .map(|c| (i16::try_from(c.stream).unwrap_or(1), c.data))
+            .collect();
+        logs::append(&self.state.pool, rec.tenant_id, run, rec.attempt, &chunks).await?;
+        for (_, data) in chunks {
+            self.state.bus.run_log(run, data).await;
+        }
+        Ok(())
+    }
+
+    async fn report_completion(&self, req: pb::ReportCompletionRequest) -> ApiResult<pb::ReportCompletionResponse> {
+        let agent = agent_id(&req.agent_id)?;
+        let run = parse_run_id("run_id", &req.run_id)?;
+        let ep = epoch(req.lease_epoch)?;
+        let to = match pb::Outcome::try_from(req.outcome) {
+            Ok(pb::Outcome::Succeeded) => RunState::Succeeded,
+            Ok(pb::Outcome::Failed) => RunState::Failed,
+            _ => return Err(ApiError::bad("outcome", "must be SUCCEEDED or FAILED")),
+        };
+        if req.output.len() > MAX_OUTPUT_BYTES {
+            return Err(ApiError::bad("output", format!("at most {MAX_OUTPUT_BYTES} bytes")));
+        }
+        let reason = if req.reason.is_empty() {
+            match req.exit_code {
+                Some(code) => format!("exited with code {code}"),
+                None => "finished".to_owned(),
+            }
+        } else {
+            req.reason
+        };
+        let t = Transition {
+            expected_epoch: Some(ep),
+            expected_agent: Some(agent.as_str().to_owned()),
+            reason: Some(reason),
+            patch: TransitionPatch::Finish {
+                exit_code: req.exit_code,
+                output: req.output,
+                output_truncated: req.output_truncated,
+            },
+            ..Transition::new(run, to)
+        };
+        match self.apply(t).await {
+            Ok(rec) => {
+                tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, state = %rec.state, exit_code = ?rec.exit_code, "run finished");
+                Ok(pb::ReportCompletionResponse {
+                    state: convert::state_to_proto(rec.state).into(),
+                })
+            }
+            // A repeat of an accepted completion (same agent, same epoch): report what stands.
+            Err(CoreError::Refused(Refusal::Illegal { from, .. })) if from.is_terminal() => {
+                Ok(pb::ReportCompletionResponse {
+                    state: convert::state_to_proto(from).into(),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterAgentRequest>,
+    ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        Ok(Response::new(AgentApi::register(self, request.into_inner()).await?))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        Ok(Response::new(AgentApi::heartbeat(self, request.into_inner()).await?))
+    }
+
+    async fn get_assignment(
+        &self,
+        request: Request<pb::GetAssignmentRequest>,
+    ) -> Result<Response<pb::GetAssignmentResponse>, Status> {
+        Ok(Response::new(AgentApi::get_assignment(self, request.into_inner()).await?))
+    }
+
+    async fn report_started(
+        &self,
+        request: Request<pb::ReportStartedRequest>,
+    ) -> Result<Response<pb::ReportStartedResponse>, Status> {
+        AgentApi::report_started(self, request.into_inner()).await?;
+        Ok(Response::new(pb::ReportStartedResponse {}))
+    }
+
+    async fn push_logs(
+        &self,
+        request: Request<pb::PushLogsRequest>,
+    ) -> Result<Response<pb::PushLogsResponse>, Status> {
+        AgentApi::push_logs(self, request.into_inner()).await?;
+        Ok(Response::new(pb::PushLogsResponse {}))
+    }
+
+    async fn report_completion(
+        &self,
+        request: Request<pb::ReportCompletionRequest>,
+    ) -> Result<Response<pb::ReportCompletionResponse>, Status> {
+        Ok(Response::new(AgentApi::report_completion(self, request.into_inner()).await?))
+    }
+}

@@ -1,0 +1,154 @@
+//! RunService: what clients call. Every query is scoped by tenant (the default tenant until
+//! authentication lands).
+
+use std::pin::Pin;
+
+use drover_core::ids::{DEFAULT_TENANT, RunId, TenantId};
+use drover_core::repo::runs;
+use drover_core::spec::MAX_IDEMPOTENCY_KEY_BYTES;
+use drover_core::{convert, state::RunState};
+use drover_proto::v1 as pb;
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::{AppState, parse_run_id};
+use crate::watch;
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct RunApi {
+    state: AppState,
+}
+
+impl RunApi {
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+
+    fn tenant<T>(&self, _req: &Request<T>) -> TenantId {
+        DEFAULT_TENANT
+    }
+
+    async fn submit(&self, tenant: TenantId, req: pb::SubmitRunRequest) -> ApiResult<pb::SubmitRunResponse> {
+        let raw = req
+            .spec
+            .map(convert::raw_spec_from_proto)
+            .ok_or_else(|| ApiError::bad("spec", "is required"))?;
+        let spec = raw.validate()?;
+        let key = Some(req.idempotency_key.trim()).filter(|k| !k.is_empty());
+        if key.is_some_and(|k| k.len() > MAX_IDEMPOTENCY_KEY_BYTES) {
+            return Err(ApiError::bad(
+                "idempotency_key",
+                format!("must be at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+            ));
+        }
+        let submitted = runs::submit(&self.state.pool, tenant, &spec, key).await?;
+        if !submitted.deduplicated {
+            tracing::info!(run_id = %submitted.run.id, tenant = %tenant, pool = %spec.pool, "run submitted");
+            self.state.bus.run_event(submitted.run.id, 1).await;
+        }
+        Ok(pb::SubmitRunResponse {
+            run: Some(convert::run_to_proto(&submitted.run)),
+            deduplicated: submitted.deduplicated,
+        })
+    }
+
+    async fn get(&self, tenant: TenantId, id: RunId) -> ApiResult<pb::Run> {
+        let run = runs::get(&self.state.pool, tenant, id)
+            .await?
+            .ok_or(ApiError::NotFound("run not found"))?;
+        Ok(convert::run_to_proto(&run))
+    }
+
+    async fn list(&self, tenant: TenantId, req: pb::ListRunsRequest) -> ApiResult<pb::ListRunsResponse> {
+        let mut states = Vec::with_capacity(req.states.len());
+        for s in req.states {
+            states.push(
+                convert::state_from_proto(s)
+                    .ok_or_else(|| ApiError::bad("states", format!("unknown state {s}")))?,
+            );
+        }
+        let page = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(ApiError::bad("page_size", format!("must be at most {MAX_PAGE}")));
+            }
+            n => n,
+        };
+        let before = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_run_id("page_token", &req.page_token)?)
+        };
+        let mut rows =
+            runs::list(&self.state.pool, tenant, &states, i64::from(page) + 1, before).await?;
+        let more = rows.len() > page as usize;
+        rows.truncate(page as usize);
+        let next_page_token = if more {
+            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListRunsResponse {
+            runs: rows.iter().map(convert::run_to_proto).collect(),
+            next_page_token,
+        })
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRunResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::run_service_server::RunService for RunApi {
+    async fn submit_run(
+        &self,
+        request: Request<pb::SubmitRunRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(self.submit(tenant, request.into_inner()).await?))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::GetRunResponse>, Status> {
+        let tenant = self.tenant(&request);
+        let id = parse_run_id("run_id", &request.get_ref().run_id)?;
+        let run = self.get(tenant, id).await?;
+        Ok(Response::new(pb::GetRunResponse { run: Some(run) }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(self.list(tenant, request.into_inner()).await?))
+    }
+
+    type WatchRunStream = WatchStream;
+
+    async fn watch_run(
+        &self,
+        request: Request<pb::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let tenant = self.tenant(&request);
+        let id = parse_run_id("run_id", &request.get_ref().run_id)?;
+        if !runs::exists(&self.state.pool, tenant, id)
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Err(ApiError::NotFound("run not found").into());
+        }
+        let stream = watch::watch(self.state.clone(), tenant, id);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Whether a proto state number is terminal; used by watchers.
+pub fn is_terminal_proto(s: i32) -> bool {
+    convert::state_from_proto(s).is_some_and(RunState::is_terminal)
+}

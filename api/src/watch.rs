@@ -1,0 +1,106 @@
+//! WatchRun: every event of a run, in order, until it is terminal. Redis pub/sub is only a
+//! wake-up; the events themselves are always read from Postgres, which also gets re-read on a
+//! timer, so a Redis that loses messages or dies costs latency, never an event.
+
+use std::time::Duration;
+
+use drover_core::convert;
+use drover_core::ids::{RunId, TenantId};
+use drover_core::repo::runs;
+use drover_proto::v1 as pb;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub fn watch(
+    state: AppState,
+    tenant: TenantId,
+    run: RunId,
+) -> impl Stream<Item = Result<pb::WatchRunResponse, Status>> + Send + 'static {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        if let Err(status) = pump(&state, tenant, run, &tx).await {
+            let _ = tx.send(Err(status)).await;
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn subscribe(state: &AppState, run: RunId) -> Option<redis::aio::PubSub> {
+    let client = state.bus.client().clone();
+    let channel = state.bus.keys().run_events_channel(run);
+    let attempt = async move {
+        let mut ps = client.get_async_pubsub().await?;
+        ps.subscribe(channel).await?;
+        Ok::<_, redis::RedisError>(ps)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+        Ok(Ok(ps)) => Some(ps),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, run_id = %run, "redis subscribe failed; polling postgres");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn pump(
+    state: &AppState,
+    tenant: TenantId,
+    run: RunId,
+    tx: &mpsc::Sender<Result<pb::WatchRunResponse, Status>>,
+) -> Result<(), Status> {
+    // Subscribe before the first read so nothing committed in between is missed.
+    let mut pubsub = subscribe(state, run).await;
+    let poll = Duration::from_millis(state.settings.watch_poll_ms);
+    let mut last_seq = 0;
+    loop {
+        let events = runs::events_after(&state.pool, tenant, run, last_seq)
+            .await
+            .map_err(ApiError::from)?;
+        for ev in events {
+            last_seq = ev.seq;
+            let terminal = ev.to_state.is_terminal();
+            let snapshot = if terminal {
+                runs::get(&state.pool, tenant, run)
+                    .await
+                    .map_err(ApiError::from)?
+                    .map(|r| convert::run_to_proto(&r))
+            } else {
+                None
+            };
+            let msg = pb::WatchRunResponse {
+                event: Some(convert::event_to_proto(&ev)),
+                run: snapshot,
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(()); // client went away
+            }
+            if terminal {
+                return Ok(());
+            }
+        }
+        let redis_hint = async {
+            match pubsub.as_mut() {
+                Some(ps) => ps.on_message().next().await.is_some(),
+                None => std::future::pending::<bool>().await,
+            }
+        };
+        tokio::select! {
+            _ = tx.closed() => return Ok(()),
+            alive = redis_hint => if !alive {
+                // Redis connection gone: fall back to polling only, re-subscribe later.
+                pubsub = None;
+            },
+            _ = tokio::time::sleep(poll) => {
+                if pubsub.is_none() {
+                    pubsub = subscribe(state, run).await;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `drover submit --image IMG [--env K=V]... [--wait] -- CMD ARGS...`
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use drover_proto::v1 as pb;
+
+use crate::client::{self, Client};
+use crate::commands::watch;
+use crate::render;
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// Container image, e.g. drover/busybox:latest.
+    #[arg(long)]
+    pub image: String,
+    /// Environment variable for the run (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Worker pool.
+    #[arg(long, default_value = "")]
+    pub pool: String,
+    /// Execution time limit in seconds (0 = server default).
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u32,
+    /// Total attempts allowed (0 = 1).
+    #[arg(long, default_value_t = 0)]
+    pub max_attempts: u32,
+    /// Network access: none (default) or bridge.
+    #[arg(long, default_value = "")]
+    pub network: String,
+    /// Submitting twice with one key returns the first run.
+    #[arg(long, default_value = "")]
+    pub idempotency_key: String,
+    /// Block until the run is terminal; print its output; exit non-zero unless it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print the run as JSON instead of its id.
+    #[arg(long)]
+    pub json: bool,
+    /// The argv to run, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(pairs: &[String]) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut env = std::collections::HashMap::new();
+    for p in pairs {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("--env {p:?} must be KEY=VALUE");
+        };
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(env)
+}
+
+pub async fn run(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let spec = pb::RunSpec {
+        image: args.image,
+        command: args.command,
+        env: parse_env(&args.env)?,
+        pool: args.pool,
+        timeout_seconds: args.timeout,
+        max_attempts: args.max_attempts,
+        network: args.network,
+        ..Default::default()
+    };
+    let resp = client
+        .submit_run(pb::SubmitRunRequest {
+            spec: Some(spec),
+            idempotency_key: args.idempotency_key,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!(client::describe(&s)))
+        .context("submit failed")?
+        .into_inner();
+    let run = resp.run.context("server returned no run")?;
+    if !args.wait {
+        if args.json {
+            println!("{}", render::run_json(&run));
+        } else {
+            println!("{}", run.id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("submitted {}", run.id);
+    let done = watch::follow(client, &run.id, true).await?;
+    if args.json {
+        println!("{}", render::run_json(&done));
+    } else {
+        print!("{}", String::from_utf8_lossy(&done.output));
+        eprintln!(
+            "run {} {}{}",
+            done.id,
+            render::state_name(done.state),
+            done.exit_code
+                .map(|c| format!(" (exit code {c})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(watch::exit_code_for(&done))
+}

@@ -1,0 +1,173 @@
+//! The run-queue consumer of one pool: prefetch-bounded, manual acks after the Postgres
+//! commit, reconnecting with backoff whenever the broker connection or consumer ends (a
+//! consumer that silently stops is the classic failure this loop exists to prevent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_core::events::EventBus;
+use drover_core::messages::{self, RunMessage};
+use drover_core::{amqp, topology};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::assign::{Outcome, try_assign};
+use crate::settings::Settings;
+
+#[derive(Clone)]
+pub struct PoolConsumer {
+    pub pool_name: String,
+    pub db: PgPool,
+    pub bus: Arc<EventBus>,
+    pub settings: Arc<Settings>,
+    pub capacity: Arc<Notify>,
+}
+
+impl PoolConsumer {
+    pub async fn run(self, cancel: CancellationToken) {
+        let in_flight = TaskTracker::new();
+        loop {
+            let Some(conn) = amqp::connect_with_retry(
+                &self.settings.amqp.url,
+                &format!("drover-dispatcher-{}", self.pool_name),
+                &cancel,
+            )
+            .await
+            else {
+                break;
+            };
+            match self.consume(&conn, &cancel, &in_flight).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(pool = %self.pool_name, error = %e, "consumer ended; reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+                    }
+                }
+            }
+        }
+        in_flight.close();
+        in_flight.wait().await;
+    }
+
+    /// Consumes until cancelled (Ok) or the channel breaks (Err).
+    async fn consume(
+        &self,
+        conn: &lapin::Connection,
+        cancel: &CancellationToken,
+        in_flight: &TaskTracker,
+    ) -> Result<(), drover_core::CoreError> {
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        let queue =
+            topology::declare_pool_queue(&ch, &self.pool_name, self.settings.amqp.delivery_limit)
+                .await?;
+        let tag = format!("dispatcher-{}-{}", self.pool_name, uuid::Uuid::now_v7());
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(pool = %self.pool_name, queue = %queue, "dispatcher consuming");
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    // Stop intake; unacked deliveries return to the queue when the channel
+                    // closes, after in-flight handlers have acked or nacked what they hold.
+                    let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    return Ok(());
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let this = self.clone();
+                        let cancel = cancel.clone();
+                        in_flight.spawn(async move { this.handle(delivery, cancel).await });
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                        lapin::ConnectionState::Closed,
+                    )).into()),
+                },
+            }
+        }
+    }
+
+    async fn handle(&self, delivery: Delivery, cancel: CancellationToken) {
+        let msg: RunMessage = match messages::decode(&delivery.data) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(pool = %self.pool_name, error = %e, "unparseable run message dead-lettered");
+                let _ = delivery
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
+                return;
+            }
+        };
+        let ttl = i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
+        let recheck = Duration::from_millis(self.settings.capacity_recheck_ms);
+        let mut db_backoff = Duration::from_millis(200);
+        loop {
+            // Arm the wake-up before looking, so capacity freed meanwhile is not missed.
+            let woken = self.capacity.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            match try_assign(&self.db, &msg, ttl).await {
+                Ok(Outcome::Assigned { agent_id, epoch, seq }) => {
+                    tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    self.bus.run_event(msg.run_id, seq).await;
+                    return;
+                }
+                Ok(Outcome::Obsolete) => {
+                    tracing::debug!(run_id = %msg.run_id, attempt = msg.attempt, "duplicate or superseded message dropped");
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    return;
+                }
+                Ok(Outcome::UnknownRun) => {
+                    tracing::warn!(run_id = %msg.run_id, "message for unknown run dead-lettered");
+                    let _ = delivery
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await;
+                    return;
+                }
+                Ok(Outcome::NoCapacity) => {
+                    tracing::debug!(run_id = %msg.run_id, pool = %self.pool_name, "no agent free; waiting for capacity");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = &mut woken => {},
+                        _ = tokio::time::sleep(recheck) => {},
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(run_id = %msg.run_id, error = %e, "assignment failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(db_backoff) => {},
+                    }
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Shutting down: hand the message back for another dispatcher.
+        let _ = delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+    }
+}

@@ -1,0 +1,95 @@
+//! Per-test isolation on the shared services: a fresh database and a fresh vhost.
+
+use std::process::Command;
+
+use sqlx::{Connection, PgConnection};
+
+/// Admin URL of the shared Postgres (override with `DROVER_TEST_PG_URL`).
+pub fn pg_admin_url() -> String {
+    std::env::var("DROVER_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://drover:drover@127.0.0.1:5432/drover".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("DROVER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+const MISSING: &str = "run `deploy/local-services.sh` (it installs and starts Postgres, Redis, \
+                       RabbitMQ and builds drover/busybox:latest)";
+
+/// Creates an empty database with a unique name; returns its name and URL.
+pub async fn create_database(tag: &str) -> (String, String) {
+    let admin = pg_admin_url();
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("postgres not reachable at {admin}: {e}; {MISSING}"));
+    let name = format!("drover_t_{tag}");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    (name.clone(), format!("{base}/{name}"))
+}
+
+pub async fn drop_database(name: &str) {
+    if let Ok(mut conn) = PgConnection::connect(&pg_admin_url()).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run rabbitmqctl: {e}; {MISSING}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} failed: {}{}; {MISSING}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Creates a vhost with full permissions for `guest`; returns the AMQP URL for it.
+pub fn create_vhost(vhost: &str) -> String {
+    rabbitmqctl(&["-q", "add_vhost", vhost]).unwrap_or_else(|e| panic!("{e}"));
+    rabbitmqctl(&["-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    format!("amqp://guest:guest@127.0.0.1:5672/{vhost}")
+}
+
+pub fn delete_vhost(vhost: &str) {
+    let _ = rabbitmqctl(&["-q", "delete_vhost", vhost]);
+}
+
+/// Fails loudly unless the Docker daemon answers and the test image exists.
+pub fn require_docker_image(image: &str) {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", image])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker: {e}; {MISSING}"));
+    assert!(
+        out.status.success(),
+        "docker image {image} missing or daemon not answering: {}; {MISSING}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Containers carrying the label `drover.run=<run_id>` (running or not).
+pub fn containers_for_run(run_id: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "-q", "--filter", &format!("label=drover.run={run_id}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}

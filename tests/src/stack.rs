@@ -1,0 +1,265 @@
+//! A running drover stack of real binaries for one test.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use drover_proto::v1 as pb;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::services;
+
+/// Which processes to start and how.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub dispatcher: bool,
+    pub agent: bool,
+    /// Redis URL handed to the services; point it at a dead port to test the fallback.
+    pub redis_url: String,
+    pub agent_capacity: u32,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            dispatcher: true,
+            agent: true,
+            redis_url: services::redis_url(),
+            agent_capacity: 4,
+        }
+    }
+}
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+pub struct Stack {
+    pub tag: String,
+    pub endpoint: String,
+    pub db: PgPool,
+    pub db_name: String,
+    pub database_url: String,
+    pub amqp_url: String,
+    pub vhost: String,
+    pub redis_prefix: String,
+    pub agent_id: String,
+    pub log_dir: PathBuf,
+    procs: Vec<Proc>,
+    opts: StackOptions,
+}
+
+/// Where cargo put the binaries: next to the test executable's `deps/` directory.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run `cargo build --workspace --bins` first (the test command does)",
+        path.display()
+    );
+    path
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(opts: StackOptions) -> Stack {
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let (db_name, database_url) = services::create_database(&tag).await;
+        let vhost = format!("drover-t-{tag}");
+        let amqp_url = services::create_vhost(&vhost);
+        let log_dir = std::env::temp_dir().join(format!("drover-e2e-{tag}"));
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let mut stack = Stack {
+            redis_prefix: format!("t{tag}:"),
+            agent_id: format!("agent-{tag}"),
+            endpoint: String::new(),
+            db: PgPool::connect_lazy(&database_url).expect("pool"),
+            tag,
+            db_name,
+            database_url,
+            amqp_url,
+            vhost,
+            log_dir,
+            procs: Vec::new(),
+            opts,
+        };
+        stack.start_api().await;
+        if stack.opts.dispatcher {
+            stack.start_dispatcher();
+        }
+        if stack.opts.agent {
+            stack.start_agent().await;
+        }
+        stack
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("DROVER_DATABASE__URL", &self.database_url)
+            .env("DROVER_DATABASE__MAX_CONNECTIONS", "10")
+            .env("DROVER_AMQP__URL", &self.amqp_url)
+            .env("DROVER_REDIS__URL", &self.opts.redis_url)
+            .env("DROVER_REDIS__PREFIX", &self.redis_prefix)
+            .env("DROVER_LOG_FORMAT", "text")
+            .env("RUST_LOG", "info,drover=debug")
+            .kill_on_drop(true);
+    }
+
+    fn spawn(&mut self, name: &'static str, mut cmd: Command, pipe_stdout: bool) -> usize {
+        let log = self.log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let err = file.try_clone().expect("log file");
+        cmd.stderr(Stdio::from(err));
+        if pipe_stdout {
+            cmd.stdout(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::from(file));
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.procs.push(Proc { name, child, log });
+        self.procs.len() - 1
+    }
+
+    async fn start_api(&mut self) {
+        let mut cmd = Command::new(bin_path("drover-api"));
+        self.env(&mut cmd);
+        cmd.env("DROVER_LISTEN_ADDR", "127.0.0.1:0");
+        let idx = self.spawn("api", cmd, true);
+        let stdout = self.procs[idx].child.stdout.take().expect("api stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("drover-api listening on ") {
+                    return Some(addr.trim().to_owned());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(addr) = addr else {
+            self.dump_logs();
+            panic!("drover-api did not report its address");
+        };
+        self.endpoint = format!("http://{addr}");
+    }
+
+    fn start_dispatcher(&mut self) {
+        let mut cmd = Command::new(bin_path("drover-dispatcher"));
+        self.env(&mut cmd);
+        self.spawn("dispatcher", cmd, false);
+    }
+
+    /// Starts the agent and waits until it has registered.
+    pub async fn start_agent(&mut self) {
+        services::require_docker_image("drover/busybox:latest");
+        let mut cmd = Command::new(bin_path("drover-agent"));
+        self.env(&mut cmd);
+        cmd.env("DROVER_AGENT_ID", &self.agent_id)
+            .env("DROVER_API_ENDPOINT", &self.endpoint)
+            .env("DROVER_CAPACITY", self.opts.agent_capacity.to_string())
+            .env("DROVER_EXECUTOR", "docker");
+        self.spawn("agent", cmd, false);
+        let registered = self
+            .wait_for(Duration::from_secs(60), || async {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM agents WHERE id = $1")
+                    .bind(&self.agent_id)
+                    .fetch_one(&self.db)
+                    .await
+                    .map(|n| n == 1)
+                    .unwrap_or(false)
+            })
+            .await;
+        if !registered {
+            self.dump_logs();
+            panic!("agent did not register within 60 s");
+        }
+    }
+
+    /// Polls `cond` every 50 ms until true or `limit` passes.
+    pub async fn wait_for<F, Fut>(&self, limit: Duration, mut cond: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if cond().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub async fn client(&self) -> pb::run_service_client::RunServiceClient<tonic::transport::Channel> {
+        pb::run_service_client::RunServiceClient::connect(self.endpoint.clone())
+            .await
+            .expect("connect to drover-api")
+    }
+
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(self.endpoint.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to drover-api")
+    }
+
+    /// Prints the tail of every process log (called when a test is about to fail).
+    pub fn dump_logs(&self) {
+        for p in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("----- {} ({}) -----\n{}", p.name, p.log.display(), tail.join("\n"));
+        }
+    }
+
+    /// SIGTERM every process and wait for them (graceful shutdown path).
+    pub async fn stop(mut self) {
+        for p in self.procs.iter_mut().rev() {
+            if let Some(pid) = p.child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+            match tokio::time::timeout(Duration::from_secs(40), p.child.wait()).await {
+                Ok(Ok(status)) if !status.success() => {
+                    eprintln!("{} exited with {status}", p.name);
+                }
+                Err(_) => {
+                    eprintln!("{} ignored SIGTERM for 40 s; killing", p.name);
+                    let _ = p.child.kill().await;
+                }
+                _ => {}
+            }
+        }
+        self.db.close().await;
+        services::drop_database(&self.db_name).await;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for p in &mut self.procs {
+            let _ = p.child.start_kill();
+        }
+        services::delete_vhost(&self.vhost);
+    }
+}
