@@ -64,7 +64,7 @@ impl AgentApi {
             runs::notify_capacity(&mut tx).await?;
         }
         tx.commit().await?;
-        self.state.bus.run_event(run.id, event.seq).await;
+        self.state.bus.run_event(run.id, event.seq);
         Ok(run)
     }
 
@@ -174,7 +174,7 @@ impl AgentApi {
             .collect();
         logs::append(&self.state.pool, rec.tenant_id, run, rec.attempt, &chunks).await?;
         for (_, data) in chunks {
-            self.state.bus.run_log(run, data).await;
+            self.state.bus.run_log(run, data);
         }
         Ok(())
     }

@@ -48,7 +48,7 @@ impl RunApi {
         let submitted = runs::submit(&self.state.pool, tenant, &spec, key).await?;
         if !submitted.deduplicated {
             tracing::info!(run_id = %submitted.run.id, tenant = %tenant, pool = %spec.pool, "run submitted");
-            self.state.bus.run_event(submitted.run.id, 1).await;
+            self.state.bus.run_event(submitted.run.id, 1);
         }
         Ok(pb::SubmitRunResponse {
             run: Some(convert::run_to_proto(&submitted.run)),

@@ -1,33 +1,40 @@
 //! Live fan-out of committed changes through Redis pub/sub. Publishing happens after the
 //! Postgres commit and is best effort: Redis may lose anything at any time, so subscribers use
 //! a message only as a hint to read Postgres, and also poll it.
+//!
+//! Request handlers never wait on Redis: they hand messages to a background publisher over a
+//! bounded channel, which drops them when full or while Redis is unreachable. A blackholed
+//! Redis therefore costs live latency, never API latency.
+
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Mutex;
+use tokio::sync::mpsc;
 
 use crate::ids::RunId;
 use crate::redis_keys::RedisKeys;
 
+const QUEUE: usize = 4096;
+
+#[derive(Debug)]
 pub struct EventBus {
     client: redis::Client,
     keys: RedisKeys,
-    conn: Mutex<Option<ConnectionManager>>,
-}
-
-impl std::fmt::Debug for EventBus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventBus").field("keys", &self.keys).finish()
-    }
+    tx: mpsc::Sender<(String, Vec<u8>)>,
 }
 
 impl EventBus {
-    /// Does not connect yet: Redis being down must not stop a service from starting.
+    /// Does not connect yet: Redis being down must not stop a service from starting. Spawns
+    /// the publisher task, which ends when the bus is dropped.
     pub fn new(url: &SecretString, prefix: &str) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url.expose_secret())?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(publisher(client.clone(), rx));
         Ok(Self {
-            client: redis::Client::open(url.expose_secret())?,
+            client,
             keys: RedisKeys::new(prefix),
-            conn: Mutex::new(None),
+            tx,
         })
     }
 
@@ -39,46 +46,59 @@ impl EventBus {
         &self.client
     }
 
-    async fn publish(&self, channel: String, payload: Vec<u8>) {
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            match tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                ConnectionManager::new(self.client.clone()),
-            )
-            .await
-            {
-                Ok(Ok(c)) => *guard = Some(c),
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "redis unavailable; live updates skipped");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("redis connect timed out; live updates skipped");
-                    return;
-                }
-            }
-        }
-        if let Some(conn) = guard.as_mut() {
-            let res: Result<i64, _> = redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(payload)
-                .query_async(conn)
-                .await;
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "redis publish failed; watchers fall back to postgres");
-            }
+    fn publish(&self, channel: String, payload: Vec<u8>) {
+        if self.tx.try_send((channel, payload)).is_err() {
+            tracing::debug!("live update dropped: redis publisher backlog full");
         }
     }
 
     /// Announces that run `run` has a new event `seq`.
-    pub async fn run_event(&self, run: RunId, seq: i32) {
-        self.publish(self.keys.run_events_channel(run), seq.to_string().into_bytes())
-            .await;
+    pub fn run_event(&self, run: RunId, seq: i32) {
+        self.publish(self.keys.run_events_channel(run), seq.to_string().into_bytes());
     }
 
     /// Forwards a live log chunk.
-    pub async fn run_log(&self, run: RunId, data: Vec<u8>) {
-        self.publish(self.keys.run_logs_channel(run), data).await;
+    pub fn run_log(&self, run: RunId, data: Vec<u8>) {
+        self.publish(self.keys.run_logs_channel(run), data);
+    }
+}
+
+async fn publisher(client: redis::Client, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
+    let mut conn: Option<ConnectionManager> = None;
+    let mut retry_at = tokio::time::Instant::now();
+    while let Some((channel, payload)) = rx.recv().await {
+        if conn.is_none() {
+            if tokio::time::Instant::now() < retry_at {
+                continue; // drop while Redis is known to be down
+            }
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                ConnectionManager::new(client.clone()),
+            )
+            .await
+            {
+                Ok(Ok(c)) => conn = Some(c),
+                _ => {
+                    tracing::debug!("redis unavailable; live updates dropped for 1 s");
+                    retry_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                    continue;
+                }
+            }
+        }
+        if let Some(c) = conn.as_mut() {
+            let res = tokio::time::timeout(
+                Duration::from_secs(2),
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(payload)
+                    .query_async::<i64>(c),
+            )
+            .await;
+            if !matches!(res, Ok(Ok(_))) {
+                tracing::debug!("redis publish failed; watchers fall back to postgres");
+                conn = None;
+                retry_at = tokio::time::Instant::now() + Duration::from_secs(1);
+            }
+        }
     }
 }

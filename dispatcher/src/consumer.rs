@@ -129,7 +129,7 @@ impl PoolConsumer {
                 Ok(Outcome::Assigned { agent_id, epoch, seq }) => {
                     tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
                     let _ = delivery.ack(BasicAckOptions::default()).await;
-                    self.bus.run_event(msg.run_id, seq).await;
+                    self.bus.run_event(msg.run_id, seq);
                     return;
                 }
                 Ok(Outcome::Obsolete) => {
