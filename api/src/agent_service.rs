@@ -2,6 +2,7 @@
 //! the run must be held by this agent under this epoch. A stale report is refused with
 //! FAILED_PRECONDITION and changes nothing; a repeat of an accepted report is a no-op.
 
+use drover_core::CoreError;
 use drover_core::convert;
 use drover_core::error::Refusal;
 use drover_core::ids::{AgentId, RunId};
@@ -9,7 +10,6 @@ use drover_core::repo::agents::{self, AgentRegistration};
 use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs};
 use drover_core::spec::validate_pool;
 use drover_core::state::RunState;
-use drover_core::CoreError;
 use drover_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -45,7 +45,9 @@ impl AgentApi {
             .ok_or(ApiError::NotFound("run not found"))?;
         if rec.agent_id.as_deref() != Some(agent.as_str()) {
             tracing::warn!(run_id = %run, agent_id = %agent, "report for a run not leased to this agent");
-            return Err(ApiError::Precondition("run is not leased to this agent".into()));
+            return Err(ApiError::Precondition(
+                "run is not leased to this agent".into(),
+            ));
         }
         if rec.lease_epoch != epoch {
             tracing::info!(run_id = %run, agent_id = %agent, given = epoch, current = rec.lease_epoch, "stale lease epoch refused");
@@ -68,7 +70,10 @@ impl AgentApi {
         Ok(run)
     }
 
-    async fn register(&self, req: pb::RegisterAgentRequest) -> ApiResult<pb::RegisterAgentResponse> {
+    async fn register(
+        &self,
+        req: pb::RegisterAgentRequest,
+    ) -> ApiResult<pb::RegisterAgentResponse> {
         let id = agent_id(&req.agent_id)?;
         validate_pool(&req.pool).map_err(|e| ApiError::bad("pool", e.message))?;
         if !(1..=1024).contains(&req.capacity) {
@@ -96,7 +101,10 @@ impl AgentApi {
         let id = agent_id(&req.agent_id)?;
         let mut leases = Vec::with_capacity(req.running.len());
         for l in &req.running {
-            leases.push((parse_run_id("running.run_id", &l.run_id)?, epoch(l.lease_epoch)?));
+            leases.push((
+                parse_run_id("running.run_id", &l.run_id)?,
+                epoch(l.lease_epoch)?,
+            ));
         }
         let ttl = i64::try_from(self.state.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
         let revoked = match agents::heartbeat(&self.state.pool, id.as_str(), &leases, ttl).await {
@@ -114,10 +122,15 @@ impl AgentApi {
         })
     }
 
-    async fn get_assignment(&self, req: pb::GetAssignmentRequest) -> ApiResult<pb::GetAssignmentResponse> {
+    async fn get_assignment(
+        &self,
+        req: pb::GetAssignmentRequest,
+    ) -> ApiResult<pb::GetAssignmentResponse> {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
-        let rec = self.leased_run(&agent, run, epoch(req.lease_epoch)?).await?;
+        let rec = self
+            .leased_run(&agent, run, epoch(req.lease_epoch)?)
+            .await?;
         if !matches!(rec.state, RunState::Assigned | RunState::Running) {
             return Err(ApiError::Precondition(format!("run is {}", rec.state)));
         }
@@ -135,7 +148,11 @@ impl AgentApi {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
-        let executor = if req.executor.is_empty() { "docker".to_owned() } else { req.executor };
+        let executor = if req.executor.is_empty() {
+            "docker".to_owned()
+        } else {
+            req.executor
+        };
         let t = Transition {
             expected_epoch: Some(ep),
             expected_agent: Some(agent.as_str().to_owned()),
@@ -149,7 +166,10 @@ impl AgentApi {
                 Ok(())
             }
             // A repeat of an accepted start report.
-            Err(CoreError::Refused(Refusal::Illegal { from: RunState::Running, .. })) => Ok(()),
+            Err(CoreError::Refused(Refusal::Illegal {
+                from: RunState::Running,
+                ..
+            })) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -158,12 +178,20 @@ impl AgentApi {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         if req.chunks.len() > MAX_CHUNKS {
-            return Err(ApiError::bad("chunks", format!("at most {MAX_CHUNKS} per request")));
+            return Err(ApiError::bad(
+                "chunks",
+                format!("at most {MAX_CHUNKS} per request"),
+            ));
         }
         if req.chunks.iter().any(|c| c.data.len() > MAX_CHUNK_BYTES) {
-            return Err(ApiError::bad("chunks.data", format!("at most {MAX_CHUNK_BYTES} bytes per chunk")));
+            return Err(ApiError::bad(
+                "chunks.data",
+                format!("at most {MAX_CHUNK_BYTES} bytes per chunk"),
+            ));
         }
-        let rec = self.leased_run(&agent, run, epoch(req.lease_epoch)?).await?;
+        let rec = self
+            .leased_run(&agent, run, epoch(req.lease_epoch)?)
+            .await?;
         if !matches!(rec.state, RunState::Assigned | RunState::Running) {
             return Err(ApiError::Precondition(format!("run is {}", rec.state)));
         }
@@ -179,7 +207,10 @@ impl AgentApi {
         Ok(())
     }
 
-    async fn report_completion(&self, req: pb::ReportCompletionRequest) -> ApiResult<pb::ReportCompletionResponse> {
+    async fn report_completion(
+        &self,
+        req: pb::ReportCompletionRequest,
+    ) -> ApiResult<pb::ReportCompletionResponse> {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
@@ -189,7 +220,10 @@ impl AgentApi {
             _ => return Err(ApiError::bad("outcome", "must be SUCCEEDED or FAILED")),
         };
         if req.output.len() > MAX_OUTPUT_BYTES {
-            return Err(ApiError::bad("output", format!("at most {MAX_OUTPUT_BYTES} bytes")));
+            return Err(ApiError::bad(
+                "output",
+                format!("at most {MAX_OUTPUT_BYTES} bytes"),
+            ));
         }
         let reason = if req.reason.is_empty() {
             match req.exit_code {
@@ -234,21 +268,27 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        Ok(Response::new(AgentApi::register(self, request.into_inner()).await?))
+        Ok(Response::new(
+            AgentApi::register(self, request.into_inner()).await?,
+        ))
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        Ok(Response::new(AgentApi::heartbeat(self, request.into_inner()).await?))
+        Ok(Response::new(
+            AgentApi::heartbeat(self, request.into_inner()).await?,
+        ))
     }
 
     async fn get_assignment(
         &self,
         request: Request<pb::GetAssignmentRequest>,
     ) -> Result<Response<pb::GetAssignmentResponse>, Status> {
-        Ok(Response::new(AgentApi::get_assignment(self, request.into_inner()).await?))
+        Ok(Response::new(
+            AgentApi::get_assignment(self, request.into_inner()).await?,
+        ))
     }
 
     async fn report_started(
@@ -271,6 +311,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::ReportCompletionRequest>,
     ) -> Result<Response<pb::ReportCompletionResponse>, Status> {
-        Ok(Response::new(AgentApi::report_completion(self, request.into_inner()).await?))
+        Ok(Response::new(
+            AgentApi::report_completion(self, request.into_inner()).await?,
+        ))
     }
 }

@@ -13,7 +13,10 @@ pub enum ApiError {
     #[error(transparent)]
     Invalid(#[from] ValidationError),
     #[error("invalid {field}: {message}")]
-    BadRequest { field: &'static str, message: String },
+    BadRequest {
+        field: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     NotFound(&'static str),
     #[error("{0}")]

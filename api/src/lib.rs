@@ -58,13 +58,12 @@ impl Application {
         let pool = db::connect(&settings.database).await?;
         db::migrate(&pool).await?;
         let bus = Arc::new(EventBus::new(&settings.redis.url, &settings.redis.prefix)?);
-        let listener =
-            TcpListener::bind(&settings.listen_addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: settings.listen_addr.clone(),
-                    source,
-                })?;
+        let listener = TcpListener::bind(&settings.listen_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.listen_addr.clone(),
+                source,
+            })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: settings.listen_addr.clone(),
             source,

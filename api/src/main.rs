@@ -43,7 +43,11 @@ async fn main() -> anyhow::Result<()> {
             shutdown::cancel_on_signals(token.clone())?;
             let app = Application::build(settings).await?;
             // One machine-readable line so supervisors and tests learn the bound port.
-            writeln!(std::io::stdout(), "drover-api listening on {}", app.local_addr())?;
+            writeln!(
+                std::io::stdout(),
+                "drover-api listening on {}",
+                app.local_addr()
+            )?;
             app.run_until_stopped(token).await?;
         }
     }

@@ -32,7 +32,11 @@ impl RunApi {
         DEFAULT_TENANT
     }
 
-    async fn submit(&self, tenant: TenantId, req: pb::SubmitRunRequest) -> ApiResult<pb::SubmitRunResponse> {
+    async fn submit(
+        &self,
+        tenant: TenantId,
+        req: pb::SubmitRunRequest,
+    ) -> ApiResult<pb::SubmitRunResponse> {
         let raw = req
             .spec
             .map(convert::raw_spec_from_proto)
@@ -63,7 +67,11 @@ impl RunApi {
         Ok(convert::run_to_proto(&run))
     }
 
-    async fn list(&self, tenant: TenantId, req: pb::ListRunsRequest) -> ApiResult<pb::ListRunsResponse> {
+    async fn list(
+        &self,
+        tenant: TenantId,
+        req: pb::ListRunsRequest,
+    ) -> ApiResult<pb::ListRunsResponse> {
         let mut states = Vec::with_capacity(req.states.len());
         for s in req.states {
             states.push(
@@ -74,7 +82,10 @@ impl RunApi {
         let page = match req.page_size {
             0 => DEFAULT_PAGE,
             n if n > MAX_PAGE => {
-                return Err(ApiError::bad("page_size", format!("must be at most {MAX_PAGE}")));
+                return Err(ApiError::bad(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE}"),
+                ));
             }
             n => n,
         };
@@ -83,8 +94,14 @@ impl RunApi {
         } else {
             Some(parse_run_id("page_token", &req.page_token)?)
         };
-        let mut rows =
-            runs::list(&self.state.pool, tenant, &states, i64::from(page) + 1, before).await?;
+        let mut rows = runs::list(
+            &self.state.pool,
+            tenant,
+            &states,
+            i64::from(page) + 1,
+            before,
+        )
+        .await?;
         let more = rows.len() > page as usize;
         rows.truncate(page as usize);
         let next_page_token = if more {
@@ -108,7 +125,9 @@ impl pb::run_service_server::RunService for RunApi {
         request: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
         let tenant = self.tenant(&request);
-        Ok(Response::new(self.submit(tenant, request.into_inner()).await?))
+        Ok(Response::new(
+            self.submit(tenant, request.into_inner()).await?,
+        ))
     }
 
     async fn get_run(
@@ -126,7 +145,9 @@ impl pb::run_service_server::RunService for RunApi {
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let tenant = self.tenant(&request);
-        Ok(Response::new(self.list(tenant, request.into_inner()).await?))
+        Ok(Response::new(
+            self.list(tenant, request.into_inner()).await?,
+        ))
     }
 
     type WatchRunStream = WatchStream;

@@ -8,7 +8,12 @@ use drover_chaos::smoke::{self, SmokeConfig};
 #[derive(Parser)]
 #[command(name = "drover-chaos", version, about = "drover load and chaos runs")]
 struct Cli {
-    #[arg(long, global = true, env = "DROVER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
     endpoint: String,
     #[command(subcommand)]
     command: Command,

@@ -64,7 +64,12 @@ mod tests {
         use pb::RunState as S;
         let ok = Observed {
             run_id: "a".into(),
-            events: vec![ev(1, S::Queued), ev(2, S::Assigned), ev(3, S::Running), ev(4, S::Succeeded)],
+            events: vec![
+                ev(1, S::Queued),
+                ev(2, S::Assigned),
+                ev(3, S::Running),
+                ev(4, S::Succeeded),
+            ],
         };
         let open = Observed {
             run_id: "b".into(),
@@ -80,7 +85,10 @@ mod tests {
         };
         assert!(check(&[ok]).is_empty());
         assert_eq!(check(&[open]), vec![Violation::NotTerminal("b".into())]);
-        assert_eq!(check(&[twice]), vec![Violation::ManyTerminal("c".into(), 2)]);
+        assert_eq!(
+            check(&[twice]),
+            vec![Violation::ManyTerminal("c".into(), 2)]
+        );
         assert_eq!(check(&[gap]), vec![Violation::Gaps("d".into())]);
     }
 }

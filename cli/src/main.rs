@@ -10,7 +10,12 @@ use drover_cli::commands::{dev, get, list, submit, watch};
 #[command(name = "drover", version, about = "Run containers on a drover cluster")]
 struct Cli {
     /// API endpoint.
-    #[arg(long, global = true, env = "DROVER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
     endpoint: String,
     /// Bearer token.
     #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
@@ -73,7 +78,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut c = client::connect(&cli.endpoint, cli.token.as_deref()).await?;
     match cli.command {
         Command::Submit(args) => submit::run(&mut c, args).await,
-        Command::Get { id, json } => get::run(&mut c, &id, json).await.map(|()| ExitCode::SUCCESS),
+        Command::Get { id, json } => get::run(&mut c, &id, json)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::List {
             states,
             limit,

@@ -61,7 +61,10 @@ pub fn run_text(r: &pb::Run) -> String {
         r.attempt
     );
     if !r.agent_id.is_empty() {
-        out.push_str(&format!("agent     {} (epoch {})\n", r.agent_id, r.lease_epoch));
+        out.push_str(&format!(
+            "agent     {} (epoch {})\n",
+            r.agent_id, r.lease_epoch
+        ));
     }
     if let Some(code) = r.exit_code {
         out.push_str(&format!("exit code {code}\n"));
@@ -70,7 +73,11 @@ pub fn run_text(r: &pb::Run) -> String {
         out.push_str(&format!("reason    {}\n", r.reason));
     }
     if !r.output.is_empty() {
-        let note = if r.output_truncated { " (last 64 KiB)" } else { "" };
+        let note = if r.output_truncated {
+            " (last 64 KiB)"
+        } else {
+            ""
+        };
         out.push_str(&format!(
             "output{note}:\n{}",
             String::from_utf8_lossy(&r.output)

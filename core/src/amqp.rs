@@ -11,8 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::CoreError;
 
 pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, CoreError> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(name.into());
+    let props = ConnectionProperties::default().with_connection_name(name.into());
     Ok(Connection::connect(url.expose_secret(), props).await?)
 }
 

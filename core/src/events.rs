@@ -54,7 +54,10 @@ impl EventBus {
 
     /// Announces that run `run` has a new event `seq`.
     pub fn run_event(&self, run: RunId, seq: i32) {
-        self.publish(self.keys.run_events_channel(run), seq.to_string().into_bytes());
+        self.publish(
+            self.keys.run_events_channel(run),
+            seq.to_string().into_bytes(),
+        );
     }
 
     /// Forwards a live log chunk.

@@ -56,8 +56,11 @@ impl OutboxRelay {
 
     /// Runs until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
-        let wake: Arc<Notify> =
-            pg_wakeup::spawn(self.pool.clone(), crate::repo::OUTBOX_CHANNEL, cancel.clone());
+        let wake: Arc<Notify> = pg_wakeup::spawn(
+            self.pool.clone(),
+            crate::repo::OUTBOX_CHANNEL,
+            cancel.clone(),
+        );
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
         let mut link: Option<Link> = None;
         loop {
@@ -79,8 +82,7 @@ impl OutboxRelay {
                         Ok(n) => tracing::debug!(published = n, "outbox batch published"),
                         Err(e) => {
                             tracing::warn!(error = %e, "outbox relay batch failed");
-                            if matches!(e, CoreError::Amqp(_)) || !l.channel.status().connected()
-                            {
+                            if matches!(e, CoreError::Amqp(_)) || !l.channel.status().connected() {
                                 link = None;
                             }
                             break;
@@ -103,7 +105,9 @@ impl OutboxRelay {
                     .await?;
             let setup = async {
                 let channel = conn.create_channel().await?;
-                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
                 topology::declare_base(&channel).await?;
                 Ok::<_, CoreError>(channel)
             };

@@ -20,7 +20,10 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
             _ = int.recv() => {},
         }
         tracing::warn!("second signal: exiting now");
-        #[allow(clippy::disallowed_methods, reason = "the second signal asks to skip shutdown")]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the second signal asks to skip shutdown"
+        )]
         std::process::exit(130);
     });
     Ok(())

@@ -125,7 +125,10 @@ impl RawSpec {
             ));
         }
         if self.command[0].is_empty() {
-            return Err(invalid("spec.command", "the program (argv[0]) must not be empty"));
+            return Err(invalid(
+                "spec.command",
+                "the program (argv[0]) must not be empty",
+            ));
         }
         if self.command.iter().any(|a| a.len() > MAX_ARG_BYTES) {
             return Err(invalid(
@@ -146,9 +149,16 @@ impl RawSpec {
 
         let env = validate_env(self.env)?;
 
-        let cpus = if self.cpus == 0.0 { DEFAULT_CPUS } else { self.cpus };
+        let cpus = if self.cpus == 0.0 {
+            DEFAULT_CPUS
+        } else {
+            self.cpus
+        };
         if !cpus.is_finite() || !(0.01..=64.0).contains(&cpus) {
-            return Err(invalid("spec.resources.cpus", "must be between 0.01 and 64"));
+            return Err(invalid(
+                "spec.resources.cpus",
+                "must be between 0.01 and 64",
+            ));
         }
         let memory_bytes = if self.memory_bytes == 0 {
             DEFAULT_MEMORY_BYTES
@@ -161,7 +171,11 @@ impl RawSpec {
                 "must be between 4 MiB and 256 GiB",
             ));
         }
-        let pids = if self.pids == 0 { DEFAULT_PIDS } else { self.pids };
+        let pids = if self.pids == 0 {
+            DEFAULT_PIDS
+        } else {
+            self.pids
+        };
         if pids > 32_768 {
             return Err(invalid("spec.resources.pids", "must be at most 32768"));
         }
@@ -196,11 +210,21 @@ impl RawSpec {
             ));
         }
 
-        let labels = bounded_map("spec.labels", self.labels, MAX_LABELS, MAX_LABEL_BYTES * 2 * MAX_LABELS)?;
-        if labels.iter().any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES) {
+        let labels = bounded_map(
+            "spec.labels",
+            self.labels,
+            MAX_LABELS,
+            MAX_LABEL_BYTES * 2 * MAX_LABELS,
+        )?;
+        if labels
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
+        {
             return Err(invalid(
                 "spec.labels",
-                format!("keys must be non-empty and keys and values at most {MAX_LABEL_BYTES} bytes"),
+                format!(
+                    "keys must be non-empty and keys and values at most {MAX_LABEL_BYTES} bytes"
+                ),
             ));
         }
         let metadata = bounded_map(
@@ -259,11 +283,16 @@ fn validate_env(env: Vec<(String, String)>) -> Result<BTreeMap<String, String>, 
         if !valid_name {
             return Err(invalid(
                 "spec.env",
-                format!("name {k:?} must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_NAME_BYTES} bytes"),
+                format!(
+                    "name {k:?} must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_NAME_BYTES} bytes"
+                ),
             ));
         }
         if v.contains('\0') {
-            return Err(invalid("spec.env", format!("value of {k} must not contain NUL")));
+            return Err(invalid(
+                "spec.env",
+                format!("value of {k} must not contain NUL"),
+            ));
         }
         total += k.len() + v.len();
         out.insert(k, v);
@@ -287,7 +316,10 @@ pub fn validate_pool(pool: &str) -> Result<(), ValidationError> {
     if ok {
         Ok(())
     } else {
-        Err(invalid("spec.pool", "must be 1..63 characters of [a-z0-9_-]"))
+        Err(invalid(
+            "spec.pool",
+            "must be 1..63 characters of [a-z0-9_-]",
+        ))
     }
 }
 
@@ -302,7 +334,10 @@ fn bounded_map(
     }
     let total: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
     if total > max_bytes {
-        return Err(invalid(field, format!("must be at most {max_bytes} bytes in all")));
+        return Err(invalid(
+            field,
+            format!("must be at most {max_bytes} bytes in all"),
+        ));
     }
     Ok(entries.into_iter().collect())
 }
@@ -342,23 +377,83 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: Vec<(RawSpec, &str)> = vec![
-            (RawSpec { image: " ".into(), ..ok_raw() }, "spec.image"),
-            (RawSpec { command: vec![], ..ok_raw() }, "spec.command"),
-            (RawSpec { command: vec!["".into()], ..ok_raw() }, "spec.command"),
             (
-                RawSpec { env: vec![("1BAD".into(), "x".into())], ..ok_raw() },
+                RawSpec {
+                    image: " ".into(),
+                    ..ok_raw()
+                },
+                "spec.image",
+            ),
+            (
+                RawSpec {
+                    command: vec![],
+                    ..ok_raw()
+                },
+                "spec.command",
+            ),
+            (
+                RawSpec {
+                    command: vec!["".into()],
+                    ..ok_raw()
+                },
+                "spec.command",
+            ),
+            (
+                RawSpec {
+                    env: vec![("1BAD".into(), "x".into())],
+                    ..ok_raw()
+                },
                 "spec.env",
             ),
             (
-                RawSpec { env: vec![("BIG".into(), "x".repeat(MAX_ENV_BYTES))], ..ok_raw() },
+                RawSpec {
+                    env: vec![("BIG".into(), "x".repeat(MAX_ENV_BYTES))],
+                    ..ok_raw()
+                },
                 "spec.env",
             ),
-            (RawSpec { pool: "Bad Pool".into(), ..ok_raw() }, "spec.pool"),
-            (RawSpec { network: "host".into(), ..ok_raw() }, "spec.network"),
-            (RawSpec { max_attempts: 21, ..ok_raw() }, "spec.max_attempts"),
-            (RawSpec { timeout_secs: 86_401, ..ok_raw() }, "spec.timeout_seconds"),
-            (RawSpec { memory_bytes: 1, ..ok_raw() }, "spec.resources.memory_bytes"),
-            (RawSpec { cpus: f64::NAN, ..ok_raw() }, "spec.resources.cpus"),
+            (
+                RawSpec {
+                    pool: "Bad Pool".into(),
+                    ..ok_raw()
+                },
+                "spec.pool",
+            ),
+            (
+                RawSpec {
+                    network: "host".into(),
+                    ..ok_raw()
+                },
+                "spec.network",
+            ),
+            (
+                RawSpec {
+                    max_attempts: 21,
+                    ..ok_raw()
+                },
+                "spec.max_attempts",
+            ),
+            (
+                RawSpec {
+                    timeout_secs: 86_401,
+                    ..ok_raw()
+                },
+                "spec.timeout_seconds",
+            ),
+            (
+                RawSpec {
+                    memory_bytes: 1,
+                    ..ok_raw()
+                },
+                "spec.resources.memory_bytes",
+            ),
+            (
+                RawSpec {
+                    cpus: f64::NAN,
+                    ..ok_raw()
+                },
+                "spec.resources.cpus",
+            ),
         ];
         for (raw, field) in cases {
             let err = raw.validate().unwrap_err();
@@ -378,7 +473,12 @@ mod tests {
         };
         let (a, b) = (a.validate().unwrap(), b.validate().unwrap());
         assert_eq!(a.canonical_hash(), b.canonical_hash());
-        let c = RawSpec { command: vec!["true".into()], ..ok_raw() }.validate().unwrap();
+        let c = RawSpec {
+            command: vec!["true".into()],
+            ..ok_raw()
+        }
+        .validate()
+        .unwrap();
         assert_ne!(a.canonical_hash(), c.canonical_hash());
     }
 }

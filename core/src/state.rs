@@ -27,14 +27,22 @@ use RunState::*;
 /// Every legal transition, with why it happens. Anything not listed is illegal.
 pub const TRANSITIONS: &[(RunState, RunState, &str)] = &[
     (PendingApproval, Queued, "approved"),
-    (PendingApproval, Rejected, "rejected by an approver or approval timed out"),
+    (
+        PendingApproval,
+        Rejected,
+        "rejected by an approver or approval timed out",
+    ),
     (PendingApproval, Cancelled, "cancelled before approval"),
     (Queued, Assigned, "a dispatcher leased it to an agent"),
     (Queued, Cancelled, "cancelled while queued"),
     (Queued, TimedOut, "waited longer than its queue timeout"),
     (Queued, DeadLettered, "its message could not be delivered"),
     (Assigned, Running, "the agent started the container"),
-    (Assigned, Queued, "lease lost or start failed with attempts left"),
+    (
+        Assigned,
+        Queued,
+        "lease lost or start failed with attempts left",
+    ),
     (Assigned, Failed, "could not be started"),
     (Assigned, Cancelled, "cancelled before start"),
     (Assigned, TimedOut, "timed out before start"),
@@ -43,7 +51,11 @@ pub const TRANSITIONS: &[(RunState, RunState, &str)] = &[
     (Running, Failed, "the process failed"),
     (Running, Cancelled, "cancelled while running"),
     (Running, TimedOut, "exceeded its execution timeout"),
-    (Running, Queued, "attempt failed or lease lost with attempts left"),
+    (
+        Running,
+        Queued,
+        "attempt failed or lease lost with attempts left",
+    ),
     (Running, DeadLettered, "lease lost with no attempts left"),
     (DeadLettered, Queued, "redriven by an operator"),
 ];
@@ -180,7 +192,11 @@ mod tests {
         for from in RunState::ALL.into_iter().filter(|s| s.is_terminal()) {
             for to in RunState::ALL {
                 let allowed = from.can_transition_to(to);
-                assert_eq!(allowed, from == DeadLettered && to == Queued, "{from} -> {to}");
+                assert_eq!(
+                    allowed,
+                    from == DeadLettered && to == Queued,
+                    "{from} -> {to}"
+                );
             }
         }
     }

@@ -37,9 +37,15 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 
 fn quorum_args(delivery_limit: Option<u32>) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     if let Some(limit) = delivery_limit {
-        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(limit)));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(limit)),
+        );
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),

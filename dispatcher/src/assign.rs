@@ -4,16 +4,20 @@
 //! commits; a duplicate message finds the run no longer QUEUED for that attempt and is dropped.
 
 use drover_core::CoreError;
+use drover_core::ids::LeaseEpoch;
 use drover_core::messages::{self, AgentCommand, RunMessage};
 use drover_core::repo::{Transition, TransitionPatch, agents, outbox, runs};
-use drover_core::ids::LeaseEpoch;
 use drover_core::state::RunState;
 use drover_core::topology;
 use sqlx::PgPool;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Assigned { agent_id: String, epoch: i64, seq: i32 },
+    Assigned {
+        agent_id: String,
+        epoch: i64,
+        seq: i32,
+    },
     /// Already assigned, finished or superseded: the message is a duplicate.
     Obsolete,
     /// No run with that id for that tenant.

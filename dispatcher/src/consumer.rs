@@ -111,9 +111,7 @@ impl PoolConsumer {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(pool = %self.pool_name, error = %e, "unparseable run message dead-lettered");
-                let _ = delivery
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
                 return;
             }
         };
@@ -126,7 +124,11 @@ impl PoolConsumer {
             tokio::pin!(woken);
             woken.as_mut().enable();
             match try_assign(&self.db, &msg, ttl).await {
-                Ok(Outcome::Assigned { agent_id, epoch, seq }) => {
+                Ok(Outcome::Assigned {
+                    agent_id,
+                    epoch,
+                    seq,
+                }) => {
                     tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
                     let _ = delivery.ack(BasicAckOptions::default()).await;
                     self.bus.run_event(msg.run_id, seq);
@@ -139,9 +141,7 @@ impl PoolConsumer {
                 }
                 Ok(Outcome::UnknownRun) => {
                     tracing::warn!(run_id = %msg.run_id, "message for unknown run dead-lettered");
-                    let _ = delivery
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await;
+                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
                     return;
                 }
                 Ok(Outcome::NoCapacity) => {

@@ -81,7 +81,10 @@ impl Dispatcher {
 
         cancel.cancelled().await;
         tasks.close();
-        if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("consumers did not stop within 10 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

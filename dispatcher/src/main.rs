@@ -9,7 +9,11 @@ use drover_dispatcher::{Dispatcher, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "drover-dispatcher", version, about = "drover dispatcher: assigns queued runs to agents")]
+#[command(
+    name = "drover-dispatcher",
+    version,
+    about = "drover dispatcher: assigns queued runs to agents"
+)]
 struct Cli {
     /// TOML settings file; DROVER_… environment variables override it.
     #[arg(long, env = "DROVER_CONFIG")]
@@ -23,6 +27,9 @@ async fn main() -> anyhow::Result<()> {
     let settings: Settings = config::load(cli.config.as_deref()).context("loading settings")?;
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone())?;
-    Dispatcher::build(settings).await?.run_until_stopped(token).await?;
+    Dispatcher::build(settings)
+        .await?
+        .run_until_stopped(token)
+        .await?;
     Ok(())
 }

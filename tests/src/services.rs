@@ -59,8 +59,17 @@ fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
 /// Creates a vhost with full permissions for `guest`; returns the AMQP URL for it.
 pub fn create_vhost(vhost: &str) -> String {
     rabbitmqctl(&["-q", "add_vhost", vhost]).unwrap_or_else(|e| panic!("{e}"));
-    rabbitmqctl(&["-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])
-        .unwrap_or_else(|e| panic!("{e}"));
+    rabbitmqctl(&[
+        "-q",
+        "set_permissions",
+        "-p",
+        vhost,
+        "guest",
+        ".*",
+        ".*",
+        ".*",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
     format!("amqp://guest:guest@127.0.0.1:5672/{vhost}")
 }
 
@@ -84,7 +93,13 @@ pub fn require_docker_image(image: &str) {
 /// Containers carrying the label `drover.run=<run_id>` (running or not).
 pub fn containers_for_run(run_id: &str) -> Vec<String> {
     let out = Command::new("docker")
-        .args(["ps", "-a", "-q", "--filter", &format!("label=drover.run={run_id}")])
+        .args([
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=drover.run={run_id}"),
+        ])
         .output()
         .expect("docker ps");
     String::from_utf8_lossy(&out.stdout)

@@ -206,7 +206,9 @@ impl Stack {
         false
     }
 
-    pub async fn client(&self) -> pb::run_service_client::RunServiceClient<tonic::transport::Channel> {
+    pub async fn client(
+        &self,
+    ) -> pb::run_service_client::RunServiceClient<tonic::transport::Channel> {
         pb::run_service_client::RunServiceClient::connect(self.endpoint.clone())
             .await
             .expect("connect to drover-api")
@@ -226,7 +228,12 @@ impl Stack {
             let text = std::fs::read_to_string(&p.log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(60)..];
-            eprintln!("----- {} ({}) -----\n{}", p.name, p.log.display(), tail.join("\n"));
+            eprintln!(
+                "----- {} ({}) -----\n{}",
+                p.name,
+                p.log.display(),
+                tail.join("\n")
+            );
         }
     }
 

@@ -1,6 +1,11 @@
 //! RunService contract checks against the real `drover-api` binary: validation errors name the
 //! field and store nothing; lookups, listing and paging; health and reflection are served.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 use drover_proto::v1 as pb;
 use drover_tests::{Stack, StackOptions};
 use tonic::Code;
@@ -32,26 +37,69 @@ async fn run_count(stack: &Stack) -> i64 {
 async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
     let stack = Stack::start_with(api_only()).await;
     let mut client = stack.client().await;
-    let big_env = [("BIG".to_string(), "x".repeat(70 * 1024))].into_iter().collect();
+    let big_env = [("BIG".to_string(), "x".repeat(70 * 1024))]
+        .into_iter()
+        .collect();
     let cases: Vec<(Option<pb::RunSpec>, &str)> = vec![
         (None, "spec"),
-        (Some(pb::RunSpec { image: "".into(), ..valid() }), "spec.image"),
-        (Some(pb::RunSpec { command: vec![], ..valid() }), "spec.command"),
-        (Some(pb::RunSpec { env: big_env, ..valid() }), "spec.env"),
         (
             Some(pb::RunSpec {
-                env: [("9BAD".to_string(), "v".to_string())].into_iter().collect(),
+                image: "".into(),
+                ..valid()
+            }),
+            "spec.image",
+        ),
+        (
+            Some(pb::RunSpec {
+                command: vec![],
+                ..valid()
+            }),
+            "spec.command",
+        ),
+        (
+            Some(pb::RunSpec {
+                env: big_env,
                 ..valid()
             }),
             "spec.env",
         ),
-        (Some(pb::RunSpec { pool: "No Such Pool!".into(), ..valid() }), "spec.pool"),
-        (Some(pb::RunSpec { network: "host".into(), ..valid() }), "spec.network"),
-        (Some(pb::RunSpec { timeout_seconds: 1_000_000, ..valid() }), "spec.timeout_seconds"),
+        (
+            Some(pb::RunSpec {
+                env: [("9BAD".to_string(), "v".to_string())]
+                    .into_iter()
+                    .collect(),
+                ..valid()
+            }),
+            "spec.env",
+        ),
+        (
+            Some(pb::RunSpec {
+                pool: "No Such Pool!".into(),
+                ..valid()
+            }),
+            "spec.pool",
+        ),
+        (
+            Some(pb::RunSpec {
+                network: "host".into(),
+                ..valid()
+            }),
+            "spec.network",
+        ),
+        (
+            Some(pb::RunSpec {
+                timeout_seconds: 1_000_000,
+                ..valid()
+            }),
+            "spec.timeout_seconds",
+        ),
     ];
     for (spec, field) in cases {
         let err = client
-            .submit_run(pb::SubmitRunRequest { spec, idempotency_key: String::new() })
+            .submit_run(pb::SubmitRunRequest {
+                spec,
+                idempotency_key: String::new(),
+            })
             .await
             .expect_err("invalid spec must be refused");
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
@@ -114,7 +162,9 @@ async fn get_list_and_paging() {
     assert!(published, "outbox relay published every submitted run");
 
     let got = client
-        .get_run(pb::GetRunRequest { run_id: ids[2].clone() })
+        .get_run(pb::GetRunRequest {
+            run_id: ids[2].clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -123,12 +173,16 @@ async fn get_list_and_paging() {
     assert_eq!(got.spec.unwrap().command, vec!["echo", "2"]);
 
     let err = client
-        .get_run(pb::GetRunRequest { run_id: uuid::Uuid::now_v7().to_string() })
+        .get_run(pb::GetRunRequest {
+            run_id: uuid::Uuid::now_v7().to_string(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = client
-        .get_run(pb::GetRunRequest { run_id: "not-a-uuid".into() })
+        .get_run(pb::GetRunRequest {
+            run_id: "not-a-uuid".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -168,7 +222,10 @@ async fn get_list_and_paging() {
         .into_inner();
     assert!(none.runs.is_empty());
     let err = client
-        .list_runs(pb::ListRunsRequest { page_size: 5000, ..Default::default() })
+        .list_runs(pb::ListRunsRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -184,7 +241,9 @@ async fn health_is_served() {
     let mut health = HealthClient::new(stack.channel().await);
     for service in ["", "drover.v1.RunService", "drover.v1.AgentService"] {
         let resp = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner();

@@ -1,6 +1,11 @@
 //! The state machine as Postgres applies it: every transition is a conditional UPDATE whose
 //! row count decides; a refused transition changes nothing and says why.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 use drover_core::error::Refusal;
 use drover_core::ids::DEFAULT_TENANT;
 use drover_core::repo::{Transition, TransitionPatch, runs};
@@ -46,7 +51,10 @@ async fn event_count(pool: &PgPool, run: drover_core::ids::RunId) -> i64 {
 fn assign(run: drover_core::ids::RunId, agent: &str) -> Transition {
     Transition {
         expected_attempt: Some(1),
-        patch: TransitionPatch::Assign { agent_id: agent.into(), lease_ttl_ms: 10_000 },
+        patch: TransitionPatch::Assign {
+            agent_id: agent.into(),
+            lease_ttl_ms: 10_000,
+        },
         ..Transition::new(run, RunState::Assigned)
     }
 }
@@ -54,24 +62,47 @@ fn assign(run: drover_core::ids::RunId, agent: &str) -> Transition {
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_transitions_change_nothing() {
     let (name, pool) = fresh_db().await;
-    let run = runs::submit(&pool, DEFAULT_TENANT, &spec(), None).await.unwrap().run;
+    let run = runs::submit(&pool, DEFAULT_TENANT, &spec(), None)
+        .await
+        .unwrap()
+        .run;
     assert_eq!(event_count(&pool, run.id).await, 1);
 
     // Illegal pair: QUEUED -> SUCCEEDED.
-    let err = apply(&pool, Transition::new(run.id, RunState::Succeeded)).await.unwrap_err();
-    assert!(matches!(
-        err,
-        CoreError::Refused(Refusal::Illegal { from: RunState::Queued, to: RunState::Succeeded })
-    ), "{err:?}");
+    let err = apply(&pool, Transition::new(run.id, RunState::Succeeded))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoreError::Refused(Refusal::Illegal {
+                from: RunState::Queued,
+                to: RunState::Succeeded
+            })
+        ),
+        "{err:?}"
+    );
 
-    assert_eq!(apply(&pool, assign(run.id, "a1")).await.unwrap(), RunState::Assigned);
+    assert_eq!(
+        apply(&pool, assign(run.id, "a1")).await.unwrap(),
+        RunState::Assigned
+    );
     // Stale epoch: the lease is epoch 1.
     let stale = Transition {
         expected_epoch: Some(0),
         ..Transition::new(run.id, RunState::Running)
     };
     let err = apply(&pool, stale).await.unwrap_err();
-    assert!(matches!(err, CoreError::Refused(Refusal::StaleEpoch { given: 0, current: 1 })), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            CoreError::Refused(Refusal::StaleEpoch {
+                given: 0,
+                current: 1
+            })
+        ),
+        "{err:?}"
+    );
     // Wrong agent.
     let wrong = Transition {
         expected_epoch: Some(1),
@@ -79,27 +110,47 @@ async fn refused_transitions_change_nothing() {
         ..Transition::new(run.id, RunState::Running)
     };
     let err = apply(&pool, wrong).await.unwrap_err();
-    assert!(matches!(err, CoreError::Refused(Refusal::WrongAgent)), "{err:?}");
+    assert!(
+        matches!(err, CoreError::Refused(Refusal::WrongAgent)),
+        "{err:?}"
+    );
     // Unknown run.
-    let err = apply(&pool, Transition::new(drover_core::ids::RunId::new(), RunState::Running))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, CoreError::Refused(Refusal::NotFound)), "{err:?}");
+    let err = apply(
+        &pool,
+        Transition::new(drover_core::ids::RunId::new(), RunState::Running),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, CoreError::Refused(Refusal::NotFound)),
+        "{err:?}"
+    );
 
-    let now = runs::get(&pool, DEFAULT_TENANT, run.id).await.unwrap().unwrap();
+    let now = runs::get(&pool, DEFAULT_TENANT, run.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(now.state, RunState::Assigned);
     assert_eq!(now.lease_epoch, 1);
-    assert_eq!(event_count(&pool, run.id).await, 2, "only the applied transition left an event");
+    assert_eq!(
+        event_count(&pool, run.id).await,
+        2,
+        "only the applied transition left an event"
+    );
 
     // The right epoch and agent go through, and the events chain from -> to.
     let start = Transition {
         expected_epoch: Some(1),
         expected_agent: Some("a1".into()),
-        patch: TransitionPatch::Start { executor: "docker".into() },
+        patch: TransitionPatch::Start {
+            executor: "docker".into(),
+        },
         ..Transition::new(run.id, RunState::Running)
     };
     assert_eq!(apply(&pool, start).await.unwrap(), RunState::Running);
-    let events = runs::events_after(&pool, DEFAULT_TENANT, run.id, 0).await.unwrap();
+    let events = runs::events_after(&pool, DEFAULT_TENANT, run.id, 0)
+        .await
+        .unwrap();
     let chain: Vec<_> = events.iter().map(|e| (e.from_state, e.to_state)).collect();
     assert_eq!(
         chain,
@@ -116,22 +167,33 @@ async fn refused_transitions_change_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_assignments_have_exactly_one_winner() {
     let (name, pool) = fresh_db().await;
-    let run = runs::submit(&pool, DEFAULT_TENANT, &spec(), None).await.unwrap().run;
+    let run = runs::submit(&pool, DEFAULT_TENANT, &spec(), None)
+        .await
+        .unwrap()
+        .run;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let pool = pool.clone();
-        tasks.push(tokio::spawn(async move { apply(&pool, assign(run.id, &format!("a{i}"))).await }));
+        tasks.push(tokio::spawn(async move {
+            apply(&pool, assign(run.id, &format!("a{i}"))).await
+        }));
     }
     let mut won = 0;
     for t in tasks {
         match t.await.unwrap() {
             Ok(_) => won += 1,
-            Err(CoreError::Refused(Refusal::Illegal { from: RunState::Assigned, .. })) => {}
+            Err(CoreError::Refused(Refusal::Illegal {
+                from: RunState::Assigned,
+                ..
+            })) => {}
             Err(e) => panic!("unexpected {e:?}"),
         }
     }
     assert_eq!(won, 1);
-    let now = runs::get(&pool, DEFAULT_TENANT, run.id).await.unwrap().unwrap();
+    let now = runs::get(&pool, DEFAULT_TENANT, run.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(now.lease_epoch, 1, "epoch bumped once");
     assert_eq!(event_count(&pool, run.id).await, 2);
     pool.close().await;

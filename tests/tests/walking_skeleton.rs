@@ -1,6 +1,11 @@
 //! One real run end to end: client → API → Postgres → outbox → RabbitMQ → dispatcher →
 //! agent → Docker → back through Postgres and Redis — every component a separate process.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 use std::time::Duration;
 
 use drover_proto::v1 as pb;
@@ -33,7 +38,9 @@ async fn submit_and_watch(stack: &Stack, s: pb::RunSpec) -> (Vec<(i32, i32)>, pb
         .expect("run");
     assert_eq!(run.state, pb::RunState::Queued as i32);
     let mut stream = client
-        .watch_run(pb::WatchRunRequest { run_id: run.id.clone() })
+        .watch_run(pb::WatchRunRequest {
+            run_id: run.id.clone(),
+        })
         .await
         .expect("watch")
         .into_inner();
@@ -71,10 +78,19 @@ async fn echo_hello_succeeds_and_fails_with_exit_code() {
     let (events, run) = submit_and_watch(&stack, spec(&["echo", "hello"])).await;
     assert_eq!(
         states(&events),
-        vec![S::Queued as i32, S::Assigned as i32, S::Running as i32, S::Succeeded as i32],
+        vec![
+            S::Queued as i32,
+            S::Assigned as i32,
+            S::Running as i32,
+            S::Succeeded as i32
+        ],
         "WatchRun streams QUEUED → ASSIGNED → RUNNING → SUCCEEDED"
     );
-    assert_eq!(events[0].0, S::Unspecified as i32, "first event has no previous state");
+    assert_eq!(
+        events[0].0,
+        S::Unspecified as i32,
+        "first event has no previous state"
+    );
     assert_eq!(run.state, S::Succeeded as i32);
     assert_eq!(run.exit_code, Some(0));
     assert_eq!(String::from_utf8_lossy(&run.output), "hello\n");
@@ -82,10 +98,16 @@ async fn echo_hello_succeeds_and_fails_with_exit_code() {
     assert_eq!(run.executor, "docker");
     assert_eq!(run.lease_epoch, 1);
 
-    let (events, run) = submit_and_watch(&stack, spec(&["sh", "-c", "echo oops >&2; exit 3"])).await;
+    let (events, run) =
+        submit_and_watch(&stack, spec(&["sh", "-c", "echo oops >&2; exit 3"])).await;
     assert_eq!(
         states(&events),
-        vec![S::Queued as i32, S::Assigned as i32, S::Running as i32, S::Failed as i32]
+        vec![
+            S::Queued as i32,
+            S::Assigned as i32,
+            S::Running as i32,
+            S::Failed as i32
+        ]
     );
     assert_eq!(run.exit_code, Some(3));
     assert!(String::from_utf8_lossy(&run.output).contains("oops"));
@@ -93,7 +115,9 @@ async fn echo_hello_succeeds_and_fails_with_exit_code() {
     // GetRun agrees with the stream; the containers are gone after the final report.
     let mut client = stack.client().await;
     let got = client
-        .get_run(pb::GetRunRequest { run_id: run.id.clone() })
+        .get_run(pb::GetRunRequest {
+            run_id: run.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -154,7 +178,10 @@ async fn duplicate_deliveries_are_harmless() {
         .wait_for(Duration::from_secs(20), || async {
             ch.queue_declare(
                 "drover.runs.default".into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 Default::default(),
             )
             .await

@@ -1,1 +1,37 @@
-//! placeholder
+//! drover-agent: the worker agent that runs on each worker host.
+//!
+//! Owns everything between an agent's command queue and the containers on its host: settings
+//! ([`settings`]), registration and heartbeats with the API, consuming `drover.agent.<id>`,
+//! executing assignments through an [`Executor`] (Docker via bollard: [`docker`]), following
+//! output ([`supervise`], [`output_tail`], [`log_batch`]), enforcing time limits, reporting
+//! start and completion under the lease epoch, and draining on shutdown ([`Agent`]).
+//!
+//! It must not touch Postgres or Redis, decide run state, or assign work: the API is the only
+//! authority it talks to, and every report it sends may be refused as stale. It never pulls
+//! images and never removes a container before the API has settled its completion report:
+//! Docker is the agent's durable journal.
+//!
+//! Composition (`drover dev`): build [`Settings`], then [`Agent::build`] (or
+//! [`Agent::with_executor`]) and [`Agent::run_until_stopped`] with a cancellation token.
+
+mod agent;
+mod api;
+mod consumer;
+pub mod docker;
+pub mod error;
+mod execution;
+pub mod executor;
+mod heartbeat;
+pub mod log_batch;
+mod log_shipper;
+pub mod outcome;
+pub mod output_tail;
+mod running;
+pub mod settings;
+pub mod supervise;
+
+pub use agent::Agent;
+pub use docker::DockerExecutor;
+pub use error::AgentError;
+pub use executor::{ExecError, ExecHandle, Executor, Job};
+pub use settings::{ExecutorKind, Settings};

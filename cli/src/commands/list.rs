@@ -22,7 +22,10 @@ pub async fn run(
     let mut token = String::new();
     let mut shown = 0u32;
     if !json {
-        println!("{:<36}  {:<14}  {:>4}  {:<24}  COMMAND", "ID", "STATE", "EXIT", "IMAGE");
+        println!(
+            "{:<36}  {:<14}  {:>4}  {:<24}  COMMAND",
+            "ID", "STATE", "EXIT", "IMAGE"
+        );
     }
     loop {
         let page = limit.saturating_sub(shown).min(1000);
@@ -47,7 +50,9 @@ pub async fn run(
                     "{:<36}  {:<14}  {:>4}  {:<24}  {}",
                     r.id,
                     render::state_name(r.state),
-                    r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    r.exit_code
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     spec.image,
                     spec.command.join(" ")
                 );

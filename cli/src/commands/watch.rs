@@ -58,7 +58,11 @@ pub fn exit_code_for(run: &pb::Run) -> ExitCode {
     if state_from_proto(run.state) == Some(RunState::Succeeded) {
         return ExitCode::SUCCESS;
     }
-    match run.exit_code.and_then(|c| u8::try_from(c).ok()).filter(|&c| c != 0) {
+    match run
+        .exit_code
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|&c| c != 0)
+    {
         Some(c) => ExitCode::from(c),
         None => ExitCode::FAILURE,
     }

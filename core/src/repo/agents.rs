@@ -80,7 +80,10 @@ pub async fn heartbeat(
     tx.commit().await?;
     let mut kept = Vec::with_capacity(renewed.len());
     for row in &renewed {
-        kept.push((RunId(row.try_get("id")?), row.try_get::<i64, _>("lease_epoch")?));
+        kept.push((
+            RunId(row.try_get("id")?),
+            row.try_get::<i64, _>("lease_epoch")?,
+        ));
     }
     Ok(running
         .iter()

@@ -333,7 +333,14 @@ pub async fn transition(
         TransitionPatch::Assign {
             agent_id,
             lease_ttl_ms,
-        } => (Some(agent_id.as_str()), Some(*lease_ttl_ms), None, None, None, None),
+        } => (
+            Some(agent_id.as_str()),
+            Some(*lease_ttl_ms),
+            None,
+            None,
+            None,
+            None,
+        ),
         TransitionPatch::Start { executor } => {
             (None, None, Some(executor.as_str()), None, None, None)
         }

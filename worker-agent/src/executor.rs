@@ -1,0 +1,128 @@
+//! The seam between *what* to run (a leased attempt of a run) and *how* (Docker today; a local
+//! process and a mock executor later). The agent's lifecycle code only talks to [`Executor`],
+//! so a new backend is one more implementation, not a change to leasing or reporting.
+//!
+//! Contract every implementation keeps:
+//! - [`Executor::start`] is idempotent per (run, attempt, epoch): a redelivered command finds
+//!   the existing execution and adopts it instead of starting a second one, and an execution
+//!   that already finished is never restarted. The backend is the agent's durable journal.
+//! - Nothing is pulled or downloaded implicitly; a missing image is
+//!   [`ExecError::ImageUnavailable`].
+//! - Errors carry backend text for the agent's logs only; what the API (and so clients) sees is
+//!   chosen by the caller.
+
+use std::fmt;
+use std::time::Duration;
+
+use drover_core::ids::{AgentId, LeaseEpoch, RunId};
+use drover_core::spec::RunSpec;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+/// One leased attempt of a run, with its validated spec: everything an executor needs.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub lease_epoch: LeaseEpoch,
+    /// As the API sent it; used for labels only.
+    pub tenant_id: String,
+    pub agent_id: AgentId,
+    pub spec: RunSpec,
+}
+
+impl Job {
+    /// The execution time limit, counted from the process start.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.spec.timeout_secs))
+    }
+}
+
+/// Identifies a started execution (a container id and name, a process id, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecHandle {
+    /// Backend id reported to the API as `container_id`.
+    pub id: String,
+    /// Human-readable, deterministic name.
+    pub name: String,
+}
+
+/// What [`Executor::start`] found or did.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub handle: ExecHandle,
+    /// How long the process has been running already: zero when just started, more when an
+    /// existing execution was adopted after a redelivery. The timeout budget is reduced by it.
+    pub running_for: Duration,
+    /// True when the execution existed before this call.
+    pub adopted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputSource {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of the process's output, in the order it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub source: OutputSource,
+    pub data: Vec<u8>,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// `None` when the backend could not tell (e.g. the execution vanished).
+    pub code: Option<i32>,
+    /// The kernel killed it for exceeding its memory limit.
+    pub oom_killed: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecError {
+    /// Permanent for this host: images are never pulled by the agent.
+    #[error("image {image} is not present on this host")]
+    ImageUnavailable { image: String },
+    /// The backend failed an operation; `message` is backend text, for logs only.
+    #[error("{operation} failed: {message}")]
+    Backend {
+        operation: &'static str,
+        message: String,
+    },
+}
+
+impl ExecError {
+    pub fn backend(operation: &'static str, err: impl fmt::Display) -> Self {
+        ExecError::Backend {
+            operation,
+            message: err.to_string(),
+        }
+    }
+}
+
+/// Output of an execution, ending when the process has exited (or the stream broke).
+pub type OutputStream = BoxStream<'static, Result<OutputChunk, ExecError>>;
+
+/// Runs jobs on this host. Object-safe (boxed futures) so the agent can pick a backend at
+/// run time and hold it as `Arc<dyn Executor>`.
+pub trait Executor: Send + Sync + 'static {
+    /// Reported to the API at registration and in `ReportStarted` ("docker", "process", "mock").
+    fn name(&self) -> &'static str;
+
+    /// Creates and starts the job's execution, or adopts the one that already exists.
+    fn start<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Started, ExecError>>;
+
+    /// Follows stdout and stderr from the beginning until the process exits.
+    fn output(&self, handle: &ExecHandle) -> OutputStream;
+
+    /// Waits for the process to exit and says how it ended.
+    fn wait<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<ExitStatus, ExecError>>;
+
+    /// Kills the process at once. Killing one that already exited is not an error.
+    fn kill<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<(), ExecError>>;
+
+    /// Deletes every trace of the execution. Removing one that is gone is not an error.
+    fn remove<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<(), ExecError>>;
+}
