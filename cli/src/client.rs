@@ -43,3 +43,16 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> anyhow::Result<Clie
 pub fn describe(status: &Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
+
+/// GetRun, with errors worded for people.
+pub async fn fetch_run(client: &mut Client, run_id: &str) -> anyhow::Result<drover_proto::v1::Run> {
+    client
+        .get_run(drover_proto::v1::GetRunRequest {
+            run_id: run_id.to_owned(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!(describe(&s)))?
+        .into_inner()
+        .run
+        .context("server returned no run")
+}

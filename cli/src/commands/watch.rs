@@ -41,16 +41,7 @@ pub async fn follow(client: &mut Client, run_id: &str, to_stderr: bool) -> anyho
         }
     }
     // The stream ended without a terminal snapshot (server shutting down): ask directly.
-    let run = client
-        .get_run(pb::GetRunRequest {
-            run_id: run_id.to_owned(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!(client::describe(&s)))?
-        .into_inner()
-        .run
-        .context("server returned no run")?;
-    Ok(run)
+    client::fetch_run(client, run_id).await
 }
 
 /// 0 for SUCCEEDED; the container's exit code when it failed with one; 1 otherwise.
