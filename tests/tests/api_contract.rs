@@ -251,3 +251,69 @@ async fn health_is_served() {
     }
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let stack = Stack::start_with(api_only()).await;
+    let mut client = ServerReflectionClient::new(stack.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection response {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "drover.v1.RunService",
+        "drover.v1.AgentService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_subcommand_applies_the_schema() {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (name, url) = drover_tests::services::create_database(&tag).await;
+    let status = tokio::process::Command::new(drover_tests::stack::bin_path("drover-api"))
+        .arg("migrate")
+        .env("DROVER_DATABASE__URL", &url)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for t in [
+        "agents",
+        "outbox",
+        "run_events",
+        "run_logs",
+        "runs",
+        "tenants",
+    ] {
+        assert!(tables.iter().any(|x| x == t), "{t} in {tables:?}");
+    }
+    pool.close().await;
+    drover_tests::services::drop_database(&name).await;
+}
