@@ -90,7 +90,8 @@ pub fn require_docker_image(image: &str) {
     );
 }
 
-/// Containers carrying the label `drover.run=<run_id>` (running or not).
+/// Containers carrying the label `drover.run=<run_id>` (running or not). A daemon error fails
+/// the test rather than passing for "no container".
 pub fn containers_for_run(run_id: &str) -> Vec<String> {
     let out = Command::new("docker")
         .args([
@@ -101,7 +102,12 @@ pub fn containers_for_run(run_id: &str) -> Vec<String> {
             &format!("label=drover.run={run_id}"),
         ])
         .output()
-        .expect("docker ps");
+        .unwrap_or_else(|e| panic!("cannot run docker: {e}; {MISSING}"));
+    assert!(
+        out.status.success(),
+        "docker ps failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.trim().is_empty())

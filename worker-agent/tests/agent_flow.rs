@@ -433,28 +433,8 @@ async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) ->
     }
 }
 
-/// Containers (running or not) labelled `drover.run=<run>`. Unlike an empty listing from a
-/// failed `docker ps`, a daemon error fails the test instead of passing for "no container".
 fn containers(run: RunId) -> Vec<String> {
-    let out = Command::new("docker")
-        .args([
-            "ps",
-            "-a",
-            "-q",
-            "--filter",
-            &format!("label=drover.run={run}"),
-        ])
-        .output()
-        .expect("docker ps runs");
-    assert!(
-        out.status.success(),
-        "docker ps failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    drover_tests::services::containers_for_run(&run.to_string())
 }
 
 async fn wait_until_no_container(run: RunId) {
