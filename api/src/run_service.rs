@@ -3,10 +3,10 @@
 
 use std::pin::Pin;
 
+use drover_core::convert;
 use drover_core::ids::{DEFAULT_TENANT, RunId, TenantId};
 use drover_core::repo::runs;
 use drover_core::spec::MAX_IDEMPOTENCY_KEY_BYTES;
-use drover_core::{convert, state::RunState};
 use drover_proto::v1 as pb;
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -167,9 +167,4 @@ impl pb::run_service_server::RunService for RunApi {
         let stream = watch::watch(self.state.clone(), tenant, id);
         Ok(Response::new(Box::pin(stream)))
     }
-}
-
-/// Whether a proto state number is terminal; used by watchers.
-pub fn is_terminal_proto(s: i32) -> bool {
-    convert::state_from_proto(s).is_some_and(RunState::is_terminal)
 }

@@ -39,14 +39,3 @@ pub enum Refusal {
     #[error("illegal transition {from} -> {to}")]
     Illegal { from: RunState, to: RunState },
 }
-
-impl CoreError {
-    /// Transient infrastructure trouble that a retry may cure, as opposed to a permanent
-    /// refusal or bad data.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            CoreError::Database(_) | CoreError::Amqp(_) | CoreError::Redis(_)
-        )
-    }
-}

@@ -31,13 +31,15 @@ pub async fn try_assign(
     msg: &RunMessage,
     lease_ttl_ms: i64,
 ) -> Result<Outcome, CoreError> {
-    let mut tx = pool.begin().await?;
+    // Cheap pre-check outside the transaction: duplicates (the common redelivery case) cost
+    // one read. The conditional UPDATE below re-checks state and attempt under the lock.
     let Some(run) = runs::get(pool, msg.tenant_id, msg.run_id).await? else {
         return Ok(Outcome::UnknownRun);
     };
     if run.state != RunState::Queued || run.attempt != msg.attempt {
         return Ok(Outcome::Obsolete);
     }
+    let mut tx = pool.begin().await?;
     let Some(agent_id) =
         agents::pick_and_lock(&mut tx, &run.spec.pool, &run.spec.labels, lease_ttl_ms).await?
     else {

@@ -10,7 +10,7 @@ use drover_proto::v1 as pb;
 use crate::client::{self, Client};
 use crate::render;
 
-/// Streams the run's events (to stderr when `quiet_events`, else stdout) and returns the
+/// Streams the run's events (to stderr when `to_stderr`, else stdout) and returns the
 /// terminal run.
 pub async fn follow(client: &mut Client, run_id: &str, to_stderr: bool) -> anyhow::Result<pb::Run> {
     let mut stream = client

@@ -97,14 +97,3 @@ pub async fn mark_failed(
     .await?;
     Ok(())
 }
-
-/// Unpublished rows and the age of the oldest, for health and metrics.
-pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<f64>), CoreError> {
-    let row = sqlx::query(
-        "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at))::float8 AS age \
-         FROM outbox WHERE published_at IS NULL",
-    )
-    .fetch_one(conn)
-    .await?;
-    Ok((row.try_get("n")?, row.try_get("age")?))
-}

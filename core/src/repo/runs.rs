@@ -1,5 +1,7 @@
 //! Runs and their events.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -319,6 +321,48 @@ impl Transition {
     }
 }
 
+/// The transition UPDATE, built once: it is on every state change's path.
+static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE) \
+         UPDATE runs r SET \
+           state = $2, \
+           lease_epoch = CASE WHEN $3 THEN r.lease_epoch + 1 ELSE r.lease_epoch END, \
+           agent_id = COALESCE($4, r.agent_id), \
+           lease_expires_at = CASE WHEN $5::bigint IS NOT NULL \
+               THEN now() + $5::bigint * interval '1 millisecond' \
+               WHEN $2 IN ('ASSIGNED', 'RUNNING') THEN r.lease_expires_at ELSE NULL END, \
+           executor = COALESCE($6, r.executor), \
+           exit_code = CASE WHEN $3 THEN NULL ELSE COALESCE($7, r.exit_code) END, \
+           output = COALESCE($8, r.output), \
+           output_truncated = COALESCE($9, r.output_truncated), \
+           reason = $10, \
+           started_at = CASE WHEN $2 = 'RUNNING' THEN now() ELSE r.started_at END, \
+           finished_at = CASE WHEN $2 = ANY($11) THEN now() ELSE r.finished_at END, \
+           updated_at = now() \
+         FROM prev WHERE r.id = prev.id AND r.state = ANY($12) \
+           AND ($13::bigint IS NULL OR r.lease_epoch = $13) \
+           AND ($14::int IS NULL OR r.attempt = $14) \
+           AND ($15::text IS NULL OR r.agent_id = $15) \
+           AND ($16::uuid IS NULL OR r.tenant_id = $16) \
+         RETURNING prev.prev_state, {}",
+        RUN_COLUMNS
+            .split(", ")
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+});
+
+static TERMINAL_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
+    RunState::names(
+        &RunState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect::<Vec<_>>(),
+    )
+});
+
 /// Applies `t` as one conditional UPDATE (guarded by the state table's sources for `t.to`,
 /// and by epoch, attempt, agent and tenant when given) plus its event row, inside the
 /// caller's transaction. Zero rows updated means refused: the reason is worked out from the
@@ -358,58 +402,25 @@ pub async fn transition(
         ),
     };
     let bump_epoch = matches!(t.patch, TransitionPatch::Assign { .. });
-    let row = sqlx::query(&format!(
-        "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE) \
-         UPDATE runs r SET \
-           state = $2, \
-           lease_epoch = CASE WHEN $3 THEN r.lease_epoch + 1 ELSE r.lease_epoch END, \
-           agent_id = COALESCE($4, r.agent_id), \
-           lease_expires_at = CASE WHEN $5::bigint IS NOT NULL \
-               THEN now() + $5::bigint * interval '1 millisecond' \
-               WHEN $2 IN ('ASSIGNED', 'RUNNING') THEN r.lease_expires_at ELSE NULL END, \
-           executor = COALESCE($6, r.executor), \
-           exit_code = CASE WHEN $3 THEN NULL ELSE COALESCE($7, r.exit_code) END, \
-           output = COALESCE($8, r.output), \
-           output_truncated = COALESCE($9, r.output_truncated), \
-           reason = $10, \
-           started_at = CASE WHEN $2 = 'RUNNING' THEN now() ELSE r.started_at END, \
-           finished_at = CASE WHEN $2 = ANY($11) THEN now() ELSE r.finished_at END, \
-           updated_at = now() \
-         FROM prev WHERE r.id = prev.id AND r.state = ANY($12) \
-           AND ($13::bigint IS NULL OR r.lease_epoch = $13) \
-           AND ($14::int IS NULL OR r.attempt = $14) \
-           AND ($15::text IS NULL OR r.agent_id = $15) \
-           AND ($16::uuid IS NULL OR r.tenant_id = $16) \
-         RETURNING prev.prev_state, {}",
-        RUN_COLUMNS
-            .split(", ")
-            .map(|c| format!("r.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
-    .bind(t.run_id.0)
-    .bind(t.to.as_str())
-    .bind(bump_epoch)
-    .bind(assign_agent)
-    .bind(lease_ms)
-    .bind(executor)
-    .bind(exit_code)
-    .bind(output)
-    .bind(truncated)
-    .bind(t.reason.as_deref())
-    .bind(RunState::names(
-        &RunState::ALL
-            .into_iter()
-            .filter(|s| s.is_terminal())
-            .collect::<Vec<_>>(),
-    ))
-    .bind(&allowed)
-    .bind(t.expected_epoch)
-    .bind(t.expected_attempt)
-    .bind(t.expected_agent.as_deref())
-    .bind(t.tenant.map(|x| x.0))
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row = sqlx::query(&TRANSITION_SQL)
+        .bind(t.run_id.0)
+        .bind(t.to.as_str())
+        .bind(bump_epoch)
+        .bind(assign_agent)
+        .bind(lease_ms)
+        .bind(executor)
+        .bind(exit_code)
+        .bind(output)
+        .bind(truncated)
+        .bind(t.reason.as_deref())
+        .bind(&*TERMINAL_NAMES)
+        .bind(&allowed)
+        .bind(t.expected_epoch)
+        .bind(t.expected_attempt)
+        .bind(t.expected_agent.as_deref())
+        .bind(t.tenant.map(|x| x.0))
+        .fetch_optional(&mut *conn)
+        .await?;
 
     let Some(row) = row else {
         return Err(explain_refusal(conn, t).await);
