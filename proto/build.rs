@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "drover/v1/run.proto",
                 "drover/v1/run_service.proto",
                 "drover/v1/agent_service.proto",
+                "drover/v1/admin_service.proto",
             ],
             &["."],
         )?;

@@ -7,13 +7,16 @@ use drover_core::convert;
 use drover_core::error::Refusal;
 use drover_core::ids::{AgentId, RunId};
 use drover_core::repo::agents::{self, AgentRegistration};
+use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
 use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs};
+use drover_core::retry::Failure;
 use drover_core::spec::validate_pool;
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, ApiResult};
+use crate::run_service::MAX_REASON_BYTES;
 use crate::state::{AppState, parse_run_id};
 
 const MAX_CHUNKS: usize = 64;
@@ -107,18 +110,25 @@ impl AgentApi {
             ));
         }
         let ttl = i64::try_from(self.state.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
-        let revoked = match agents::heartbeat(&self.state.pool, id.as_str(), &leases, ttl).await {
-            Err(CoreError::NotFound) => return Err(ApiError::NotFound("agent not registered")),
-            other => other?,
-        };
-        Ok(pb::HeartbeatResponse {
-            revoked: revoked
-                .into_iter()
+        let answer =
+            match agents::heartbeat_answer(&self.state.pool, id.as_str(), &leases, ttl).await {
+                Err(CoreError::NotFound) => {
+                    return Err(ApiError::NotFound("agent not registered"));
+                }
+                other => other?,
+            };
+        let refs = |v: Vec<(RunId, i64)>| -> Vec<pb::LeaseRef> {
+            v.into_iter()
                 .map(|(r, e)| pb::LeaseRef {
                     run_id: r.to_string(),
                     lease_epoch: u64::try_from(e).unwrap_or(0),
                 })
-                .collect(),
+                .collect()
+        };
+        Ok(pb::HeartbeatResponse {
+            revoked: refs(answer.revoked),
+            cancel: refs(answer.cancel),
+            drain: answer.drain,
         })
     }
 
@@ -141,6 +151,7 @@ impl AgentApi {
             state: convert::state_to_proto(rec.state).into(),
             spec: Some(convert::spec_to_proto(&rec.spec)),
             tenant_id: rec.tenant_id.to_string(),
+            cancel_requested: rec.cancel_requested_at.is_some(),
         })
     }
 
@@ -214,10 +225,21 @@ impl AgentApi {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
-        let to = match pb::Outcome::try_from(req.outcome) {
-            Ok(pb::Outcome::Succeeded) => RunState::Succeeded,
-            Ok(pb::Outcome::Failed) => RunState::Failed,
-            _ => return Err(ApiError::bad("outcome", "must be SUCCEEDED or FAILED")),
+        let kind = match pb::Outcome::try_from(req.outcome) {
+            Ok(pb::Outcome::Succeeded) => EndKind::Succeeded,
+            Ok(pb::Outcome::Failed) if req.infrastructure_error => {
+                EndKind::Failed(Failure::Infrastructure)
+            }
+            Ok(pb::Outcome::Failed) => EndKind::Failed(Failure::Exit(req.exit_code)),
+            Ok(pb::Outcome::Cancelled) => EndKind::Cancelled,
+            Ok(pb::Outcome::TimedOut) => EndKind::TimedOut,
+            Ok(pb::Outcome::HandedBack) => EndKind::HandedBack,
+            _ => {
+                return Err(ApiError::bad(
+                    "outcome",
+                    "must be SUCCEEDED, FAILED, CANCELLED, TIMED_OUT or HANDED_BACK",
+                ));
+            }
         };
         if req.output.len() > MAX_OUTPUT_BYTES {
             return Err(ApiError::bad(
@@ -225,39 +247,86 @@ impl AgentApi {
                 format!("at most {MAX_OUTPUT_BYTES} bytes"),
             ));
         }
+        if req.reason.len() > MAX_REASON_BYTES {
+            return Err(ApiError::bad(
+                "reason",
+                format!("at most {MAX_REASON_BYTES} bytes"),
+            ));
+        }
         let reason = if req.reason.is_empty() {
-            match req.exit_code {
-                Some(code) => format!("exited with code {code}"),
-                None => "finished".to_owned(),
+            match (kind, req.exit_code) {
+                (EndKind::HandedBack, _) => format!("handed back by draining agent {agent}"),
+                (_, Some(code)) => format!("exited with code {code}"),
+                _ => "finished".to_owned(),
             }
         } else {
             req.reason
         };
-        let t = Transition {
-            expected_epoch: Some(ep),
-            expected_agent: Some(agent.as_str().to_owned()),
-            reason: Some(reason),
-            patch: TransitionPatch::Finish {
-                exit_code: req.exit_code,
-                output: req.output,
-                output_truncated: req.output_truncated,
-            },
-            ..Transition::new(run, to)
+        let end = AttemptEnd {
+            kind,
+            exit_code: req.exit_code,
+            output: Some((req.output, req.output_truncated)),
+            reason,
         };
-        match self.apply(t).await {
-            Ok(rec) => {
-                tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, state = %rec.state, exit_code = ?rec.exit_code, "run finished");
+        let holder = Holder {
+            agent: Some(agent.as_str().to_owned()),
+            epoch: ep,
+            fence: false,
+        };
+        let ended = async {
+            let mut tx = self.state.pool.begin().await?;
+            let done = attempts::end_attempt(&mut tx, run, &holder, end).await?;
+            tx.commit().await?;
+            Ok::<_, CoreError>(done)
+        };
+        match ended.await {
+            Ok((rec, event)) => {
+                self.state.bus.run_event(rec.id, event.seq);
+                tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, attempt = event.attempt, state = %rec.state, exit_code = ?rec.exit_code, reason = rec.reason.as_deref().unwrap_or(""), "attempt ended");
                 Ok(pb::ReportCompletionResponse {
                     state: convert::state_to_proto(rec.state).into(),
                 })
             }
-            // A repeat of an accepted completion (same agent, same epoch): report what stands.
-            Err(CoreError::Refused(Refusal::Illegal { from, .. })) if from.is_terminal() => {
+            // This lease's end was already applied (a repeat after a lost answer): every end
+            // that its holder did not report bumps the epoch, so a same-epoch refusal here can
+            // only be our own earlier report. Say what stands.
+            Err(CoreError::Refused(Refusal::Illegal { from, .. }))
+                if from.is_terminal() || from == RunState::Queued =>
+            {
                 Ok(pb::ReportCompletionResponse {
                     state: convert::state_to_proto(from).into(),
                 })
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                if matches!(e, CoreError::Refused(_)) {
+                    tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, refusal = %e, "completion report refused");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn set_draining(&self, req: pb::SetDrainingRequest) -> ApiResult<()> {
+        let id = agent_id(&req.agent_id)?;
+        match agents::set_draining(&self.state.pool, id.as_str()).await {
+            Err(CoreError::NotFound) => Err(ApiError::NotFound("agent not registered")),
+            other => {
+                other?;
+                tracing::info!(agent_id = %id, "agent draining: no new work");
+                Ok(())
+            }
+        }
+    }
+
+    async fn deregister(&self, req: pb::DeregisterRequest) -> ApiResult<()> {
+        let id = agent_id(&req.agent_id)?;
+        if agents::deregister(&self.state.pool, id.as_str()).await? {
+            tracing::info!(agent_id = %id, "agent deregistered");
+            Ok(())
+        } else {
+            Err(ApiError::Precondition(
+                "agent still holds leases; hand them back or finish them first".into(),
+            ))
         }
     }
 }
@@ -314,5 +383,21 @@ impl pb::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(
             AgentApi::report_completion(self, request.into_inner()).await?,
         ))
+    }
+
+    async fn set_draining(
+        &self,
+        request: Request<pb::SetDrainingRequest>,
+    ) -> Result<Response<pb::SetDrainingResponse>, Status> {
+        AgentApi::set_draining(self, request.into_inner()).await?;
+        Ok(Response::new(pb::SetDrainingResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        AgentApi::deregister(self, request.into_inner()).await?;
+        Ok(Response::new(pb::DeregisterResponse {}))
     }
 }

@@ -1,10 +1,12 @@
-//! drover-api: the gRPC server clients and agents talk to (RunService, AgentService,
-//! `grpc.health.v1`, server reflection), plus the outbox relay that publishes what it commits.
+//! drover-api: the gRPC server clients, agents and operators talk to (RunService,
+//! AgentService, AdminService, `grpc.health.v1`, server reflection), plus the outbox relay
+//! that publishes what it commits.
 //!
 //! It owns request validation, the mapping of errors to gRPC codes ([`error`]) and the
 //! WatchRun fan-out ([`watch`]). It must not consume run queues or run containers, and it
 //! never returns driver or internal text to clients.
 
+pub mod admin_service;
 pub mod agent_service;
 pub mod error;
 pub mod run_service;
@@ -104,6 +106,9 @@ impl Application {
         health
             .set_serving::<pb::agent_service_server::AgentServiceServer<agent_service::AgentApi>>()
             .await;
+        health
+            .set_serving::<pb::admin_service_server::AdminServiceServer<admin_service::AdminApi>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -119,6 +124,9 @@ impl Application {
             ))
             .add_service(pb::agent_service_server::AgentServiceServer::new(
                 agent_service::AgentApi::new(self.state.clone()),
+            ))
+            .add_service(pb::admin_service_server::AdminServiceServer::new(
+                admin_service::AdminApi::new(self.state.clone()),
             ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.cancelled().await;

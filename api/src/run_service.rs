@@ -3,9 +3,11 @@
 
 use std::pin::Pin;
 
+use drover_core::CoreError;
 use drover_core::convert;
+use drover_core::error::Refusal;
 use drover_core::ids::{DEFAULT_TENANT, RunId, TenantId};
-use drover_core::repo::runs;
+use drover_core::repo::{cancel, runs, waiting};
 use drover_core::spec::MAX_IDEMPOTENCY_KEY_BYTES;
 use drover_proto::v1 as pb;
 use futures::Stream;
@@ -17,6 +19,8 @@ use crate::watch;
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
+/// Bound on client-given reasons (cancel, redrive), which are stored in events.
+pub const MAX_REASON_BYTES: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct RunApi {
@@ -64,7 +68,50 @@ impl RunApi {
         let run = runs::get(&self.state.pool, tenant, id)
             .await?
             .ok_or(ApiError::NotFound("run not found"))?;
-        Ok(convert::run_to_proto(&run))
+        let mut out = convert::run_to_proto(&run);
+        let liveness = i64::try_from(self.state.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
+        if let Some(wait) = waiting::why_waiting(&self.state.pool, &run, liveness).await? {
+            out.wait = Some(convert::wait_to_proto(&wait));
+        }
+        Ok(out)
+    }
+
+    async fn cancel(
+        &self,
+        tenant: TenantId,
+        req: pb::CancelRunRequest,
+    ) -> ApiResult<pb::CancelRunResponse> {
+        let id = parse_run_id("run_id", &req.run_id)?;
+        if req.reason.len() > MAX_REASON_BYTES {
+            return Err(ApiError::bad(
+                "reason",
+                format!("must be at most {MAX_REASON_BYTES} bytes"),
+            ));
+        }
+        let reason = match req.reason.trim() {
+            "" => "cancelled by a client".to_owned(),
+            r => format!("cancelled by a client: {r}"),
+        };
+        let run = match cancel::cancel(&self.state.pool, tenant, id, &reason).await {
+            Ok(cancel::Cancelled::Now(run, event)) => {
+                tracing::info!(run_id = %id, "run cancelled while waiting");
+                self.state.bus.run_event(id, event.seq);
+                run
+            }
+            Ok(cancel::Cancelled::Requested(run)) => {
+                tracing::info!(run_id = %id, agent_id = ?run.agent_id, epoch = run.lease_epoch, "cancel requested from the agent");
+                run
+            }
+            Err(CoreError::Refused(Refusal::Illegal { from, .. })) => {
+                return Err(ApiError::Precondition(format!(
+                    "run already ended {from}; nothing to cancel"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(pb::CancelRunResponse {
+            run: Some(convert::run_to_proto(&run)),
+        })
     }
 
     async fn list(
@@ -147,6 +194,16 @@ impl pb::run_service_server::RunService for RunApi {
         let tenant = self.tenant(&request);
         Ok(Response::new(
             self.list(tenant, request.into_inner()).await?,
+        ))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(
+            self.cancel(tenant, request.into_inner()).await?,
         ))
     }
 

@@ -4,5 +4,6 @@
 //!
 //! It talks to drover only through its public gRPC API, as a client would.
 
+pub mod ledger;
 pub mod oracle;
 pub mod smoke;

@@ -4,7 +4,11 @@
 use chrono::{DateTime, Utc};
 use drover_proto::v1 as pb;
 
+use crate::repo::agents::AgentRecord;
+use crate::repo::dead_letters::DeadLetterRecord;
+use crate::repo::waiting::{WaitCode, WaitReason};
 use crate::repo::{EventRecord, RunRecord};
+use crate::retry::RawRetryPolicy;
 use crate::spec::{RawSpec, RunSpec};
 use crate::state::RunState;
 
@@ -56,6 +60,19 @@ pub fn raw_spec_from_proto(spec: pb::RunSpec) -> RawSpec {
         labels: spec.labels.into_iter().collect(),
         network: spec.network,
         metadata: spec.metadata.into_iter().collect(),
+        retry: spec
+            .retry
+            .map(|r| RawRetryPolicy {
+                initial_backoff_ms: r.initial_backoff_ms,
+                multiplier: r.multiplier,
+                max_backoff_ms: r.max_backoff_ms,
+                jitter: r.jitter,
+                retry_exit_codes: r.retry_exit_codes,
+                retry_any_exit_code: r.retry_any_exit_code,
+            })
+            .unwrap_or_default(),
+        queue_timeout_secs: spec.queue_timeout_seconds,
+        cancel_grace_secs: spec.cancel_grace_seconds,
     }
 }
 
@@ -76,6 +93,61 @@ pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
         labels: spec.labels.clone().into_iter().collect(),
         network: spec.network.as_str().to_owned(),
         metadata: spec.metadata.clone().into_iter().collect(),
+        retry: Some(pb::RetryPolicy {
+            initial_backoff_ms: spec.retry.initial_backoff_ms,
+            multiplier: spec.retry.multiplier,
+            max_backoff_ms: spec.retry.max_backoff_ms,
+            jitter: spec.retry.jitter,
+            retry_exit_codes: spec.retry.retry_exit_codes.clone(),
+            retry_any_exit_code: spec.retry.retry_any_exit_code,
+        }),
+        queue_timeout_seconds: spec.queue_timeout_secs,
+        cancel_grace_seconds: spec.cancel_grace_secs,
+    }
+}
+
+pub fn wait_to_proto(w: &WaitReason) -> pb::WaitReason {
+    let code = match w.code {
+        WaitCode::Dispatching => pb::WaitCode::Dispatching,
+        WaitCode::NoLiveAgent => pb::WaitCode::NoLiveAgent,
+        WaitCode::NoMatchingAgent => pb::WaitCode::NoMatchingAgent,
+        WaitCode::AllAgentsFull => pb::WaitCode::AllAgentsFull,
+        WaitCode::RetryBackoff => pb::WaitCode::RetryBackoff,
+        WaitCode::PendingApproval => pb::WaitCode::PendingApproval,
+    };
+    pb::WaitReason {
+        code: code.into(),
+        message: w.message.clone(),
+        until: w.until.map(timestamp),
+    }
+}
+
+pub fn agent_to_proto(a: &AgentRecord) -> pb::Agent {
+    pb::Agent {
+        id: a.id.clone(),
+        hostname: a.hostname.clone(),
+        pool: a.pool.clone(),
+        labels: a.labels.clone().into_iter().collect(),
+        capacity: u32::try_from(a.capacity).unwrap_or(0),
+        running: u32::try_from(a.running).unwrap_or(0),
+        executor: a.executor.clone(),
+        version: a.version.clone(),
+        last_heartbeat_at: Some(timestamp(a.last_heartbeat_at)),
+        draining: a.draining,
+        live: a.live,
+    }
+}
+
+pub fn dead_letter_to_proto(d: &DeadLetterRecord) -> pb::DeadLetter {
+    pb::DeadLetter {
+        id: non_negative(d.id),
+        kind: d.kind.clone(),
+        run_id: d.run_id.map(|r| r.to_string()).unwrap_or_default(),
+        reason: d.reason.clone(),
+        source_queue: d.source_queue.clone(),
+        payload: d.payload.clone(),
+        at: Some(timestamp(d.at)),
+        redriven_at: d.redriven_at.map(timestamp),
     }
 }
 
@@ -108,6 +180,9 @@ pub fn run_to_proto(r: &RunRecord) -> pb::Run {
         updated_at: Some(timestamp(r.updated_at)),
         started_at: r.started_at.map(timestamp),
         finished_at: r.finished_at.map(timestamp),
+        wait: None,
+        max_attempts: u32::try_from(r.max_attempts).unwrap_or(0),
+        cancel_requested: r.cancel_requested_at.is_some(),
     }
 }
 

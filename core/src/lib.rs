@@ -19,6 +19,7 @@ pub mod outbox_relay;
 pub mod pg_wakeup;
 pub mod redis_keys;
 pub mod repo;
+pub mod retry;
 pub mod shutdown;
 pub mod spec;
 pub mod state;

@@ -28,6 +28,27 @@ pub enum AgentCommand {
         attempt: i32,
         lease_epoch: LeaseEpoch,
     },
+    /// A client cancelled the run held under this lease: SIGTERM, `grace_secs`, SIGKILL,
+    /// then report CANCELLED.
+    Cancel {
+        run_id: RunId,
+        lease_epoch: LeaseEpoch,
+        grace_secs: u32,
+    },
+    /// An operator asked the agent to drain (as on SIGTERM).
+    Drain,
+}
+
+/// Published to `drover.dlx` when a run exhausts its attempts, so `drover.dead` holds a
+/// record of it beside the messages the broker dead-lettered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadRunRecord {
+    pub v: u8,
+    pub kind: String,
+    pub run_id: RunId,
+    pub tenant_id: TenantId,
+    pub attempt: i32,
+    pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -90,10 +90,15 @@ impl OutboxRelay {
                     }
                 }
             }
+            // Sleep until a NOTIFY, the next delayed row falls due, or the poll interval.
+            let nap = match outbox::next_due_in(&self.pool).await {
+                Ok(Some(due)) => due.clamp(Duration::from_millis(20), poll),
+                _ => poll,
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut notified => {},
-                _ = tokio::time::sleep(poll) => {},
+                _ = tokio::time::sleep(nap) => {},
             }
         }
     }

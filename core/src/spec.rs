@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::retry::{RawRetryPolicy, RetryPolicy};
+
 pub const MAX_IMAGE_BYTES: usize = 512;
 pub const MAX_ARG_BYTES: usize = 16 * 1024;
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -24,6 +26,13 @@ pub const DEFAULT_POOL: &str = "default";
 pub const DEFAULT_CPUS: f64 = 1.0;
 pub const DEFAULT_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
 pub const DEFAULT_PIDS: u32 = 256;
+pub const MAX_QUEUE_TIMEOUT_SECS: u32 = 7 * 86_400;
+pub const DEFAULT_CANCEL_GRACE_SECS: u32 = 10;
+pub const MAX_CANCEL_GRACE_SECS: u32 = 300;
+
+fn default_cancel_grace() -> u32 {
+    DEFAULT_CANCEL_GRACE_SECS
+}
 
 /// A validated run spec with defaults filled in. Maps are ordered so the JSON form, and with it
 /// [`RunSpec::canonical_hash`], is canonical.
@@ -44,6 +53,13 @@ pub struct RunSpec {
     pub network: Network,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// 0 = no limit.
+    #[serde(default)]
+    pub queue_timeout_secs: u32,
+    #[serde(default = "default_cancel_grace")]
+    pub cancel_grace_secs: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +116,9 @@ pub struct RawSpec {
     pub labels: Vec<(String, String)>,
     pub network: String,
     pub metadata: Vec<(String, String)>,
+    pub retry: RawRetryPolicy,
+    pub queue_timeout_secs: u32,
+    pub cancel_grace_secs: u32,
 }
 
 impl RawSpec {
@@ -245,6 +264,24 @@ impl RawSpec {
             }
         };
 
+        let retry = self.retry.validate()?;
+        if self.queue_timeout_secs > MAX_QUEUE_TIMEOUT_SECS {
+            return Err(invalid(
+                "spec.queue_timeout_seconds",
+                format!("must be at most {MAX_QUEUE_TIMEOUT_SECS} (7 days)"),
+            ));
+        }
+        let cancel_grace_secs = match self.cancel_grace_secs {
+            0 => DEFAULT_CANCEL_GRACE_SECS,
+            v => v,
+        };
+        if cancel_grace_secs > MAX_CANCEL_GRACE_SECS {
+            return Err(invalid(
+                "spec.cancel_grace_seconds",
+                format!("must be at most {MAX_CANCEL_GRACE_SECS}"),
+            ));
+        }
+
         Ok(RunSpec {
             image,
             command: self.command,
@@ -261,6 +298,9 @@ impl RawSpec {
             labels,
             network,
             metadata,
+            retry,
+            queue_timeout_secs: self.queue_timeout_secs,
+            cancel_grace_secs,
         })
     }
 }

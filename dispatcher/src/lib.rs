@@ -3,11 +3,14 @@
 //! Runs the outbox relay for the agent commands it writes. Many dispatchers may run at once;
 //! the conditional UPDATE and the agent row lock make them safe.
 //!
-//! It must not talk to agents directly or execute anything; lease reaping, retries and
-//! dead-lettering of exhausted runs come with the guarantees work.
+//! Beside assignment it runs the [`reaper`] (expired leases, overrun timeouts, queue
+//! timeouts) and the [`dead_letters`] archiver of `drover.dead`. It must not talk to agents
+//! directly or execute anything.
 
 pub mod assign;
 pub mod consumer;
+pub mod dead_letters;
+pub mod reaper;
 pub mod settings;
 
 use std::sync::Arc;
@@ -67,6 +70,21 @@ impl Dispatcher {
             };
             tasks.spawn(consumer.run(cancel.child_token()));
         }
+        tasks.spawn(
+            reaper::Reaper {
+                db: self.db.clone(),
+                bus: self.bus.clone(),
+                settings: self.settings.reaper.clone(),
+            }
+            .run(cancel.child_token()),
+        );
+        tasks.spawn(
+            dead_letters::Archiver {
+                db: self.db.clone(),
+                amqp_url: self.settings.amqp.url.clone(),
+            }
+            .run(cancel.child_token()),
+        );
         // The relay outlives the consumers briefly so commands of final assignments go out.
         let relay_token = CancellationToken::new();
         let relay = OutboxRelay::new(

@@ -6,6 +6,8 @@ use drover_core::config::{
 };
 use serde::Deserialize;
 
+use crate::reaper::ReaperSettings;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Settings {
@@ -18,6 +20,7 @@ pub struct Settings {
     pub relay: RelaySettings,
     /// Longest a run waiting for capacity sleeps before looking again if no wake-up came.
     pub capacity_recheck_ms: u64,
+    pub reaper: ReaperSettings,
 }
 
 impl Default for Settings {
@@ -30,6 +33,7 @@ impl Default for Settings {
             lease: LeaseSettings::default(),
             relay: RelaySettings::default(),
             capacity_recheck_ms: 5_000,
+            reaper: ReaperSettings::default(),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 #![allow(clippy::all)]
 
-/// `drover.v1`: RunService, AgentService and their messages.
+/// `drover.v1`: RunService, AgentService, AdminService and their messages.
 pub mod v1 {
     tonic::include_proto!("drover.v1");
 

@@ -6,6 +6,7 @@
 //! A missing service is a loud failure naming the fix (`deploy/local-services.sh`), never a
 //! silent pass.
 
+pub mod fake_agent;
 pub mod services;
 pub mod stack;
 

@@ -114,3 +114,36 @@ pub fn containers_for_run(run_id: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// Publishes one persistent message (with publisher confirms) through `exchange`, as a test
+/// injecting a duplicate or a poison message would.
+pub async fn publish(amqp_url: &str, exchange: &str, routing_key: &str, body: &[u8]) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "message to {exchange}/{routing_key} was not routed: {confirm:?}"
+    );
+    let _ = conn.close(200, "done".into()).await;
+}

@@ -21,6 +21,8 @@ pub struct StackOptions {
     /// Redis URL handed to the services; point it at a dead port to test the fallback.
     pub redis_url: String,
     pub agent_capacity: u32,
+    /// Extra `DROVER_…` variables for every process (e.g. a short lease TTL).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -30,12 +32,29 @@ impl Default for StackOptions {
             agent: true,
             redis_url: services::redis_url(),
             agent_capacity: 4,
+            env: Vec::new(),
         }
     }
 }
 
+impl StackOptions {
+    /// Leases of `ttl_ms` with heartbeats every `ttl_ms / 5` and a reaper every 500 ms, so
+    /// lease-expiry tests take seconds, not the default 10 s + interval.
+    pub fn short_leases(mut self, ttl_ms: u64) -> Self {
+        self.env.extend([
+            ("DROVER_LEASE__LEASE_TTL_MS".into(), ttl_ms.to_string()),
+            (
+                "DROVER_LEASE__HEARTBEAT_INTERVAL_MS".into(),
+                (ttl_ms / 5).max(100).to_string(),
+            ),
+            ("DROVER_REAPER__INTERVAL_MS".into(), "500".into()),
+        ]);
+        self
+    }
+}
+
 struct Proc {
-    name: &'static str,
+    name: String,
     child: Child,
     log: PathBuf,
 }
@@ -116,11 +135,19 @@ impl Stack {
             .env("DROVER_LOG_FORMAT", "text")
             .env("RUST_LOG", "info,drover=debug")
             .kill_on_drop(true);
+        for (k, v) in &self.opts.env {
+            cmd.env(k, v);
+        }
     }
 
-    fn spawn(&mut self, name: &'static str, mut cmd: Command, pipe_stdout: bool) -> usize {
+    fn spawn(&mut self, name: &str, mut cmd: Command, pipe_stdout: bool) -> usize {
+        // A restarted process appends to its log, so the first life stays readable.
         let log = self.log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let err = file.try_clone().expect("log file");
         cmd.stderr(Stdio::from(err));
         if pipe_stdout {
@@ -129,7 +156,11 @@ impl Stack {
             cmd.stdout(Stdio::from(file));
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        self.procs.push(Proc { name, child, log });
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        });
         self.procs.len() - 1
     }
 
@@ -159,35 +190,102 @@ impl Stack {
     }
 
     fn start_dispatcher(&mut self) {
-        let mut cmd = Command::new(bin_path("drover-dispatcher"));
-        self.env(&mut cmd);
-        self.spawn("dispatcher", cmd, false);
+        self.start_dispatcher_named("dispatcher");
     }
 
     /// Starts the agent and waits until it has registered.
     pub async fn start_agent(&mut self) {
+        let id = self.agent_id.clone();
+        self.start_agent_named(&id).await;
+    }
+
+    /// Starts (or restarts) an agent with this id; its process is named after the id. Waits
+    /// until it has (re-)registered.
+    pub async fn start_agent_named(&mut self, agent_id: &str) {
         services::require_docker_image("drover/busybox:latest");
+        let before: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT registered_at FROM agents WHERE id = $1")
+                .bind(agent_id)
+                .fetch_optional(&self.db)
+                .await
+                .ok()
+                .flatten();
         let mut cmd = Command::new(bin_path("drover-agent"));
         self.env(&mut cmd);
-        cmd.env("DROVER_AGENT_ID", &self.agent_id)
+        cmd.env("DROVER_AGENT_ID", agent_id)
             .env("DROVER_API_ENDPOINT", &self.endpoint)
             .env("DROVER_CAPACITY", self.opts.agent_capacity.to_string())
             .env("DROVER_EXECUTOR", "docker");
-        self.spawn("agent", cmd, false);
+        self.procs.retain(|p| p.name != agent_id);
+        self.spawn(agent_id, cmd, false);
         let registered = self
             .wait_for(Duration::from_secs(60), || async {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM agents WHERE id = $1")
-                    .bind(&self.agent_id)
-                    .fetch_one(&self.db)
-                    .await
-                    .map(|n| n == 1)
-                    .unwrap_or(false)
+                let at: Option<chrono::DateTime<chrono::Utc>> =
+                    sqlx::query_scalar("SELECT registered_at FROM agents WHERE id = $1")
+                        .bind(agent_id)
+                        .fetch_optional(&self.db)
+                        .await
+                        .ok()
+                        .flatten();
+                at.is_some() && at != before
             })
             .await;
         if !registered {
             self.dump_logs();
-            panic!("agent did not register within 60 s");
+            panic!("agent {agent_id} did not register within 60 s");
         }
+    }
+
+    /// The pid of a running process of this stack ("api", "dispatcher", or an agent id).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.child.id())
+    }
+
+    /// Sends `signal` to one process of this stack (by pid, never by name).
+    pub fn signal(&self, name: &str, signal: Signal) {
+        let pid = self
+            .pid(name)
+            .unwrap_or_else(|| panic!("no running process {name}"));
+        kill(Pid::from_raw(pid as i32), signal).expect("signal");
+    }
+
+    /// SIGKILLs a process and reaps it.
+    pub async fn kill9(&mut self, name: &str) {
+        self.signal(name, Signal::SIGKILL);
+        if let Some(p) = self.procs.iter_mut().find(|p| p.name == name) {
+            let _ = p.child.wait().await;
+        }
+    }
+
+    /// Waits for a process to exit by itself; its exit status, or `None` after `limit`.
+    pub async fn wait_exit(
+        &mut self,
+        name: &str,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let p = self.procs.iter_mut().find(|p| p.name == name)?;
+        tokio::time::timeout(limit, p.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// Starts another dispatcher process named `name`.
+    pub fn start_dispatcher_named(&mut self, name: &str) {
+        let mut cmd = Command::new(bin_path("drover-dispatcher"));
+        self.env(&mut cmd);
+        self.procs.retain(|p| p.name != name);
+        self.spawn(name, cmd, false);
+    }
+
+    /// An AdminService client.
+    pub async fn admin(
+        &self,
+    ) -> pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
+        pb::admin_service_client::AdminServiceClient::new(self.channel().await)
     }
 
     /// Polls `cond` every 50 ms until true or `limit` passes.

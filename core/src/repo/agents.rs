@@ -29,7 +29,7 @@ pub async fn register(pool: &PgPool, a: &AgentRegistration) -> Result<(), CoreEr
          ON CONFLICT (id) DO UPDATE SET hostname = EXCLUDED.hostname, pool = EXCLUDED.pool, \
            labels = EXCLUDED.labels, capacity = EXCLUDED.capacity, executor = EXCLUDED.executor, \
            version = EXCLUDED.version, registered_at = now(), last_heartbeat_at = now(), \
-           draining = false",
+           draining = false, drain_requested = false",
     )
     .bind(&a.id)
     .bind(&a.hostname)
@@ -90,6 +90,151 @@ pub async fn heartbeat(
         .filter(|l| !kept.contains(l))
         .copied()
         .collect())
+}
+
+/// What a heartbeat answers besides the leases that are no longer the agent's.
+#[derive(Debug, Default)]
+pub struct HeartbeatAnswer {
+    pub revoked: Vec<(RunId, i64)>,
+    /// Held leases whose run a client cancelled.
+    pub cancel: Vec<(RunId, i64)>,
+    /// An operator asked the agent to drain.
+    pub drain: bool,
+}
+
+/// [`heartbeat`] plus the cancels and drain request the agent must learn about.
+pub async fn heartbeat_answer(
+    pool: &PgPool,
+    agent_id: &str,
+    running: &[(RunId, i64)],
+    lease_ttl_ms: i64,
+) -> Result<HeartbeatAnswer, CoreError> {
+    let revoked = heartbeat(pool, agent_id, running, lease_ttl_ms).await?;
+    let mut conn = pool.acquire().await?;
+    let cancel = super::runs::cancel_requested_among(&mut conn, agent_id, running).await?;
+    let drain: bool = sqlx::query_scalar("SELECT drain_requested FROM agents WHERE id = $1")
+        .bind(agent_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .unwrap_or(false);
+    Ok(HeartbeatAnswer {
+        revoked,
+        cancel,
+        drain,
+    })
+}
+
+/// The agent takes no new work: dispatchers skip draining agents.
+pub async fn set_draining(pool: &PgPool, agent_id: &str) -> Result<(), CoreError> {
+    let done = sqlx::query("UPDATE agents SET draining = true WHERE id = $1")
+        .bind(agent_id)
+        .execute(pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(CoreError::NotFound);
+    }
+    Ok(())
+}
+
+/// An operator's drain request: the agent stops taking work at once and learns it should
+/// drain from its command queue or its next heartbeat.
+pub async fn request_drain(
+    conn: &mut PgConnection,
+    agent_id: &str,
+    liveness_ms: i64,
+) -> Result<Option<AgentRecord>, CoreError> {
+    let done =
+        sqlx::query("UPDATE agents SET draining = true, drain_requested = true WHERE id = $1")
+            .bind(agent_id)
+            .execute(&mut *conn)
+            .await?;
+    if done.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let rows = list_where(conn, Some(agent_id), liveness_ms).await?;
+    Ok(rows.into_iter().next())
+}
+
+/// Removes an agent that holds no lease any more. False if it still holds one.
+pub async fn deregister(pool: &PgPool, agent_id: &str) -> Result<bool, CoreError> {
+    let done = sqlx::query(
+        "DELETE FROM agents WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM runs \
+         WHERE agent_id = $1 AND state IN ('ASSIGNED', 'RUNNING'))",
+    )
+    .bind(agent_id)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 1 {
+        return Ok(true);
+    }
+    let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM agents WHERE id = $1")
+        .bind(agent_id)
+        .fetch_optional(pool)
+        .await?;
+    if known.is_none() {
+        // Already gone: deregistering twice is harmless.
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// An agent as operators see it.
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    pub id: String,
+    pub hostname: String,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: i32,
+    pub running: i64,
+    pub executor: String,
+    pub version: String,
+    pub last_heartbeat_at: chrono::DateTime<chrono::Utc>,
+    pub draining: bool,
+    pub live: bool,
+}
+
+async fn list_where(
+    conn: &mut PgConnection,
+    id: Option<&str>,
+    liveness_ms: i64,
+) -> Result<Vec<AgentRecord>, CoreError> {
+    let rows = sqlx::query(
+        "SELECT a.id, a.hostname, a.pool, a.labels, a.capacity, a.executor, a.version, \
+                a.last_heartbeat_at, a.draining, \
+                a.last_heartbeat_at > now() - $2::bigint * interval '1 millisecond' AS live, \
+                (SELECT count(*) FROM runs r WHERE r.agent_id = a.id \
+                   AND r.state IN ('ASSIGNED', 'RUNNING')) AS running \
+         FROM agents a WHERE ($1::text IS NULL OR a.id = $1) ORDER BY a.pool, a.id",
+    )
+    .bind(id)
+    .bind(liveness_ms)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let Json(labels): Json<BTreeMap<String, String>> = r.try_get("labels")?;
+            Ok(AgentRecord {
+                id: r.try_get("id")?,
+                hostname: r.try_get("hostname")?,
+                pool: r.try_get("pool")?,
+                labels,
+                capacity: r.try_get("capacity")?,
+                running: r.try_get("running")?,
+                executor: r.try_get("executor")?,
+                version: r.try_get("version")?,
+                last_heartbeat_at: r.try_get("last_heartbeat_at")?,
+                draining: r.try_get("draining")?,
+                live: r.try_get("live")?,
+            })
+        })
+        .collect()
+}
+
+/// Every known agent; `live` means it heartbeated within `liveness_ms`.
+pub async fn list(pool: &PgPool, liveness_ms: i64) -> Result<Vec<AgentRecord>, CoreError> {
+    let mut conn = pool.acquire().await?;
+    list_where(&mut conn, None, liveness_ms).await
 }
 
 /// Picks a live, non-draining agent of `pool` whose labels include `labels` and which has a

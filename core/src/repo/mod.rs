@@ -6,9 +6,14 @@
 //! first.
 
 pub mod agents;
+pub mod attempts;
+pub mod cancel;
+pub mod dead_letters;
 pub mod logs;
 pub mod outbox;
+pub mod overdue;
 pub mod runs;
+pub mod waiting;
 
 pub use runs::{EventRecord, RunRecord, Transition, TransitionPatch};
 

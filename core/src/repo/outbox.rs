@@ -23,13 +23,27 @@ pub async fn enqueue(
     routing_key: &str,
     payload: &[u8],
 ) -> Result<(), CoreError> {
+    enqueue_after(conn, tenant, exchange, routing_key, payload, 0).await
+}
+
+/// As [`enqueue`], not published before `delay_ms` from now.
+pub async fn enqueue_after(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    delay_ms: i64,
+) -> Result<(), CoreError> {
     sqlx::query(
-        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload, available_at) \
+         VALUES ($1, $2, $3, $4, now() + $5::bigint * interval '1 millisecond')",
     )
     .bind(tenant.0)
     .bind(exchange)
     .bind(routing_key)
     .bind(payload)
+    .bind(delay_ms.max(0))
     .execute(&mut *conn)
     .await?;
     // NOTIFYs are delivered at commit and folded when repeated, so this is cheap.
@@ -63,6 +77,18 @@ pub async fn claim(
             })
         })
         .collect()
+}
+
+/// How long until the earliest unpublished row is due (zero if one is due now); `None` when
+/// nothing is pending. The relay sleeps exactly that long, so delayed rows go out on time.
+pub async fn next_due_in(pool: &sqlx::PgPool) -> Result<Option<std::time::Duration>, CoreError> {
+    let ms: Option<f64> = sqlx::query_scalar(
+        "SELECT GREATEST(0, EXTRACT(EPOCH FROM (min(available_at) - now())) * 1000)::float8 \
+         FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(ms.map(|ms| std::time::Duration::from_millis(ms as u64)))
 }
 
 pub async fn mark_published(

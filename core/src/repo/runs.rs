@@ -37,11 +37,17 @@ pub struct RunRecord {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Retry backoff: the current attempt is not dispatched before this.
+    pub not_before: Option<DateTime<Utc>>,
+    pub queue_deadline: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub cancel_reason: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, tenant_id, state, spec, spec_hash, idempotency_key, attempt, \
     max_attempts, lease_epoch, agent_id, lease_expires_at, exit_code, output, output_truncated, \
-    reason, executor, created_at, updated_at, started_at, finished_at";
+    reason, executor, created_at, updated_at, started_at, finished_at, not_before, queue_deadline, \
+    cancel_requested_at, cancel_reason";
 
 fn parse_state(s: &str) -> Result<RunState, CoreError> {
     s.parse()
@@ -73,6 +79,10 @@ impl RunRecord {
             updated_at: row.try_get("updated_at")?,
             started_at: row.try_get("started_at")?,
             finished_at: row.try_get("finished_at")?,
+            not_before: row.try_get("not_before")?,
+            queue_deadline: row.try_get("queue_deadline")?,
+            cancel_requested_at: row.try_get("cancel_requested_at")?,
+            cancel_reason: row.try_get("cancel_reason")?,
         })
     }
 }
@@ -127,7 +137,8 @@ pub async fn submit(
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(&format!(
         "INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, pool, priority, \
-         attempt, max_attempts) VALUES ($1, $2, 'QUEUED', $3, $4, $5, $6, $7, 1, $8) \
+         attempt, max_attempts, queue_deadline) VALUES ($1, $2, 'QUEUED', $3, $4, $5, $6, $7, 1, $8, \
+         CASE WHEN $9 > 0 THEN now() + $9 * interval '1 second' END) \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}"
     ))
     .bind(id.0)
@@ -138,6 +149,7 @@ pub async fn submit(
     .bind(&spec.pool)
     .bind(spec.priority)
     .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
+    .bind(i64::from(spec.queue_timeout_secs))
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -177,18 +189,29 @@ pub async fn enqueue_run_message(
     conn: &mut PgConnection,
     run: &RunRecord,
 ) -> Result<(), CoreError> {
+    enqueue_run_message_after(conn, run, 0).await
+}
+
+/// As [`enqueue_run_message`], published no sooner than `delay_ms` from now (retry backoff:
+/// the relay picks the row up when it is due, so nothing spins meanwhile).
+pub async fn enqueue_run_message_after(
+    conn: &mut PgConnection,
+    run: &RunRecord,
+    delay_ms: i64,
+) -> Result<(), CoreError> {
     let msg = RunMessage {
         v: 1,
         run_id: run.id,
         tenant_id: run.tenant_id,
         attempt: run.attempt,
     };
-    super::outbox::enqueue(
+    super::outbox::enqueue_after(
         conn,
         run.tenant_id,
         topology::RUNS_EXCHANGE,
         &run.spec.pool,
         &messages::encode(&msg),
+        delay_ms,
     )
     .await
 }
@@ -285,12 +308,21 @@ pub enum TransitionPatch {
     Assign { agent_id: String, lease_ttl_ms: i64 },
     /// The container started.
     Start { executor: String },
-    /// The attempt ended.
+    /// The attempt ended; the output tail (and its truncation flag) is replaced when given.
     Finish {
         exit_code: Option<i32>,
-        output: Vec<u8>,
-        output_truncated: bool,
+        output: Option<(Vec<u8>, bool)>,
     },
+    /// Back to QUEUED: as the next attempt (a failure) or the same one (handed back), not
+    /// dispatchable for `delay_ms`; the ended attempt's result is kept when given.
+    Requeue {
+        next_attempt: bool,
+        delay_ms: i64,
+        exit_code: Option<i32>,
+        output: Option<(Vec<u8>, bool)>,
+    },
+    /// An operator redrives a dead-lettered run: next attempt, one more allowed.
+    Redrive,
 }
 
 /// One guarded state change. Guards left `None` are not checked.
@@ -304,6 +336,10 @@ pub struct Transition {
     pub expected_agent: Option<String>,
     pub reason: Option<String>,
     pub patch: TransitionPatch,
+    /// Bump the lease epoch without a new lease: the transition ends the lease without its
+    /// holder's report (lease expired, backstop timeout), so anything the holder still sends
+    /// is refused as stale.
+    pub fence: bool,
 }
 
 impl Transition {
@@ -317,6 +353,7 @@ impl Transition {
             expected_agent: None,
             reason: None,
             patch: TransitionPatch::None,
+            fence: false,
         }
     }
 }
@@ -327,18 +364,31 @@ static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
         "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE) \
          UPDATE runs r SET \
            state = $2, \
-           lease_epoch = CASE WHEN $3 THEN r.lease_epoch + 1 ELSE r.lease_epoch END, \
+           lease_epoch = r.lease_epoch + CASE WHEN $3 OR $17 THEN 1 ELSE 0 END, \
+           attempt = r.attempt + CASE WHEN $18 OR $20 THEN 1 ELSE 0 END, \
+           max_attempts = CASE WHEN $20 THEN GREATEST(r.max_attempts, r.attempt + 1) \
+               ELSE r.max_attempts END, \
            agent_id = COALESCE($4, r.agent_id), \
            lease_expires_at = CASE WHEN $5::bigint IS NOT NULL \
                THEN now() + $5::bigint * interval '1 millisecond' \
                WHEN $2 IN ('ASSIGNED', 'RUNNING') THEN r.lease_expires_at ELSE NULL END, \
            executor = COALESCE($6, r.executor), \
-           exit_code = CASE WHEN $3 THEN NULL ELSE COALESCE($7, r.exit_code) END, \
+           exit_code = CASE WHEN $3 OR $20 THEN NULL ELSE COALESCE($7, r.exit_code) END, \
            output = COALESCE($8, r.output), \
            output_truncated = COALESCE($9, r.output_truncated), \
            reason = $10, \
            started_at = CASE WHEN $2 = 'RUNNING' THEN now() ELSE r.started_at END, \
-           finished_at = CASE WHEN $2 = ANY($11) THEN now() ELSE r.finished_at END, \
+           finished_at = CASE WHEN $2 = ANY($11) THEN now() WHEN $2 = 'QUEUED' THEN NULL \
+               ELSE r.finished_at END, \
+           not_before = CASE WHEN $2 = 'QUEUED' AND COALESCE($19::bigint, 0) > 0 \
+               THEN now() + $19::bigint * interval '1 millisecond' ELSE NULL END, \
+           queue_deadline = CASE WHEN $2 = 'QUEUED' \
+               AND COALESCE((r.spec->>'queue_timeout_secs')::bigint, 0) > 0 \
+               THEN now() + COALESCE($19::bigint, 0) * interval '1 millisecond' \
+                    + (r.spec->>'queue_timeout_secs')::bigint * interval '1 second' \
+               ELSE NULL END, \
+           cancel_requested_at = CASE WHEN $2 = 'QUEUED' THEN NULL ELSE r.cancel_requested_at END, \
+           cancel_reason = CASE WHEN $2 = 'QUEUED' THEN NULL ELSE r.cancel_reason END, \
            updated_at = now() \
          FROM prev WHERE r.id = prev.id AND r.state = ANY($12) \
            AND ($13::bigint IS NULL OR r.lease_epoch = $13) \
@@ -363,6 +413,21 @@ static TERMINAL_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
     )
 });
 
+/// The optional columns of [`TRANSITION_SQL`], from a [`TransitionPatch`].
+#[derive(Default)]
+struct Binds<'a> {
+    new_lease: bool,
+    agent: Option<&'a str>,
+    lease_ms: Option<i64>,
+    executor: Option<&'a str>,
+    exit_code: Option<i32>,
+    output: Option<&'a [u8]>,
+    truncated: Option<bool>,
+    next_attempt: bool,
+    delay_ms: Option<i64>,
+    redrive: bool,
+}
+
 /// Applies `t` as one conditional UPDATE (guarded by the state table's sources for `t.to`,
 /// and by epoch, attempt, agent and tenant when given) plus its event row, inside the
 /// caller's transaction. Zero rows updated means refused: the reason is worked out from the
@@ -372,46 +437,51 @@ pub async fn transition(
     t: &Transition,
 ) -> Result<(RunRecord, EventRecord), CoreError> {
     let allowed = RunState::names(&RunState::sources_of(t.to));
-    let (assign_agent, lease_ms, executor, exit_code, output, truncated) = match &t.patch {
-        TransitionPatch::None => (None, None, None, None, None, None),
+    let mut b = Binds::default();
+    match &t.patch {
+        TransitionPatch::None => {}
         TransitionPatch::Assign {
             agent_id,
             lease_ttl_ms,
-        } => (
-            Some(agent_id.as_str()),
-            Some(*lease_ttl_ms),
-            None,
-            None,
-            None,
-            None,
-        ),
-        TransitionPatch::Start { executor } => {
-            (None, None, Some(executor.as_str()), None, None, None)
+        } => {
+            b.new_lease = true;
+            b.agent = Some(agent_id.as_str());
+            b.lease_ms = Some(*lease_ttl_ms);
         }
-        TransitionPatch::Finish {
+        TransitionPatch::Start { executor } => b.executor = Some(executor.as_str()),
+        TransitionPatch::Finish { exit_code, output } => {
+            b.exit_code = *exit_code;
+            if let Some((bytes, truncated)) = output {
+                b.output = Some(bytes.as_slice());
+                b.truncated = Some(*truncated);
+            }
+        }
+        TransitionPatch::Requeue {
+            next_attempt,
+            delay_ms,
             exit_code,
             output,
-            output_truncated,
-        } => (
-            None,
-            None,
-            None,
-            *exit_code,
-            Some(output.as_slice()),
-            Some(*output_truncated),
-        ),
-    };
-    let bump_epoch = matches!(t.patch, TransitionPatch::Assign { .. });
+        } => {
+            b.next_attempt = *next_attempt;
+            b.delay_ms = Some(*delay_ms);
+            b.exit_code = *exit_code;
+            if let Some((bytes, truncated)) = output {
+                b.output = Some(bytes.as_slice());
+                b.truncated = Some(*truncated);
+            }
+        }
+        TransitionPatch::Redrive => b.redrive = true,
+    }
     let row = sqlx::query(&TRANSITION_SQL)
         .bind(t.run_id.0)
         .bind(t.to.as_str())
-        .bind(bump_epoch)
-        .bind(assign_agent)
-        .bind(lease_ms)
-        .bind(executor)
-        .bind(exit_code)
-        .bind(output)
-        .bind(truncated)
+        .bind(b.new_lease)
+        .bind(b.agent)
+        .bind(b.lease_ms)
+        .bind(b.executor)
+        .bind(b.exit_code)
+        .bind(b.output)
+        .bind(b.truncated)
         .bind(t.reason.as_deref())
         .bind(&*TERMINAL_NAMES)
         .bind(&allowed)
@@ -419,6 +489,10 @@ pub async fn transition(
         .bind(t.expected_attempt)
         .bind(t.expected_agent.as_deref())
         .bind(t.tenant.map(|x| x.0))
+        .bind(t.fence)
+        .bind(b.next_attempt)
+        .bind(b.delay_ms)
+        .bind(b.redrive)
         .fetch_optional(&mut *conn)
         .await?;
 
@@ -495,6 +569,59 @@ pub async fn exists(pool: &PgPool, tenant: TenantId, id: RunId) -> Result<bool, 
         .fetch_optional(pool)
         .await?;
     Ok(row.is_some())
+}
+
+/// Records a cancel request on a run with an agent (the caller holds the row lock).
+pub async fn mark_cancel_requested(
+    conn: &mut PgConnection,
+    id: RunId,
+    reason: &str,
+) -> Result<RunRecord, CoreError> {
+    let row = sqlx::query(&format!(
+        "UPDATE runs SET cancel_requested_at = now(), cancel_reason = $2, updated_at = now() \
+         WHERE id = $1 RETURNING {RUN_COLUMNS}"
+    ))
+    .bind(id.0)
+    .bind(reason)
+    .fetch_one(conn)
+    .await?;
+    RunRecord::from_row(&row)
+}
+
+/// Leases of `agent` among `leases` whose run a client asked to cancel.
+pub async fn cancel_requested_among(
+    conn: &mut PgConnection,
+    agent: &str,
+    leases: &[(RunId, i64)],
+) -> Result<Vec<(RunId, i64)>, CoreError> {
+    let ids: Vec<Uuid> = leases.iter().map(|(r, _)| r.0).collect();
+    let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
+    let rows = sqlx::query(
+        "SELECT r.id, r.lease_epoch FROM runs r \
+         JOIN unnest($2::uuid[], $3::bigint[]) AS l(id, epoch) \
+           ON r.id = l.id AND r.lease_epoch = l.epoch \
+         WHERE r.agent_id = $1 AND r.cancel_requested_at IS NOT NULL \
+           AND r.state IN ('ASSIGNED', 'RUNNING')",
+    )
+    .bind(agent)
+    .bind(&ids)
+    .bind(&epochs)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((RunId(r.try_get("id")?), r.try_get("lease_epoch")?)))
+        .collect()
+}
+
+/// Loads and locks a run row for the caller's transaction, whatever its tenant.
+pub async fn lock(conn: &mut PgConnection, id: RunId) -> Result<Option<RunRecord>, CoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.0)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(RunRecord::from_row).transpose()
 }
 
 /// Loads a run whatever its tenant. Only for agent-facing calls, which are authorised by the

@@ -1,0 +1,186 @@
+//! AdminService: what operators call — the dead-letter archive and redrive, the agent fleet
+//! and remote drain. Scoped by tenant like everything else (the default tenant until
+//! authentication and roles land; then these calls need the admin role).
+
+use drover_core::convert;
+use drover_core::error::Refusal;
+use drover_core::ids::{AgentId, DEFAULT_TENANT, TenantId};
+use drover_core::messages::{self, AgentCommand};
+use drover_core::repo::{agents, dead_letters, outbox};
+use drover_core::state::RunState;
+use drover_core::{CoreError, topology};
+use drover_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::error::{ApiError, ApiResult};
+use crate::run_service::MAX_REASON_BYTES;
+use crate::state::{AppState, parse_run_id};
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    state: AppState,
+}
+
+impl AdminApi {
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+
+    fn tenant<T>(&self, _req: &Request<T>) -> TenantId {
+        DEFAULT_TENANT
+    }
+
+    fn liveness_ms(&self) -> i64 {
+        i64::try_from(self.state.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        tenant: TenantId,
+        req: pb::ListDeadLettersRequest,
+    ) -> ApiResult<pb::ListDeadLettersResponse> {
+        let page = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(ApiError::bad(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE}"),
+                ));
+            }
+            n => n,
+        };
+        let before = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                req.page_token
+                    .parse::<i64>()
+                    .map_err(|_| ApiError::bad("page_token", "is not a token from this list"))?,
+            )
+        };
+        let mut rows =
+            dead_letters::list(&self.state.pool, tenant, i64::from(page) + 1, before).await?;
+        let more = rows.len() > page as usize;
+        rows.truncate(page as usize);
+        let next_page_token = if more {
+            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListDeadLettersResponse {
+            dead_letters: rows.iter().map(convert::dead_letter_to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn redrive(
+        &self,
+        tenant: TenantId,
+        req: pb::RedriveRunRequest,
+    ) -> ApiResult<pb::RedriveRunResponse> {
+        let id = parse_run_id("run_id", &req.run_id)?;
+        if req.reason.len() > MAX_REASON_BYTES {
+            return Err(ApiError::bad(
+                "reason",
+                format!("must be at most {MAX_REASON_BYTES} bytes"),
+            ));
+        }
+        let reason = match req.reason.trim() {
+            "" => "redriven by an operator".to_owned(),
+            r => format!("redriven by an operator: {r}"),
+        };
+        match dead_letters::redrive(&self.state.pool, tenant, id, &reason).await {
+            Ok((run, event)) => {
+                tracing::info!(run_id = %id, attempt = run.attempt, max_attempts = run.max_attempts, "run redriven");
+                self.state.bus.run_event(id, event.seq);
+                Ok(pb::RedriveRunResponse {
+                    run: Some(convert::run_to_proto(&run)),
+                })
+            }
+            Err(CoreError::Refused(Refusal::Illegal { from, .. })) => {
+                Err(ApiError::Precondition(format!(
+                    "only a {} run can be redriven; this one is {from}",
+                    RunState::DeadLettered
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list_agents(&self) -> ApiResult<pb::ListAgentsResponse> {
+        let rows = agents::list(&self.state.pool, self.liveness_ms()).await?;
+        Ok(pb::ListAgentsResponse {
+            agents: rows.iter().map(convert::agent_to_proto).collect(),
+        })
+    }
+
+    async fn drain_agent(
+        &self,
+        tenant: TenantId,
+        req: pb::DrainAgentRequest,
+    ) -> ApiResult<pb::DrainAgentResponse> {
+        let id = AgentId::parse(&req.agent_id).map_err(|m| ApiError::bad("agent_id", m))?;
+        let mut tx = self.state.pool.begin().await.map_err(CoreError::from)?;
+        let Some(agent) = agents::request_drain(&mut tx, id.as_str(), self.liveness_ms()).await?
+        else {
+            return Err(ApiError::NotFound("agent not found"));
+        };
+        // The queue is the fast path; the next heartbeat answer carries the same request.
+        outbox::enqueue(
+            &mut tx,
+            tenant,
+            topology::AGENTS_EXCHANGE,
+            id.as_str(),
+            &messages::encode(&AgentCommand::Drain),
+        )
+        .await?;
+        tx.commit().await.map_err(CoreError::from)?;
+        tracing::info!(agent_id = %id, "drain requested by an operator");
+        Ok(pb::DrainAgentResponse {
+            agent: Some(convert::agent_to_proto(&agent)),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(
+            AdminApi::list_dead_letters(self, tenant, request.into_inner()).await?,
+        ))
+    }
+
+    async fn redrive_run(
+        &self,
+        request: Request<pb::RedriveRunRequest>,
+    ) -> Result<Response<pb::RedriveRunResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(
+            self.redrive(tenant, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        Ok(Response::new(AdminApi::list_agents(self).await?))
+    }
+
+    async fn drain_agent(
+        &self,
+        request: Request<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(
+            AdminApi::drain_agent(self, tenant, request.into_inner()).await?,
+        ))
+    }
+}

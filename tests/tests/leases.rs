@@ -1,0 +1,178 @@
+//! Leases, the reaper and fencing, with a scripted agent so each report lands exactly when the
+//! test wants: the real API and dispatcher processes, real Postgres and RabbitMQ.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+use std::time::Duration;
+
+use drover_chaos::ledger;
+use drover_proto::v1 as pb;
+use drover_tests::fake_agent::{FakeAgent, in_state, submit, wait_run};
+use drover_tests::{Stack, StackOptions};
+
+fn spec(max_attempts: u32) -> pb::RunSpec {
+    pb::RunSpec {
+        image: "drover/busybox:latest".into(),
+        command: vec!["true".into()],
+        max_attempts,
+        ..Default::default()
+    }
+}
+
+async fn fake_stack() -> Stack {
+    Stack::start_with(
+        StackOptions {
+            agent: false,
+            ..Default::default()
+        }
+        .short_leases(2_000),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_requeued_then_dead_lettered_and_the_old_holder_is_fenced() {
+    let stack = fake_stack().await;
+    let mut agent = FakeAgent::register(&stack, "fake-lease", 4, &[]).await;
+    let run = submit(&stack, spec(2)).await;
+    let assigned = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(30),
+        in_state(pb::RunState::Assigned),
+    )
+    .await;
+    let first_epoch = assigned.lease_epoch;
+    agent.started(&run, first_epoch).await.unwrap();
+
+    // The agent goes silent: within TTL + a reaper interval the attempt is lost and retried
+    // (the same fake agent re-registers below, so the retry is assigned to it again).
+    let requeued = wait_run(&stack, &run, Duration::from_secs(30), |r| r.attempt == 2).await;
+    assert!(requeued.lease_epoch > first_epoch, "reaping fences the old epoch");
+    assert!(requeued.reason.contains("lost_lease"), "{}", requeued.reason);
+
+    // The old holder comes back with a late report: refused, nothing changes.
+    let before = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
+    let late = agent
+        .complete(&run, first_epoch, pb::Outcome::Succeeded, Some(0))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
+    let started = agent.started(&run, first_epoch).await.unwrap_err();
+    assert_eq!(started.code(), tonic::Code::FailedPrecondition);
+    let hb = agent.heartbeat(&[(run.clone(), first_epoch)]).await;
+    assert_eq!(hb.revoked.len(), 1, "the stale lease is revoked on heartbeat");
+    let after = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
+    assert_eq!(before.attempt, after.attempt);
+
+    // Attempt 2 is lost as well: no attempts left, so DEAD_LETTERED.
+    let dead = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(60),
+        in_state(pb::RunState::DeadLettered),
+    )
+    .await;
+    assert_eq!(dead.attempt, 2);
+    assert!(dead.reason.contains("all 2 attempts"), "{}", dead.reason);
+    let violations = ledger::check_events(&stack.db, None).await.unwrap();
+    assert!(violations.is_empty(), "{violations:?}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_completion_for_the_current_epoch_is_accepted_once() {
+    let stack = fake_stack().await;
+    let mut agent = FakeAgent::register(&stack, "fake-late", 4, &[]).await;
+    let run = submit(&stack, spec(1)).await;
+    let assigned = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(30),
+        in_state(pb::RunState::Assigned),
+    )
+    .await;
+    let epoch = assigned.lease_epoch;
+    agent.heartbeat(&[(run.clone(), epoch)]).await;
+    agent.started(&run, epoch).await.unwrap();
+    // A repeated start report is a no-op.
+    agent.started(&run, epoch).await.unwrap();
+    // "Transient disconnect": the agent is quiet for a while, but less than the lease TTL.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let first = agent
+        .complete(&run, epoch, pb::Outcome::Succeeded, Some(0))
+        .await
+        .unwrap();
+    assert_eq!(first.state, pb::RunState::Succeeded as i32);
+    // The answer was lost; the agent repeats the report: a harmless no-op.
+    let again = agent
+        .complete(&run, epoch, pb::Outcome::Succeeded, Some(0))
+        .await
+        .unwrap();
+    assert_eq!(again.state, pb::RunState::Succeeded as i32);
+    let terminal: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_events WHERE run_id = $1::uuid AND to_state = 'SUCCEEDED'",
+    )
+    .bind(&run)
+    .fetch_one(&stack.db)
+    .await
+    .unwrap();
+    assert_eq!(terminal, 1);
+    // Another agent cannot report on it at all.
+    let mut other = FakeAgent::register(&stack, "fake-other", 1, &[]).await;
+    let foreign = other
+        .complete(&run, epoch, pb::Outcome::Failed, Some(1))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), tonic::Code::FailedPrecondition);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_run_message_after_assignment_is_dropped() {
+    // What a dispatcher killed between its commit and its ack leaves behind: the broker
+    // redelivers the message of an attempt that is already assigned.
+    let stack = fake_stack().await;
+    let mut agent = FakeAgent::register(&stack, "fake-dup", 4, &[]).await;
+    let run = submit(&stack, spec(1)).await;
+    let assigned = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(30),
+        in_state(pb::RunState::Assigned),
+    )
+    .await;
+    agent.heartbeat(&[(run.clone(), assigned.lease_epoch)]).await;
+    let tenant: uuid::Uuid = sqlx::query_scalar("SELECT tenant_id FROM runs WHERE id = $1::uuid")
+        .bind(&run)
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    let dup = serde_json::json!({"v": 1, "run_id": run, "tenant_id": tenant, "attempt": 1});
+    drover_tests::services::publish(
+        &stack.amqp_url,
+        "drover.runs",
+        "default",
+        dup.to_string().as_bytes(),
+    )
+    .await;
+    // Give the dispatcher time to see it, while the agent keeps the lease alive.
+    for _ in 0..10 {
+        agent.heartbeat(&[(run.clone(), assigned.lease_epoch)]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let assignments: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_events WHERE run_id = $1::uuid AND to_state = 'ASSIGNED'",
+    )
+    .bind(&run)
+    .fetch_one(&stack.db)
+    .await
+    .unwrap();
+    assert_eq!(assignments, 1, "a redelivered message never assigns twice");
+    let now = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
+    assert_eq!(now.lease_epoch, assigned.lease_epoch);
+    stack.stop().await;
+}
