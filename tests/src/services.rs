@@ -147,3 +147,14 @@ pub async fn publish(amqp_url: &str, exchange: &str, routing_key: &str, body: &[
     );
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// Whether `queue` exists in `vhost` (asked of rabbitmqctl, as the vhost was created).
+pub fn queue_exists(vhost: &str, queue: &str) -> bool {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", vhost, "name"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == queue)
+}
