@@ -42,6 +42,9 @@ const TERMINAL: [&str; 6] = [
     "DEAD_LETTERED",
 ];
 
+/// `(seq, from_state, to_state)` of one event.
+type Event = (i32, Option<String>, String);
+
 /// Checks every run of the database (or only `runs` when given) against its event history.
 pub async fn check_events(
     pool: &PgPool,
@@ -55,7 +58,7 @@ pub async fn check_events(
     .bind(runs.map(<[uuid::Uuid]>::to_vec))
     .fetch_all(pool)
     .await?;
-    let mut by_run: Vec<(uuid::Uuid, String, Vec<(i32, Option<String>, String)>)> = Vec::new();
+    let mut by_run: Vec<(uuid::Uuid, String, Vec<Event>)> = Vec::new();
     for row in &rows {
         let id: uuid::Uuid = row.try_get("id")?;
         let ev = (

@@ -1,10 +1,10 @@
-//! `drover`: submit, watch, get, list, and `drover dev`.
+//! `drover`: submit, watch, get, list, cancel, dlq, agents, and `drover dev`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_cli::client;
-use drover_cli::commands::{dev, get, list, submit, watch};
+use drover_cli::commands::{agents, cancel, dev, dlq, get, list, submit, watch};
 
 #[derive(Parser)]
 #[command(name = "drover", version, about = "Run containers on a drover cluster")]
@@ -46,6 +46,25 @@ enum Command {
     },
     /// Follow a run's state changes until it ends.
     Watch { id: String },
+    /// Cancel a run: a waiting one at once, a running one via its agent.
+    Cancel {
+        id: String,
+        /// Recorded with the transition.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead-letter archive: list, redrive.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+    /// The agent fleet: list, drain.
+    Agents {
+        #[command(subcommand)]
+        command: agents::AgentsCommand,
+    },
     /// Run API, dispatcher and one agent in this process against local services.
     Dev {
         /// gRPC listen address of the API.
@@ -75,7 +94,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         dev::run(listen, *capacity).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut c = client::connect(&cli.endpoint, cli.token.as_deref()).await?;
+    let conn = client::connect(&cli.endpoint, cli.token.as_deref()).await?;
+    let mut c = conn.runs();
     match cli.command {
         Command::Submit(args) => submit::run(&mut c, args).await,
         Command::Get { id, json } => get::run(&mut c, &id, json)
@@ -89,6 +109,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Watch { id } => watch::run(&mut c, &id).await,
+        Command::Cancel { id, reason, json } => cancel::run(&mut c, &id, &reason, json)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Dlq { command } => dlq::run(&mut conn.admin(), command)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Agents { command } => agents::run(&mut conn.admin(), command)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Dev { .. } => Ok(ExitCode::SUCCESS),
     }
 }

@@ -46,6 +46,33 @@ impl FakeAgent {
         }
     }
 
+    /// Heartbeats every 300 ms for every lease the database says this agent holds, until
+    /// the returned handle is aborted (or dropped with the test).
+    pub fn keep_alive(&self, db: sqlx::PgPool) -> tokio::task::JoinHandle<()> {
+        let mut me = FakeAgent {
+            id: self.id.clone(),
+            client: self.client.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let held: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+                    "SELECT id, lease_epoch FROM runs WHERE agent_id = $1 \
+                     AND state IN ('ASSIGNED', 'RUNNING')",
+                )
+                .bind(&me.id)
+                .fetch_all(&db)
+                .await
+                .unwrap_or_default();
+                let leases: Vec<(String, u64)> = held
+                    .into_iter()
+                    .map(|(r, e)| (r.to_string(), u64::try_from(e).unwrap_or(0)))
+                    .collect();
+                me.heartbeat(&leases).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    }
+
     pub async fn heartbeat(&mut self, running: &[(String, u64)]) -> pb::HeartbeatResponse {
         self.client
             .heartbeat(pb::HeartbeatRequest {

@@ -90,7 +90,9 @@ async fn poison_and_unknown_run_messages_are_archived_and_the_queue_keeps_flowin
         in_state(pb::RunState::Assigned),
     )
     .await;
-    agent.heartbeat(&[(run.clone(), assigned.lease_epoch)]).await;
+    agent
+        .heartbeat(&[(run.clone(), assigned.lease_epoch)])
+        .await;
 
     let mut kinds = wait_dead_letters(&stack, 2).await;
     kinds.sort();
@@ -166,7 +168,10 @@ async fn a_message_over_the_delivery_limit_dead_letters_its_run() {
         panic!("run not dead-lettered after {deliveries} deliveries");
     }
     // The default limit is 10 redeliveries: the 11th failure dead-letters it.
-    assert!(deliveries >= 10, "dead-lettered after only {deliveries} deliveries");
+    assert!(
+        deliveries >= 10,
+        "dead-lettered after only {deliveries} deliveries"
+    );
     let kinds = wait_dead_letters(&stack, 1).await;
     assert_eq!(
         kinds,
@@ -240,8 +245,14 @@ async fn retries_follow_the_backoff_schedule_then_dead_letter_and_redrive_runs_a
     eprintln!("retry gaps (ms): {gaps:?} for backoff 1000, 2000");
     assert_eq!(gaps.len(), 2, "{gaps:?}");
     for (gap, want) in gaps.iter().zip([1_000i64, 2_000]) {
-        assert!(*gap >= want - 50, "retried after {gap} ms, before its {want} ms backoff");
-        assert!(*gap < want + 5_000, "retried {gap} ms after failing; backoff was {want} ms");
+        assert!(
+            *gap >= want - 50,
+            "retried after {gap} ms, before its {want} ms backoff"
+        );
+        assert!(
+            *gap < want + 5_000,
+            "retried {gap} ms after failing; backoff was {want} ms"
+        );
     }
     let failed = wait_run(
         &stack,

@@ -51,8 +51,15 @@ async fn an_expired_lease_is_requeued_then_dead_lettered_and_the_old_holder_is_f
     // The agent goes silent: within TTL + a reaper interval the attempt is lost and retried
     // (the same fake agent re-registers below, so the retry is assigned to it again).
     let requeued = wait_run(&stack, &run, Duration::from_secs(30), |r| r.attempt == 2).await;
-    assert!(requeued.lease_epoch > first_epoch, "reaping fences the old epoch");
-    assert!(requeued.reason.contains("lost_lease"), "{}", requeued.reason);
+    assert!(
+        requeued.lease_epoch > first_epoch,
+        "reaping fences the old epoch"
+    );
+    assert!(
+        requeued.reason.contains("lost_lease"),
+        "{}",
+        requeued.reason
+    );
 
     // The old holder comes back with a late report: refused, nothing changes.
     let before = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
@@ -64,7 +71,11 @@ async fn an_expired_lease_is_requeued_then_dead_lettered_and_the_old_holder_is_f
     let started = agent.started(&run, first_epoch).await.unwrap_err();
     assert_eq!(started.code(), tonic::Code::FailedPrecondition);
     let hb = agent.heartbeat(&[(run.clone(), first_epoch)]).await;
-    assert_eq!(hb.revoked.len(), 1, "the stale lease is revoked on heartbeat");
+    assert_eq!(
+        hb.revoked.len(),
+        1,
+        "the stale lease is revoked on heartbeat"
+    );
     let after = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
     assert_eq!(before.attempt, after.attempt);
 
@@ -145,7 +156,9 @@ async fn a_duplicate_run_message_after_assignment_is_dropped() {
         in_state(pb::RunState::Assigned),
     )
     .await;
-    agent.heartbeat(&[(run.clone(), assigned.lease_epoch)]).await;
+    agent
+        .heartbeat(&[(run.clone(), assigned.lease_epoch)])
+        .await;
     let tenant: uuid::Uuid = sqlx::query_scalar("SELECT tenant_id FROM runs WHERE id = $1::uuid")
         .bind(&run)
         .fetch_one(&stack.db)
@@ -161,7 +174,9 @@ async fn a_duplicate_run_message_after_assignment_is_dropped() {
     .await;
     // Give the dispatcher time to see it, while the agent keeps the lease alive.
     for _ in 0..10 {
-        agent.heartbeat(&[(run.clone(), assigned.lease_epoch)]).await;
+        agent
+            .heartbeat(&[(run.clone(), assigned.lease_epoch)])
+            .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let assignments: i64 = sqlx::query_scalar(

@@ -39,7 +39,7 @@ pub async fn run(
                 page_token: token.clone(),
             })
             .await
-            .map_err(|s| anyhow::anyhow!(client::describe(&s)))?
+            .map_err(|s| client::failed("cannot list runs", client::Subject::Run, &s))?
             .into_inner();
         for r in &resp.runs {
             if json {

@@ -1,6 +1,9 @@
 //! One module per `drover` subcommand.
 
+pub mod agents;
+pub mod cancel;
 pub mod dev;
+pub mod dlq;
 pub mod get;
 pub mod list;
 pub mod submit;

@@ -1,4 +1,4 @@
-//! `drover submit --image IMG [--env K=V]... [--wait] -- CMD ARGS...`
+//! `drover submit --image IMG [--env K=V]... [retry, timeout and cancel flags] [--wait] -- CMD ARGS...`
 
 use std::process::ExitCode;
 
@@ -24,9 +24,37 @@ pub struct SubmitArgs {
     /// Execution time limit in seconds (0 = server default).
     #[arg(long, default_value_t = 0)]
     pub timeout: u32,
-    /// Total attempts allowed (0 = 1).
+    /// Total attempts allowed, including the first (0 = 1).
     #[arg(long, default_value_t = 0)]
     pub max_attempts: u32,
+    /// Retry a failed attempt that exited with this code (repeatable; while attempts remain).
+    #[arg(
+        long = "retry-exit-code",
+        value_name = "CODE",
+        allow_negative_numbers = true
+    )]
+    pub retry_exit_codes: Vec<i32>,
+    /// Retry a failed attempt whatever its non-zero exit code (while attempts remain).
+    #[arg(long)]
+    pub retry_any_exit: bool,
+    /// Delay before the second attempt, in milliseconds (0 = server default, 1000).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub backoff_initial_ms: u64,
+    /// Growth of the delay per attempt (0 = server default, 2.0).
+    #[arg(long, value_name = "FACTOR", default_value_t = 0.0)]
+    pub backoff_multiplier: f64,
+    /// Upper bound of any retry delay, in milliseconds (0 = server default, 300000).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub backoff_max_ms: u64,
+    /// Random spread of each delay as a fraction, 0.0..1.0 (0.1 = +/-10%).
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.0)]
+    pub backoff_jitter: f64,
+    /// Longest the run may wait queued, in seconds, before it ends TIMED_OUT (0 = no limit).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub queue_timeout: u32,
+    /// On cancel, seconds between SIGTERM and SIGKILL (0 = server default, 10).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub cancel_grace: u32,
     /// Network access: none (default) or bridge.
     #[arg(long, default_value = "")]
     pub network: String,
@@ -64,6 +92,16 @@ pub async fn run(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCo
         timeout_seconds: args.timeout,
         max_attempts: args.max_attempts,
         network: args.network,
+        retry: Some(pb::RetryPolicy {
+            initial_backoff_ms: args.backoff_initial_ms,
+            multiplier: args.backoff_multiplier,
+            max_backoff_ms: args.backoff_max_ms,
+            jitter: args.backoff_jitter,
+            retry_exit_codes: args.retry_exit_codes,
+            retry_any_exit_code: args.retry_any_exit,
+        }),
+        queue_timeout_seconds: args.queue_timeout,
+        cancel_grace_seconds: args.cancel_grace,
         ..Default::default()
     };
     let resp = client
@@ -72,8 +110,7 @@ pub async fn run(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCo
             idempotency_key: args.idempotency_key,
         })
         .await
-        .map_err(|s| anyhow::anyhow!(client::describe(&s)))
-        .context("submit failed")?
+        .map_err(|s| client::failed("cannot submit the run", client::Subject::Other, &s))?
         .into_inner();
     let run = resp.run.context("server returned no run")?;
     if !args.wait {

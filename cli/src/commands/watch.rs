@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use drover_core::convert::state_from_proto;
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
@@ -18,14 +17,21 @@ pub async fn follow(client: &mut Client, run_id: &str, to_stderr: bool) -> anyho
             run_id: run_id.to_owned(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!(client::describe(&s)))
-        .context("watch failed")?
+        .map_err(|s| {
+            client::failed(
+                format!("cannot watch run {run_id}"),
+                client::Subject::Run,
+                &s,
+            )
+        })?
         .into_inner();
-    while let Some(msg) = stream
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!(client::describe(&s)))?
-    {
+    while let Some(msg) = stream.message().await.map_err(|s| {
+        client::failed(
+            format!("watch of run {run_id} broke off"),
+            client::Subject::Run,
+            &s,
+        )
+    })? {
         if let Some(ev) = &msg.event {
             let line = render::event_line(ev);
             if to_stderr {

@@ -249,26 +249,29 @@ pub async fn pick_and_lock(
     liveness_ms: i64,
 ) -> Result<Option<String>, CoreError> {
     let mut skipped: Vec<String> = Vec::new();
+    // First look past agents other assigners hold (spreads a burst over the fleet); when
+    // every candidate is held, wait for one instead of reporting "no capacity": the holders'
+    // transactions are short, and a burst for one agent must not sleep until a recheck.
+    let mut wait_for_lock = false;
     for _ in 0..8 {
-        let candidate = sqlx::query(
-            "SELECT a.id, a.capacity FROM agents a \
-             WHERE a.pool = $1 AND NOT a.draining \
-               AND a.last_heartbeat_at > now() - $2::bigint * interval '1 millisecond' \
-               AND a.labels @> $3::jsonb AND NOT (a.id = ANY($4)) \
-               AND a.capacity > (SELECT count(*) FROM runs r WHERE r.agent_id = a.id \
-                                 AND r.state IN ('ASSIGNED', 'RUNNING')) \
-             ORDER BY (SELECT count(*) FROM runs r WHERE r.agent_id = a.id \
-                       AND r.state IN ('ASSIGNED', 'RUNNING'))::float8 / a.capacity, a.id \
-             LIMIT 1 FOR UPDATE OF a SKIP LOCKED",
-        )
-        .bind(pool)
-        .bind(liveness_ms)
-        .bind(Json(labels))
-        .bind(&skipped)
-        .fetch_optional(&mut *conn)
-        .await?;
+        let sql = if wait_for_lock {
+            PICK_SQL.replace("SKIP LOCKED", "")
+        } else {
+            PICK_SQL.to_owned()
+        };
+        let candidate = sqlx::query(&sql)
+            .bind(pool)
+            .bind(liveness_ms)
+            .bind(Json(labels))
+            .bind(&skipped)
+            .fetch_optional(&mut *conn)
+            .await?;
         let Some(row) = candidate else {
-            return Ok(None);
+            if wait_for_lock {
+                return Ok(None);
+            }
+            wait_for_lock = true;
+            continue;
         };
         let id: String = row.try_get("id")?;
         let capacity: i32 = row.try_get("capacity")?;
@@ -285,3 +288,13 @@ pub async fn pick_and_lock(
     }
     Ok(None)
 }
+
+const PICK_SQL: &str = "SELECT a.id, a.capacity FROM agents a \
+     WHERE a.pool = $1 AND NOT a.draining \
+       AND a.last_heartbeat_at > now() - $2::bigint * interval '1 millisecond' \
+       AND a.labels @> $3::jsonb AND NOT (a.id = ANY($4)) \
+       AND a.capacity > (SELECT count(*) FROM runs r WHERE r.agent_id = a.id \
+                         AND r.state IN ('ASSIGNED', 'RUNNING')) \
+     ORDER BY (SELECT count(*) FROM runs r WHERE r.agent_id = a.id \
+               AND r.state IN ('ASSIGNED', 'RUNNING'))::float8 / a.capacity, a.id \
+     LIMIT 1 FOR UPDATE OF a SKIP LOCKED";
