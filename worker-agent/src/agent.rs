@@ -4,11 +4,22 @@
 //!
 //! Start-up order matters: the command queue is declared *before* `Register`, so a command the
 //! dispatcher routes to this agent the moment the API knows it is queued, never unroutable.
+//! Then the executions an earlier life of this agent left in Docker are reconciled
+//! ([`crate::reconcile`]) *before* any command is consumed, with heartbeats already renewing
+//! their leases.
 //!
-//! Shutdown order: stop intake (cancel the consumer), let running executions finish and report
-//! for up to `drain_timeout_secs` while heartbeats keep their leases alive, then stop what is
-//! left (container killed and removed, no report: its lease expires and the run is retried
-//! elsewhere, which beats an orphan container running unsupervised), then close connections.
+//! Drain — on the token (SIGTERM), a `Drain` command, or `drain = true` in a heartbeat answer:
+//! 1. `SetDraining`, so dispatchers stop picking this agent;
+//! 2. stop intake (cancel the consumer) and hand back what is still queued for us;
+//! 3. let running executions finish and report for up to `drain_timeout_secs`, heartbeats
+//!    still renewing their leases;
+//! 4. hand back the rest: kill, report HANDED_BACK (re-queued without counting an attempt),
+//!    remove;
+//! 5. stop heartbeats (one after `Deregister` would register the agent again), `Deregister`,
+//!    close connections, return `Ok`.
+//!
+//! Leftovers are never orphaned: an execution that could not be handed back in time keeps its
+//! container, which the next start of this agent re-adopts or removes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,23 +31,33 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::api::{ApiClient, ApiError, Patience};
-use crate::consumer::{CommandConsumer, open_session};
+use crate::consumer::{AmqpSession, CommandConsumer, open_session};
 use crate::docker::DockerExecutor;
 use crate::error::AgentError;
 use crate::execution::RunContext;
 use crate::executor::Executor;
 use crate::heartbeat;
+use crate::journal::ExecutionJournal;
+use crate::reconcile;
 use crate::running::RunningRuns;
 use crate::settings::{ExecutorKind, Settings};
 
-/// After the drain timeout, how long stopped executions get to kill and remove containers.
+/// After the drain timeout, how long handed-back executions get to be killed, reported and
+/// removed.
 const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How long the handing back of commands swept from the queue may take.
+const SWEEP_GRACE: Duration = Duration::from_secs(10);
+/// Attempts at `Deregister` while the API still sees leases held by this agent (a hand-back
+/// it has not committed yet), and the pause between them.
+const DEREGISTER_ATTEMPTS: u32 = 5;
+const DEREGISTER_PAUSE: Duration = Duration::from_secs(1);
 
 /// A worker agent, built and ready to run.
 pub struct Agent {
     settings: Settings,
     agent_id: AgentId,
     executor: Arc<dyn Executor>,
+    journal: ExecutionJournal,
 }
 
 impl Agent {
@@ -74,10 +95,12 @@ impl Agent {
         executor: Arc<dyn Executor>,
     ) -> Result<Agent, AgentError> {
         let agent_id = settings.validate()?;
+        let journal = ExecutionJournal::open(settings.execution_journal.as_deref())?;
         Ok(Agent {
             settings,
             agent_id,
             executor,
+            journal,
         })
     }
 
@@ -90,9 +113,9 @@ impl Agent {
         self.executor.name()
     }
 
-    /// Runs until `cancel` fires, then drains and returns. Errors only for what retrying
-    /// cannot fix (a bad endpoint, a registration the API refuses); outages of the API or
-    /// RabbitMQ are waited out.
+    /// Runs until `cancel` fires (or a drain is asked for by command or by the API), then
+    /// drains and returns. Errors only for what retrying cannot fix (a bad endpoint, a
+    /// registration the API refuses); outages of the API or RabbitMQ are waited out.
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), AgentError> {
         let span = tracing::info_span!("agent", agent_id = %self.agent_id);
         self.serve(cancel).instrument(span).await
@@ -103,6 +126,7 @@ impl Agent {
             settings,
             agent_id,
             executor,
+            journal,
         } = self;
         let Some(api) =
             ApiClient::connect(&settings.api_endpoint, agent_id.clone(), &cancel).await?
@@ -153,8 +177,22 @@ impl Agent {
             "registered with the api"
         );
 
+        // SIGTERM (the caller's token), a Drain command or the API all end up here.
+        let drain = cancel.child_token();
         let runs = RunningRuns::default();
-        let hard_stop = CancellationToken::new();
+        let ctx = Arc::new(RunContext {
+            api: api.clone(),
+            executor,
+            agent_id: agent_id.clone(),
+            runs: runs.clone(),
+            draining: drain.clone(),
+            hand_back: CancellationToken::new(),
+            journal,
+        });
+        let tracker = TaskTracker::new();
+
+        // Adopted leases are claimed before the first heartbeat, which then renews them.
+        reconcile::adopt_leftovers(&ctx, &tracker, &drain).await;
         let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(
             heartbeat::run(
@@ -162,59 +200,158 @@ impl Agent {
                 registration,
                 every,
                 runs.clone(),
+                drain.clone(),
                 heartbeat_stop.clone(),
             )
             .in_current_span(),
         );
 
-        let tracker = TaskTracker::new();
-        let consumer = CommandConsumer {
+        let intake_stop = CancellationToken::new();
+        let consumer = Arc::new(CommandConsumer {
             amqp: settings.amqp.clone(),
             agent_id: agent_id.clone(),
             prefetch,
-            ctx: Arc::new(RunContext {
-                api,
-                executor,
-                agent_id,
-                runs: runs.clone(),
-                hard_stop: hard_stop.clone(),
-            }),
+            ctx: ctx.clone(),
             tracker: tracker.clone(),
-        };
-        let connection = consumer.run(session, &cancel).await;
+            drain: drain.clone(),
+        });
+        let intake = tokio::spawn({
+            let consumer = consumer.clone();
+            let intake_stop = intake_stop.clone();
+            async move { consumer.run(session, &intake_stop).await }.in_current_span()
+        });
 
-        tracker.close();
-        let drain = settings.drain_timeout();
-        if !tracker.is_empty() {
-            tracing::info!(
-                running = runs.len(),
-                drain_timeout_s = drain.as_secs(),
-                "draining running executions"
-            );
-        }
-        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                running = runs.len(),
-                "drain timeout passed; stopping the remaining executions"
-            );
-            hard_stop.cancel();
-            if tokio::time::timeout(STOP_GRACE, tracker.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(running = runs.len(), "some executions did not stop in time");
-            }
-        }
+        drain.cancelled().await;
+        let session = drain_agent(
+            &ctx,
+            &consumer,
+            intake,
+            intake_stop,
+            &tracker,
+            settings.drain_timeout(),
+        )
+        .await;
+
+        // Heartbeats stop before deregistering: a heartbeat after it would find the agent
+        // unknown and register it again.
         heartbeat_stop.cancel();
-        if let Err(e) = heartbeat.await {
-            tracing::warn!(error = %e, "heartbeat task failed");
+        match heartbeat.await {
+            Ok(()) => tracing::info!("heartbeats stopped"),
+            Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
         }
-        if let Some(conn) = connection
-            && let Err(e) = conn.close(200, "agent stopping".into()).await
+        deregister(&ctx.api).await;
+        if let Some(session) = session
+            && let Err(e) = session.connection.close(200, "agent stopping".into()).await
         {
             tracing::debug!(error = %e, "rabbitmq connection was already closed");
         }
         tracing::info!("agent stopped");
         Ok(())
+    }
+}
+
+/// Steps 1–4 of the drain (see the module doc). Heartbeats keep running throughout. Returns
+/// the AMQP session for the caller to close.
+async fn drain_agent(
+    ctx: &RunContext,
+    consumer: &CommandConsumer,
+    intake: tokio::task::JoinHandle<Option<AmqpSession>>,
+    intake_stop: CancellationToken,
+    tracker: &TaskTracker,
+    drain_timeout: Duration,
+) -> Option<AmqpSession> {
+    // The caller's token may have fired already; the drain's own calls are bounded by their
+    // retries instead.
+    let unbounded = CancellationToken::new();
+    tracing::info!(
+        running = ctx.runs.len(),
+        drain_timeout_s = drain_timeout.as_secs(),
+        "draining: taking no new work"
+    );
+    match ctx.api.set_draining(&unbounded).await {
+        Ok(()) => tracing::info!("the api marked this agent as draining"),
+        Err(e) => tracing::warn!(error = %e, "could not mark this agent as draining; carrying on"),
+    }
+
+    intake_stop.cancel();
+    let session = match intake.await {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::warn!(error = %e, "command consumer task failed");
+            None
+        }
+    };
+    sweep(consumer, session.as_ref(), "after stopping intake").await;
+
+    tracker.close();
+    if !tracker.is_empty() {
+        tracing::info!(
+            running = ctx.runs.len(),
+            "waiting for running executions to finish"
+        );
+    }
+    if tokio::time::timeout(drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = ctx.runs.len(),
+            "drain timeout passed; handing back the remaining executions"
+        );
+        ctx.hand_back.cancel();
+        if tokio::time::timeout(STOP_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = ctx.runs.len(),
+                "some executions did not finish handing back in time; their containers stay for the next start"
+            );
+        }
+    } else {
+        tracing::info!("every execution finished");
+    }
+    // Commands routed to us while we drained (a dispatcher that picked us just before
+    // SetDraining landed).
+    sweep(consumer, session.as_ref(), "before deregistering").await;
+    if tokio::time::timeout(SWEEP_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("commands swept from the queue are still being handed back");
+    }
+
+    session
+}
+
+/// Step 5 of the drain: leave the fleet. Retried a few times while the API still sees leases
+/// held here (a hand-back it has not committed yet).
+async fn deregister(api: &ApiClient) {
+    let unbounded = CancellationToken::new();
+    for attempt in 1..=DEREGISTER_ATTEMPTS {
+        match api.deregister(&unbounded).await {
+            Ok(()) => {
+                tracing::info!("deregistered");
+                break;
+            }
+            Err(ApiError::Stale { code, message }) if attempt < DEREGISTER_ATTEMPTS => {
+                tracing::info!(?code, %message, "the api still sees leases held here; retrying deregistration");
+                tokio::time::sleep(DEREGISTER_PAUSE).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not deregister; the api will see this agent's heartbeats stop");
+                break;
+            }
+        }
+    }
+}
+
+/// Hands back whatever is still in the command queue. The commands run on the tracker like
+/// any execution; with the agent draining, an `Execute` is handed back without starting.
+async fn sweep(consumer: &CommandConsumer, session: Option<&AmqpSession>, when: &str) {
+    let Some(session) = session else { return };
+    let swept = consumer.sweep(session).await;
+    if swept > 0 {
+        tracing::info!(commands = swept, when, "handled commands left in the queue");
     }
 }

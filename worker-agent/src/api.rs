@@ -254,6 +254,33 @@ impl ApiClient {
         .await
     }
 
+    /// Tells the API this agent takes no new work; dispatchers skip it from then on.
+    pub async fn set_draining(&self, cancel: &CancellationToken) -> Result<(), ApiError> {
+        let req = pb::SetDrainingRequest {
+            agent_id: self.agent_id.to_string(),
+        };
+        self.call("set draining", Patience::Retries(5), cancel, |mut c| {
+            let req = req.clone();
+            async move { c.set_draining(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Leaves the fleet. FAILED_PRECONDITION (here [`ApiError::Stale`]) while the API still
+    /// sees leases held by this agent.
+    pub async fn deregister(&self, cancel: &CancellationToken) -> Result<(), ApiError> {
+        let req = pb::DeregisterRequest {
+            agent_id: self.agent_id.to_string(),
+        };
+        self.call("deregister", Patience::Retries(5), cancel, |mut c| {
+            let req = req.clone();
+            async move { c.deregister(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Runs `f` with retries of transient failures, as patient as asked, until `cancel`.
     async fn call<T, F, Fut>(
         &self,

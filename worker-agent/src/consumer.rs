@@ -2,6 +2,19 @@
 //! a prefetch of its capacity, hands each command to an execution task, and reconnects with
 //! backoff whenever the connection or the consumer ends. Unparseable commands are rejected
 //! without requeue, so the queue's dead-letter exchange moves them to `drover.dead`.
+//!
+//! - `Execute` spawns an execution (which hands the lease straight back if the agent is
+//!   draining by the time it would start the container).
+//! - `Cancel` signals the execution holding that lease; a lease not executing here is ignored.
+//!   Cancelling is idempotent, so this path, the heartbeat's and `GetAssignment`'s may all
+//!   deliver the same cancel. The grace between SIGTERM and SIGKILL is the spec's
+//!   `cancel_grace_secs` (the command's `grace_secs` is the same value, copied by the API), so
+//!   every path terminates the same way.
+//! - `Drain` starts the agent's drain, as SIGTERM does.
+//!
+//! When the agent drains, the consumer is cancelled (intake stops), deliveries already on
+//! their way are still handled, and [`CommandConsumer::sweep`] later empties the queue of commands that
+//! arrived afterwards (their runs are handed back, not left to lease expiry).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +28,8 @@ use futures::StreamExt;
 use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -24,10 +37,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::execution::{self, ExecuteCommand, RunContext};
+use crate::running::Signalled;
 
 /// Pause before reconnecting after a consumer ended on a live connection, so a broker that
 /// keeps cancelling us is not hammered.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// After cancelling the consumer, how long deliveries already sent to us may still arrive.
+const IN_FLIGHT_AFTER_CANCEL: Duration = Duration::from_secs(2);
+/// Most commands one [`CommandConsumer::sweep`] takes, so commands requeued while the API is unreachable
+/// cannot keep it going forever.
+const SWEEP_LIMIT: usize = 1000;
 
 /// A connection with the agent's queue declared and its prefetch set.
 pub struct AmqpSession {
@@ -100,12 +119,15 @@ pub struct CommandConsumer {
     pub prefetch: u16,
     pub ctx: Arc<RunContext>,
     pub tracker: TaskTracker,
+    /// Fired by a `Drain` command.
+    pub drain: CancellationToken,
 }
 
 impl CommandConsumer {
     /// Consumes until `cancel` fires, then cancels the consumer (stops intake) and returns the
-    /// live connection: it must stay open while executions drain so their acks still land.
-    pub async fn run(&self, first: AmqpSession, cancel: &CancellationToken) -> Option<Connection> {
+    /// live session: it must stay open while executions drain so their acks still land, and
+    /// [`CommandConsumer::sweep`] uses it.
+    pub async fn run(&self, first: AmqpSession, cancel: &CancellationToken) -> Option<AmqpSession> {
         let mut next = Some(first);
         loop {
             let session = match next.take() {
@@ -113,7 +135,7 @@ impl CommandConsumer {
                 None => open_session(&self.amqp, &self.agent_id, self.prefetch, cancel).await?,
             };
             match self.consume(&session, cancel).await {
-                Ended::Cancelled => return Some(session.connection),
+                Ended::Cancelled => return Some(session),
                 Ended::Broken => {
                     // Unacked commands go back to the queue with the old channel and are
                     // redelivered; executions already running recognise them as duplicates.
@@ -157,6 +179,14 @@ impl CommandConsumer {
                         tracing::warn!(error = %e, "could not cancel the consumer cleanly");
                     }
                     tracing::info!("stopped consuming commands");
+                    // Deliveries the broker sent before the cancel: handle them, or they sit
+                    // unacknowledged until the connection closes.
+                    let _ = tokio::time::timeout(IN_FLIGHT_AFTER_CANCEL, async {
+                        while let Some(Ok(delivery)) = consumer.next().await {
+                            self.dispatch(delivery).await;
+                        }
+                    })
+                    .await;
                     return Ended::Cancelled;
                 }
                 next = consumer.next() => match next {
@@ -205,7 +235,57 @@ impl CommandConsumer {
                 self.tracker
                     .spawn(execution::execute(self.ctx.clone(), cmd, ack));
             }
+            AgentCommand::Cancel {
+                run_id,
+                lease_epoch,
+                grace_secs,
+            } => {
+                match self.ctx.runs.cancel(run_id, lease_epoch) {
+                    Signalled::Now => {
+                        tracing::info!(%run_id, epoch = %lease_epoch, grace_secs, "cancel command: cancelling the execution");
+                    }
+                    Signalled::Already => {
+                        tracing::debug!(%run_id, epoch = %lease_epoch, "cancel command for an execution already cancelling");
+                    }
+                    Signalled::NotHere => {
+                        tracing::info!(%run_id, epoch = %lease_epoch, "cancel command for a lease not executing here; ignoring it");
+                    }
+                }
+                ack.ack().await;
+            }
+            AgentCommand::Drain => {
+                tracing::info!("drain command received");
+                self.drain.cancel();
+                ack.ack().await;
+            }
         }
+    }
+
+    /// Takes every command still in the queue (at most [`SWEEP_LIMIT`]) and handles it as a
+    /// delivery: once the agent drains, `Execute` hands its lease back. Returns how many.
+    pub async fn sweep(&self, session: &AmqpSession) -> usize {
+        let mut taken = 0;
+        while taken < SWEEP_LIMIT {
+            let got = session
+                .channel
+                .basic_get(
+                    session.queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await;
+            match got {
+                Ok(Some(message)) => {
+                    taken += 1;
+                    self.dispatch(message.delivery).await;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not sweep the command queue");
+                    break;
+                }
+            }
+        }
+        taken
     }
 }
 

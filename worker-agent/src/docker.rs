@@ -4,8 +4,15 @@
 //! client negotiates the version at connect. Images are never pulled: no registry is
 //! reachable from worker hosts, and a silent pull would make a run's behaviour depend on the
 //! network; a missing image fails the run with `image_unavailable`.
+//!
+//! Cancellation is SIGTERM (or the image's `STOPSIGNAL`), a grace period, then SIGKILL, done
+//! by hand rather than with `docker stop`: the stop request only answers once the container
+//! is gone, and bollard's per-request timeout (120 s) is shorter than the longest grace a spec
+//! may ask for (300 s).
 
 mod container_config;
+mod found;
+mod log_frame;
 
 use std::time::Duration;
 
@@ -14,10 +21,10 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use bollard::query_parameters::{
-    CreateContainerOptions, KillContainerOptions, LogsOptions, RemoveContainerOptions,
-    WaitContainerOptions,
+    CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, WaitContainerOptions,
 };
-use chrono::{DateTime, Utc};
+use drover_core::ids::AgentId;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 
@@ -25,11 +32,16 @@ pub use container_config::{
     LABEL_AGENT, LABEL_ATTEMPT, LABEL_EPOCH, LABEL_RUN, LABEL_TENANT, container_body,
     container_labels, container_name,
 };
+pub use found::found_from_inspect;
+use found::running_for;
 
 use crate::executor::{
-    ExecError, ExecHandle, Executor, ExitStatus, Job, OutputChunk, OutputSource, OutputStream,
-    Started,
+    ExecError, ExecHandle, Executor, ExitStatus, FoundExecution, Job, OutputChunk, OutputSource,
+    OutputStream, Started, Termination,
 };
+
+/// While terminating, how often to look whether the process has exited.
+const EXIT_POLL: Duration = Duration::from_millis(100);
 
 /// bollard's default local socket (not exported by bollard).
 const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
@@ -160,8 +172,12 @@ impl DockerExecutor {
         let state = info.state.as_ref();
         let status = state.and_then(|s| s.status);
         match status {
-            // Never started (fresh, or created by a delivery that died before starting it).
+            // Never started (fresh, or created by a delivery that died before starting it):
+            // starting it now is this execution's one start.
             Some(ContainerStateStatusEnum::CREATED) | None => {
+                if existed {
+                    tracing::info!(container = %handle.name, "starting a container created earlier but never started");
+                }
                 self.docker
                     .start_container(&handle.id, None)
                     .await
@@ -169,7 +185,7 @@ impl DockerExecutor {
                 Ok(Started {
                     handle,
                     running_for: Duration::ZERO,
-                    adopted: existed,
+                    adopted: false,
                 })
             }
             // Running or already finished: adopt, never start twice.
@@ -179,6 +195,115 @@ impl DockerExecutor {
                 adopted: true,
             }),
         }
+    }
+
+    /// SIGTERM (or the image's stop signal), up to `grace` for the exit, then SIGKILL.
+    async fn terminate_container(
+        &self,
+        handle: &ExecHandle,
+        grace: Duration,
+    ) -> Result<Termination, ExecError> {
+        let Some(info) = self.inspect(&handle.id).await? else {
+            return Ok(Termination::Exited);
+        };
+        if !is_running(&info) {
+            return Ok(Termination::Exited);
+        }
+        let signal = info
+            .config
+            .as_ref()
+            .and_then(|c| c.stop_signal.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "SIGTERM".to_owned());
+        let options = KillContainerOptions {
+            signal: signal.clone(),
+        };
+        match self.docker.kill_container(&handle.id, Some(options)).await {
+            Ok(()) => {}
+            Err(e) if matches!(status_of(&e), Some(404 | 409)) => return Ok(Termination::Exited),
+            Err(e) => return Err(ExecError::backend("signal container", e)),
+        }
+        tracing::info!(container = %handle.name, %signal, grace_s = grace.as_secs(), "asked the container to stop");
+        let exited = tokio::time::timeout(grace, async {
+            loop {
+                match self.inspect(&handle.id).await {
+                    Ok(Some(info)) if is_running(&info) => {}
+                    Ok(_) => return,
+                    // A daemon hiccup: keep looking until the grace runs out.
+                    Err(e) => tracing::debug!(error = %e, "inspect while terminating failed"),
+                }
+                tokio::time::sleep(EXIT_POLL).await;
+            }
+        })
+        .await;
+        if exited.is_ok() {
+            return Ok(Termination::Exited);
+        }
+        let options = KillContainerOptions {
+            signal: "SIGKILL".to_owned(),
+        };
+        match self.docker.kill_container(&handle.id, Some(options)).await {
+            Ok(()) => {
+                tracing::info!(container = %handle.name, "grace period over; killed the container");
+                Ok(Termination::Killed)
+            }
+            // It exited right as the grace ran out.
+            Err(e) if matches!(status_of(&e), Some(404 | 409)) => Ok(Termination::Exited),
+            Err(e) => Err(ExecError::backend("kill container", e)),
+        }
+    }
+
+    async fn list_for(&self, agent: &AgentId) -> Result<Vec<FoundExecution>, ExecError> {
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(
+                [(
+                    "label".to_owned(),
+                    vec![LABEL_RUN.to_owned(), format!("{LABEL_AGENT}={agent}")],
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| ExecError::backend("list containers", e))?;
+        let mut found = Vec::with_capacity(summaries.len());
+        for summary in summaries {
+            let Some(id) = summary.id else { continue };
+            // Inspect for what the summary lacks: when the process started.
+            let Some(info) = self.inspect(&id).await? else {
+                continue; // removed meanwhile
+            };
+            match found_from_inspect(&info) {
+                Ok(f) => found.push(f),
+                Err(why) => {
+                    tracing::warn!(container_id = %id, %why, "container labelled for this agent but unreadable; leaving it to operators");
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn find_job(&self, job: &Job) -> Result<Option<FoundExecution>, ExecError> {
+        let Some(info) = self.inspect(&container_name(job)).await? else {
+            return Ok(None);
+        };
+        let found = found_from_inspect(&info).map_err(|why| {
+            ExecError::backend("adopt container", format!("unreadable labels: {why}"))
+        })?;
+        if found.run_id != job.run_id || found.lease_epoch != job.lease_epoch {
+            return Err(ExecError::backend(
+                "adopt container",
+                format!(
+                    "container {} is not labelled for this lease",
+                    found.handle.name
+                ),
+            ));
+        }
+        Ok(Some(found))
     }
 
     async fn exit_status(&self, handle: &ExecHandle) -> Result<ExitStatus, ExecError> {
@@ -207,22 +332,27 @@ impl Executor for DockerExecutor {
             follow: true,
             stdout: true,
             stderr: true,
+            timestamps: true,
             ..Default::default()
+        };
+        let chunk = |source, frame: &[u8]| {
+            let (at, data) = log_frame::split_timestamp(frame);
+            OutputChunk {
+                source,
+                data: data.to_vec(),
+                at,
+            }
         };
         self.docker
             .logs(&handle.id, Some(options))
-            .filter_map(|item| async move {
+            .filter_map(move |item| async move {
                 match item {
                     Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                        Some(Ok(OutputChunk {
-                            source: OutputSource::Stdout,
-                            data: message.to_vec(),
-                        }))
+                        Some(Ok(chunk(OutputSource::Stdout, &message)))
                     }
-                    Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
-                        source: OutputSource::Stderr,
-                        data: message.to_vec(),
-                    })),
+                    Ok(LogOutput::StdErr { message }) => {
+                        Some(Ok(chunk(OutputSource::Stderr, &message)))
+                    }
                     Ok(LogOutput::StdIn { .. }) => None,
                     Err(e) => Some(Err(ExecError::backend("follow container logs", e))),
                 }
@@ -268,6 +398,28 @@ impl Executor for DockerExecutor {
         .boxed()
     }
 
+    fn terminate<'a>(
+        &'a self,
+        handle: &'a ExecHandle,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<Termination, ExecError>> {
+        self.terminate_container(handle, grace).boxed()
+    }
+
+    fn list<'a>(
+        &'a self,
+        agent: &'a AgentId,
+    ) -> BoxFuture<'a, Result<Vec<FoundExecution>, ExecError>> {
+        self.list_for(agent).boxed()
+    }
+
+    fn find<'a>(
+        &'a self,
+        job: &'a Job,
+    ) -> BoxFuture<'a, Result<Option<FoundExecution>, ExecError>> {
+        self.find_job(job).boxed()
+    }
+
     fn remove<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<(), ExecError>> {
         async move {
             let options = RemoveContainerOptions {
@@ -305,35 +457,13 @@ fn local_endpoint() -> String {
         .unwrap_or_else(|| DEFAULT_SOCKET.to_owned())
 }
 
-/// Time since Docker's `StartedAt` (RFC 3339; the zero time `0001-01-01…` when never started).
-fn running_for(started_at: Option<&str>) -> Duration {
-    started_at
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .filter(|t| t.timestamp() > 0)
-        .and_then(|t| (Utc::now() - t).to_std().ok())
-        .unwrap_or(Duration::ZERO)
+fn is_running(info: &ContainerInspectResponse) -> bool {
+    info.state.as_ref().and_then(|s| s.running).unwrap_or(false)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn running_for_reads_docker_timestamps() {
-        assert_eq!(running_for(None), Duration::ZERO);
-        assert_eq!(running_for(Some("0001-01-01T00:00:00Z")), Duration::ZERO);
-        assert_eq!(running_for(Some("garbage")), Duration::ZERO);
-        let ten_s_ago = (Utc::now() - chrono::Duration::seconds(10)).to_rfc3339();
-        let d = running_for(Some(&ten_s_ago));
-        assert!(
-            d >= Duration::from_secs(9) && d <= Duration::from_secs(12),
-            "{d:?}"
-        );
-        // A clock skewed into the future counts as just started.
-        let future = (Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
-        assert_eq!(running_for(Some(&future)), Duration::ZERO);
-    }
 
     #[test]
     fn server_status_is_extracted() {

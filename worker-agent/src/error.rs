@@ -14,6 +14,9 @@ pub enum AgentError {
     /// The API answered registration with a permanent refusal (bad id, capacity, auth).
     #[error("the api refused to register this agent: {code:?}: {message}")]
     RegistrationRefused { code: tonic::Code, message: String },
+    /// `execution_journal` names a file that cannot be opened for appending.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
     #[error("rabbitmq: {0}")]
     Amqp(#[from] lapin::Error),
     #[error(transparent)]

@@ -10,10 +10,14 @@
 //!   [`ExecError::ImageUnavailable`].
 //! - Errors carry backend text for the agent's logs only; what the API (and so clients) sees is
 //!   chosen by the caller.
+//! - [`Executor::list`] finds every execution this agent left on the host (labelled with its
+//!   agent id), so a restarted agent re-adopts, reports or removes them instead of running
+//!   anything twice.
 
 use std::fmt;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use drover_core::ids::{AgentId, LeaseEpoch, RunId};
 use drover_core::spec::RunSpec;
 use futures::future::BoxFuture;
@@ -36,6 +40,11 @@ impl Job {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.spec.timeout_secs))
     }
+
+    /// On cancel, how long the process gets between SIGTERM and SIGKILL.
+    pub fn cancel_grace(&self) -> Duration {
+        Duration::from_secs(u64::from(self.spec.cancel_grace_secs))
+    }
 }
 
 /// Identifies a started execution (a container id and name, a process id, …).
@@ -54,8 +63,52 @@ pub struct Started {
     /// How long the process has been running already: zero when just started, more when an
     /// existing execution was adopted after a redelivery. The timeout budget is reduced by it.
     pub running_for: Duration,
-    /// True when the execution existed before this call.
+    /// True when the process had been started before this call (it is running or has
+    /// exited): this call adopted it. False when this call started the process, which is
+    /// what the execution journal records as a new execution.
     pub adopted: bool,
+}
+
+/// Where a found execution stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoundStatus {
+    /// Created but never started (the agent died between create and start).
+    Created,
+    Running,
+    /// Exited (or dead); its exit code and output are still there.
+    Exited,
+}
+
+/// An execution the backend already holds for this agent, as [`Executor::list`] finds it.
+#[derive(Debug, Clone)]
+pub struct FoundExecution {
+    pub handle: ExecHandle,
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub lease_epoch: LeaseEpoch,
+    pub status: FoundStatus,
+    /// How long the process has been running (or ran, if exited); zero if never started.
+    pub running_for: Duration,
+}
+
+impl FoundExecution {
+    /// The [`Started`] of adopting it (running or exited; never for [`FoundStatus::Created`]).
+    pub fn adopted(&self) -> Started {
+        Started {
+            handle: self.handle.clone(),
+            running_for: self.running_for,
+            adopted: true,
+        }
+    }
+}
+
+/// How [`Executor::terminate`] ended the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// It exited within the grace period (or was not running any more).
+    Exited,
+    /// It outlived the grace period and was killed.
+    Killed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +122,9 @@ pub enum OutputSource {
 pub struct OutputChunk {
     pub source: OutputSource,
     pub data: Vec<u8>,
+    /// When the process wrote it, if the backend records that. Lets an adopted execution
+    /// skip, in its live logs, what an earlier life of the agent already shipped.
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// How the process ended.
@@ -114,7 +170,8 @@ pub trait Executor: Send + Sync + 'static {
     /// Creates and starts the job's execution, or adopts the one that already exists.
     fn start<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Started, ExecError>>;
 
-    /// Follows stdout and stderr from the beginning until the process exits.
+    /// Follows stdout and stderr from the beginning until the process exits, with the time
+    /// each chunk was written when the backend knows it.
     fn output(&self, handle: &ExecHandle) -> OutputStream;
 
     /// Waits for the process to exit and says how it ended.
@@ -122,6 +179,26 @@ pub trait Executor: Send + Sync + 'static {
 
     /// Kills the process at once. Killing one that already exited is not an error.
     fn kill<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<(), ExecError>>;
+
+    /// Asks the process to stop (SIGTERM), waits up to `grace` for it to exit, then kills it
+    /// (SIGKILL). Returns once it is no longer running. One that already exited is not an
+    /// error ([`Termination::Exited`]).
+    fn terminate<'a>(
+        &'a self,
+        handle: &'a ExecHandle,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<Termination, ExecError>>;
+
+    /// Every execution on this host that belongs to `agent` (created, running or exited).
+    /// Executions whose labels cannot be read are skipped with a warning, for operators.
+    fn list<'a>(
+        &'a self,
+        agent: &'a AgentId,
+    ) -> BoxFuture<'a, Result<Vec<FoundExecution>, ExecError>>;
+
+    /// The job's existing execution, if any, without creating or starting anything.
+    fn find<'a>(&'a self, job: &'a Job)
+    -> BoxFuture<'a, Result<Option<FoundExecution>, ExecError>>;
 
     /// Deletes every trace of the execution. Removing one that is gone is not an error.
     fn remove<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<(), ExecError>>;

@@ -3,8 +3,11 @@
 //! Owns everything between an agent's command queue and the containers on its host: settings
 //! ([`settings`]), registration and heartbeats with the API, consuming `drover.agent.<id>`,
 //! executing assignments through an [`Executor`] (Docker via bollard: [`docker`]), following
-//! output ([`supervise`], [`output_tail`], [`log_batch`]), enforcing time limits, reporting
-//! start and completion under the lease epoch, and draining on shutdown ([`Agent`]).
+//! output ([`supervise`], [`output_tail`], [`log_batch`]), enforcing time limits, cancelling
+//! (SIGTERM, grace, SIGKILL), reporting start and completion under the lease epoch (and
+//! dropping whatever a stale-epoch refusal fences off), re-adopting its containers after a
+//! restart, the optional execution journal for test oracles ([`journal`]), and draining
+//! ([`Agent`]).
 //!
 //! It must not touch Postgres or Redis, decide run state, or assign work: the API is the only
 //! authority it talks to, and every report it sends may be refused as stale. It never pulls
@@ -16,22 +19,28 @@
 
 mod agent;
 mod api;
+mod attempt;
 mod consumer;
 pub mod docker;
 pub mod error;
 mod execution;
 pub mod executor;
 mod heartbeat;
+pub mod journal;
 pub mod log_batch;
 mod log_shipper;
 pub mod outcome;
 pub mod output_tail;
-mod running;
+mod reconcile;
+pub mod running;
 pub mod settings;
+mod settle;
 pub mod supervise;
 
 pub use agent::Agent;
 pub use docker::DockerExecutor;
 pub use error::AgentError;
-pub use executor::{ExecError, ExecHandle, Executor, Job};
+pub use executor::{
+    ExecError, ExecHandle, Executor, FoundExecution, FoundStatus, Job, Termination,
+};
 pub use settings::{ExecutorKind, Settings};

@@ -92,6 +92,7 @@ mod tests {
         OutputChunk {
             source: OutputSource::Stdout,
             data: data.to_vec(),
+            at: None,
         }
     }
 
@@ -99,6 +100,7 @@ mod tests {
         OutputChunk {
             source: OutputSource::Stderr,
             data: data.to_vec(),
+            at: None,
         }
     }
 

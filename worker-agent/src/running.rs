@@ -1,6 +1,13 @@
-//! The leases this agent is executing right now. Heartbeats report them; a revoked lease's
-//! token is cancelled so its execution stops; a redelivered command for a lease already here
-//! is recognised as a duplicate.
+//! The leases this agent is executing right now, each with the signals that end it early.
+//! Heartbeats report them; a revoked lease is stopped, a cancelled one terminated and reported;
+//! a redelivered command (or a second cancel) for a lease already here is recognised.
+//!
+//! Three signals, because they end an execution differently:
+//! - **stop** (lease revoked, a report refused as stale): kill, remove, report nothing — the
+//!   lease is no longer ours to report on;
+//! - **cancel** (a client cancelled the run): SIGTERM, grace, SIGKILL, report CANCELLED;
+//! - **hand back** (the drain timeout passed): kill, report HANDED_BACK so the run is
+//!   re-queued without counting an attempt.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -8,38 +15,53 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use drover_core::ids::{LeaseEpoch, RunId};
 use tokio_util::sync::CancellationToken;
 
-type Lease = (RunId, LeaseEpoch);
+pub type Lease = (RunId, LeaseEpoch);
+
+/// How one execution is asked to end early. Cancelling a token twice is a no-op, which makes
+/// every signal idempotent however many paths deliver it.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseSignals {
+    pub stop: CancellationToken,
+    pub cancel: CancellationToken,
+    pub hand_back: CancellationToken,
+}
 
 #[derive(Clone, Default)]
 pub struct RunningRuns {
-    inner: Arc<Mutex<HashMap<Lease, CancellationToken>>>,
+    inner: Arc<Mutex<HashMap<Lease, LeaseSignals>>>,
 }
 
 impl RunningRuns {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Lease, CancellationToken>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Lease, LeaseSignals>> {
         // The map stays consistent even if a holder panicked: every update is one insert or
         // remove.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records the lease as executing, with the token that stops it. `None` when it is
-    /// already executing (a duplicate delivery).
+    /// Records the lease as executing. `hand_back` is the agent-wide token the lease's own
+    /// hand-back signal descends from. `None` when the lease is already executing here (a
+    /// duplicate delivery).
     pub fn claim(
         &self,
         run_id: RunId,
         epoch: LeaseEpoch,
-        stop: CancellationToken,
+        hand_back: &CancellationToken,
     ) -> Option<RunClaim> {
         let mut map = self.lock();
         let key = (run_id, epoch);
         if map.contains_key(&key) {
             return None;
         }
-        map.insert(key, stop.clone());
+        let signals = LeaseSignals {
+            stop: CancellationToken::new(),
+            cancel: CancellationToken::new(),
+            hand_back: hand_back.child_token(),
+        };
+        map.insert(key, signals.clone());
         Some(RunClaim {
             runs: self.clone(),
             key,
-            stop,
+            signals,
         })
     }
 
@@ -53,29 +75,66 @@ impl RunningRuns {
         self.lock().len()
     }
 
-    /// Stops the execution holding this lease. False when no execution holds it.
-    pub fn revoke(&self, run_id: RunId, epoch: LeaseEpoch) -> bool {
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Stops the execution holding this lease.
+    pub fn revoke(&self, run_id: RunId, epoch: LeaseEpoch) -> Signalled {
+        self.signal(run_id, epoch, |s| &s.stop)
+    }
+
+    /// Cancels the execution holding this lease.
+    pub fn cancel(&self, run_id: RunId, epoch: LeaseEpoch) -> Signalled {
+        self.signal(run_id, epoch, |s| &s.cancel)
+    }
+
+    fn signal(
+        &self,
+        run_id: RunId,
+        epoch: LeaseEpoch,
+        which: impl Fn(&LeaseSignals) -> &CancellationToken,
+    ) -> Signalled {
         match self.lock().get(&(run_id, epoch)) {
-            Some(stop) => {
-                stop.cancel();
-                true
+            Some(signals) => {
+                let token = which(signals);
+                if token.is_cancelled() {
+                    Signalled::Already
+                } else {
+                    token.cancel();
+                    Signalled::Now
+                }
             }
-            None => false,
+            None => Signalled::NotHere,
         }
     }
+}
+
+/// What a signal to a lease did. Heartbeats repeat a cancel or a revocation until the run
+/// ends, so only [`Signalled::Now`] is news worth a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signalled {
+    Now,
+    /// The execution had been signalled so already.
+    Already,
+    /// No execution holds the lease here: nothing to do.
+    NotHere,
 }
 
 /// Held by the execution of one lease; dropping it takes the lease off the running set.
 pub struct RunClaim {
     runs: RunningRuns,
     key: Lease,
-    stop: CancellationToken,
+    signals: LeaseSignals,
 }
 
 impl RunClaim {
-    /// Fires when the lease is revoked or the agent stops executions.
-    pub fn stop_token(&self) -> &CancellationToken {
-        &self.stop
+    pub fn signals(&self) -> &LeaseSignals {
+        &self.signals
+    }
+
+    pub fn lease(&self) -> Lease {
+        self.key
     }
 }
 
@@ -92,18 +151,12 @@ mod tests {
     #[test]
     fn claims_are_exclusive_and_released_on_drop() {
         let runs = RunningRuns::default();
+        let agent = CancellationToken::new();
         let run = RunId::new();
-        let claim = runs
-            .claim(run, LeaseEpoch(1), CancellationToken::new())
-            .unwrap();
-        assert!(
-            runs.claim(run, LeaseEpoch(1), CancellationToken::new())
-                .is_none()
-        );
+        let claim = runs.claim(run, LeaseEpoch(1), &agent).unwrap();
+        assert!(runs.claim(run, LeaseEpoch(1), &agent).is_none());
         // A newer lease of the same run is a different execution.
-        let newer = runs
-            .claim(run, LeaseEpoch(2), CancellationToken::new())
-            .unwrap();
+        let newer = runs.claim(run, LeaseEpoch(2), &agent).unwrap();
         assert_eq!(
             runs.leases(),
             vec![(run, LeaseEpoch(1)), (run, LeaseEpoch(2))]
@@ -111,26 +164,43 @@ mod tests {
         drop(claim);
         drop(newer);
         assert_eq!(runs.leases(), vec![]);
-        assert!(
-            runs.claim(run, LeaseEpoch(1), CancellationToken::new())
-                .is_some()
-        );
+        assert!(runs.claim(run, LeaseEpoch(1), &agent).is_some());
     }
 
     #[test]
-    fn revoking_cancels_only_that_lease() {
+    fn signals_reach_only_their_lease_and_repeat_harmlessly() {
         let runs = RunningRuns::default();
+        let agent = CancellationToken::new();
         let (a, b) = (RunId::new(), RunId::new());
-        let ca = runs
-            .claim(a, LeaseEpoch(1), CancellationToken::new())
-            .unwrap();
-        let cb = runs
-            .claim(b, LeaseEpoch(1), CancellationToken::new())
-            .unwrap();
-        assert!(runs.revoke(a, LeaseEpoch(1)));
-        assert!(!runs.revoke(a, LeaseEpoch(9)));
-        assert!(ca.stop_token().is_cancelled());
-        assert!(!cb.stop_token().is_cancelled());
+        let ca = runs.claim(a, LeaseEpoch(1), &agent).unwrap();
+        let cb = runs.claim(b, LeaseEpoch(1), &agent).unwrap();
+        assert_eq!(runs.revoke(a, LeaseEpoch(1)), Signalled::Now);
+        assert_eq!(runs.revoke(a, LeaseEpoch(9)), Signalled::NotHere);
+        assert!(ca.signals().stop.is_cancelled());
+        assert!(!ca.signals().cancel.is_cancelled());
+        assert!(!cb.signals().stop.is_cancelled());
+
+        assert_eq!(runs.cancel(b, LeaseEpoch(1)), Signalled::Now);
+        assert_eq!(
+            runs.cancel(b, LeaseEpoch(1)),
+            Signalled::Already,
+            "a second cancel is harmless"
+        );
+        assert!(cb.signals().cancel.is_cancelled());
+        assert!(!cb.signals().stop.is_cancelled());
+        assert_eq!(runs.cancel(RunId::new(), LeaseEpoch(1)), Signalled::NotHere);
         assert_eq!(runs.len(), 2);
+    }
+
+    #[test]
+    fn the_agent_wide_hand_back_reaches_every_lease() {
+        let runs = RunningRuns::default();
+        let agent = CancellationToken::new();
+        let c1 = runs.claim(RunId::new(), LeaseEpoch(1), &agent).unwrap();
+        let c2 = runs.claim(RunId::new(), LeaseEpoch(1), &agent).unwrap();
+        agent.cancel();
+        assert!(c1.signals().hand_back.is_cancelled());
+        assert!(c2.signals().hand_back.is_cancelled());
+        assert!(!c1.signals().stop.is_cancelled());
     }
 }

@@ -1,9 +1,10 @@
 //! The agent's typed settings, loaded once by `main` (or composed by `drover dev`) with
 //! [`drover_core::config::load`]: defaults, then an optional TOML file, then `DROVER_…`
 //! environment variables with `__` between levels (`DROVER_AGENT_ID`, `DROVER_CAPACITY`,
-//! `DROVER_AMQP__URL`, `DROVER_LABELS__GPU=true`).
+//! `DROVER_AMQP__URL`, `DROVER_LABELS__GPU=true`, `DROVER_EXECUTION_JOURNAL=/path`).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use drover_core::config::AmqpSettings;
@@ -37,8 +38,12 @@ pub struct Settings {
     /// `url` and `delivery_limit` are used; `prefetch` is not: the agent's prefetch is its
     /// `capacity`, one unacknowledged command per execution slot.
     pub amqp: AmqpSettings,
-    /// On shutdown, how long running executions may take to finish before they are stopped.
+    /// On drain (SIGTERM, a `Drain` command, or the API asking in a heartbeat), how long
+    /// running executions may take to finish before they are killed and handed back.
     pub drain_timeout_secs: u64,
+    /// Where to append the execution journal (one JSON line per started, adopted or ended
+    /// process; see [`crate::journal`]), for test oracles. None: no journal.
+    pub execution_journal: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -52,6 +57,7 @@ impl Default for Settings {
             executor: ExecutorKind::Auto,
             amqp: AmqpSettings::default(),
             drain_timeout_secs: 30,
+            execution_journal: None,
         }
     }
 }
@@ -148,6 +154,17 @@ mod tests {
         assert_eq!(s.capacity, 4);
         assert_eq!(s.executor, ExecutorKind::Auto);
         assert_eq!(s.drain_timeout(), Duration::from_secs(30));
+        assert_eq!(s.execution_journal, None);
+    }
+
+    #[test]
+    fn the_journal_path_is_an_optional_setting() {
+        // `DROVER_EXECUTION_JOURNAL` reaches serde as this key.
+        let s: Settings = serde_json::from_str(r#"{"execution_journal": "/tmp/j.jsonl"}"#).unwrap();
+        assert_eq!(
+            s.execution_journal.as_deref(),
+            Some(std::path::Path::new("/tmp/j.jsonl"))
+        );
     }
 
     #[test]

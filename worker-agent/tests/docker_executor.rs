@@ -12,13 +12,13 @@ use std::time::Duration;
 use drover_agent::docker::container_name;
 use drover_agent::executor::{OutputChunk, OutputSource};
 use drover_agent::outcome::Verdict;
-use drover_agent::supervise::{Ending, Finished, supervise};
+use drover_agent::running::LeaseSignals;
+use drover_agent::supervise::{Ending, Finished, Supervision, supervise};
 use drover_agent::{DockerExecutor, ExecError, Executor, Job};
 use drover_core::ids::{AgentId, DEFAULT_TENANT, LeaseEpoch, RunId};
 use drover_core::spec::RawSpec;
 use drover_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const IMAGE: &str = "drover/busybox:latest";
 
@@ -51,6 +51,15 @@ fn job(image: &str, command: &[&str], timeout_secs: u32) -> Job {
     }
 }
 
+fn limits(job: &Job, already_running: Duration) -> Supervision {
+    Supervision {
+        timeout: job.timeout(),
+        already_running,
+        cancel_grace: job.cancel_grace(),
+        live_logs_from: None,
+    }
+}
+
 /// Starts, supervises to the end and removes; returns how it finished and the forwarded logs.
 async fn run_to_end(exec: &DockerExecutor, job: &Job) -> (Finished, Vec<(OutputSource, Vec<u8>)>) {
     let started = exec.start(job).await.expect("container starts");
@@ -63,13 +72,11 @@ async fn run_to_end(exec: &DockerExecutor, job: &Job) -> (Finished, Vec<(OutputS
         }
         got
     });
-    let stop = CancellationToken::new();
     let finished = supervise(
         exec,
         &started.handle,
-        job.timeout(),
-        started.running_for,
-        &stop,
+        limits(job, started.running_for),
+        &LeaseSignals::default(),
         tx,
     )
     .await
@@ -174,13 +181,11 @@ async fn redelivery_adopts_the_same_container_and_never_reruns_it() {
     assert!(second.adopted);
     assert_eq!(second.handle, first.handle);
     let (tx, _rx) = mpsc::channel(8);
-    let stop = CancellationToken::new();
     let finished = supervise(
         &exec,
         &second.handle,
-        job.timeout(),
-        second.running_for,
-        &stop,
+        limits(&job, second.running_for),
+        &LeaseSignals::default(),
         tx,
     )
     .await

@@ -1,0 +1,132 @@
+//! The second half of every attempt, whether the process was just started or adopted after a
+//! restart: report the start (if the API has not seen it), supervise it while shipping its
+//! logs, journal its end, report the verdict, and remove the container once the API settled.
+//!
+//! Fencing: a start, log or completion report refused as stale means the lease is gone; the
+//! container is stopped and removed and the lease forgotten (the claim is dropped).
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use drover_core::state::RunState;
+
+use crate::api::{ApiError, epoch_to_wire};
+use crate::execution::RunContext;
+use crate::executor::{Job, Started};
+use crate::log_shipper::ship_logs;
+use crate::outcome::Verdict;
+use crate::running::RunClaim;
+use crate::settle::{self, Execution};
+use crate::supervise::{Ending, Supervision, supervise};
+
+/// Output chunks buffered between the container and the log shipper.
+const LOG_CHANNEL_CAPACITY: usize = 256;
+
+/// Follows a started (or adopted) execution of `job` to its settled end. `state` is the run's
+/// state as the API last said (ASSIGNED: the start is not reported yet). `started_at` is when
+/// `started` was learnt, so the time spent reporting counts against the timeout.
+pub async fn follow(
+    ctx: &RunContext,
+    claim: RunClaim,
+    job: Job,
+    started: Started,
+    started_at: Instant,
+    state: Option<RunState>,
+) {
+    let adopted_at = chrono::Utc::now();
+    let signals = claim.signals().clone();
+    let (run_id, epoch) = (job.run_id, job.lease_epoch);
+    let handle = started.handle;
+    let execution = Execution {
+        run_id,
+        attempt: job.attempt,
+        epoch,
+        handle: &handle,
+    };
+
+    if state != Some(RunState::Running) {
+        match ctx
+            .api
+            .report_started(
+                run_id,
+                epoch,
+                &handle.id,
+                ctx.executor.name(),
+                &signals.stop,
+            )
+            .await
+        {
+            Ok(()) => tracing::info!("start reported"),
+            Err(e @ (ApiError::Stale { .. } | ApiError::Permanent { .. })) => {
+                tracing::warn!(error = %e, "start report refused; stopping and removing the container");
+                settle::discard(ctx, execution).await;
+                return;
+            }
+            Err(ApiError::Cancelled | ApiError::Transient { .. }) => {
+                tracing::info!(
+                    "lease revoked before the start was reported; removing the container"
+                );
+                settle::discard(ctx, execution).await;
+                return;
+            }
+        }
+    }
+
+    let (logs_tx, logs_rx) = mpsc::channel(LOG_CHANNEL_CAPACITY);
+    let limits = Supervision {
+        timeout: job.timeout(),
+        already_running: started.running_for + started_at.elapsed(),
+        cancel_grace: job.cancel_grace(),
+        live_logs_from: started.adopted.then_some(adopted_at),
+    };
+    let (finished, ()) = tokio::join!(
+        supervise(ctx.executor.as_ref(), &handle, limits, &signals, logs_tx),
+        ship_logs(
+            ctx.api.clone(),
+            run_id,
+            epoch,
+            logs_rx,
+            signals.stop.clone()
+        ),
+    );
+    let finished = match finished {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "lost track of the execution; failing the attempt");
+            if settle::report_verdict(ctx, run_id, epoch, Verdict::lost_track(), &signals.stop)
+                .await
+            {
+                settle::discard(ctx, execution).await;
+            }
+            return;
+        }
+    };
+    ctx.journal
+        .ended(execution.entry(ctx), finished.exit.and_then(|s| s.code));
+    let Some(verdict) = Verdict::of(&finished) else {
+        debug_assert_eq!(finished.ending, Ending::Stopped);
+        tracing::info!(
+            "execution stopped (lease revoked or refused as stale); removing the container"
+        );
+        settle::remove(ctx.executor.as_ref(), &handle).await;
+        return;
+    };
+    tracing::info!(
+        outcome = verdict.outcome.as_str_name(),
+        exit_code = ?verdict.exit_code,
+        reason = %verdict.reason,
+        infrastructure_error = verdict.infrastructure_error,
+        output_bytes = finished.output.len(),
+        "execution finished; reporting"
+    );
+    let request = verdict.into_request(
+        run_id.to_string(),
+        epoch_to_wire(epoch),
+        finished.output,
+        finished.output_truncated,
+    );
+    if settle::report(ctx, request, &signals.stop).await {
+        settle::remove(ctx.executor.as_ref(), &handle).await;
+    }
+    drop(claim);
+}
