@@ -7,6 +7,7 @@
 //! silent pass.
 
 pub mod fake_agent;
+pub mod private;
 pub mod services;
 pub mod stack;
 

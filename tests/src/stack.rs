@@ -23,6 +23,13 @@ pub struct StackOptions {
     pub agent_capacity: u32,
     /// Extra `DROVER_…` variables for every process (e.g. a short lease TTL).
     pub env: Vec<(String, String)>,
+    /// Use this Postgres database as it is (e.g. a [`crate::private::PrivatePostgres`]'s)
+    /// instead of creating a fresh one on the shared Postgres; the stack never drops it.
+    pub database_url: Option<String>,
+    /// Use this AMQP URL (broker and vhost) as it is (e.g. a
+    /// [`crate::private::PrivateRabbit`]'s) instead of a fresh vhost on the shared RabbitMQ;
+    /// the stack never deletes it.
+    pub amqp_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -33,6 +40,8 @@ impl Default for StackOptions {
             redis_url: services::redis_url(),
             agent_capacity: 4,
             env: Vec::new(),
+            database_url: None,
+            amqp_url: None,
         }
     }
 }
@@ -97,9 +106,19 @@ impl Stack {
 
     pub async fn start_with(opts: StackOptions) -> Stack {
         let tag = uuid::Uuid::now_v7().simple().to_string();
-        let (db_name, database_url) = services::create_database(&tag).await;
-        let vhost = format!("drover-t-{tag}");
-        let amqp_url = services::create_vhost(&vhost);
+        // Services given by the options are used as they are (db_name / vhost stay empty).
+        let (db_name, database_url) = match &opts.database_url {
+            Some(url) => (String::new(), url.clone()),
+            None => services::create_database(&tag).await,
+        };
+        let (vhost, amqp_url) = match &opts.amqp_url {
+            Some(url) => (String::new(), url.clone()),
+            None => {
+                let vhost = format!("drover-t-{tag}");
+                let url = services::create_vhost(&vhost);
+                (vhost, url)
+            }
+        };
         let log_dir = std::env::temp_dir().join(format!("drover-e2e-{tag}"));
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let mut stack = Stack {
@@ -353,7 +372,9 @@ impl Stack {
             }
         }
         self.db.close().await;
-        services::drop_database(&self.db_name).await;
+        if !self.db_name.is_empty() {
+            services::drop_database(&self.db_name).await;
+        }
     }
 }
 
@@ -365,6 +386,8 @@ impl Drop for Stack {
         for p in &mut self.procs {
             let _ = p.child.start_kill();
         }
-        services::delete_vhost(&self.vhost);
+        if !self.vhost.is_empty() {
+            services::delete_vhost(&self.vhost);
+        }
     }
 }
