@@ -13,11 +13,7 @@ use drover_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, ApiResult};
-use crate::run_service::MAX_REASON_BYTES;
-use crate::state::{AppState, parse_run_id};
-
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1000;
+use crate::state::{AppState, client_reason, page_size, parse_run_id};
 
 #[derive(Debug, Clone)]
 pub struct AdminApi {
@@ -42,16 +38,7 @@ impl AdminApi {
         tenant: TenantId,
         req: pb::ListDeadLettersRequest,
     ) -> ApiResult<pb::ListDeadLettersResponse> {
-        let page = match req.page_size {
-            0 => DEFAULT_PAGE,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::bad(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE}"),
-                ));
-            }
-            n => n,
-        };
+        let page = page_size(req.page_size)?;
         let before = if req.page_token.is_empty() {
             None
         } else {
@@ -82,16 +69,7 @@ impl AdminApi {
         req: pb::RedriveRunRequest,
     ) -> ApiResult<pb::RedriveRunResponse> {
         let id = parse_run_id("run_id", &req.run_id)?;
-        if req.reason.len() > MAX_REASON_BYTES {
-            return Err(ApiError::bad(
-                "reason",
-                format!("must be at most {MAX_REASON_BYTES} bytes"),
-            ));
-        }
-        let reason = match req.reason.trim() {
-            "" => "redriven by an operator".to_owned(),
-            r => format!("redriven by an operator: {r}"),
-        };
+        let reason = client_reason(&req.reason, "redriven by an operator")?;
         match dead_letters::redrive(&self.state.pool, tenant, id, &reason).await {
             Ok((run, event)) => {
                 tracing::info!(run_id = %id, attempt = run.attempt, max_attempts = run.max_attempts, "run redriven");

@@ -16,7 +16,7 @@ use drover_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, ApiResult};
-use crate::run_service::MAX_REASON_BYTES;
+use crate::state::MAX_REASON_BYTES;
 use crate::state::{AppState, parse_run_id};
 
 const MAX_CHUNKS: usize = 64;

@@ -14,13 +14,8 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, ApiResult};
-use crate::state::{AppState, parse_run_id};
+use crate::state::{AppState, client_reason, page_size, parse_run_id};
 use crate::watch;
-
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1000;
-/// Bound on client-given reasons (cancel, redrive), which are stored in events.
-pub const MAX_REASON_BYTES: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct RunApi {
@@ -82,16 +77,7 @@ impl RunApi {
         req: pb::CancelRunRequest,
     ) -> ApiResult<pb::CancelRunResponse> {
         let id = parse_run_id("run_id", &req.run_id)?;
-        if req.reason.len() > MAX_REASON_BYTES {
-            return Err(ApiError::bad(
-                "reason",
-                format!("must be at most {MAX_REASON_BYTES} bytes"),
-            ));
-        }
-        let reason = match req.reason.trim() {
-            "" => "cancelled by a client".to_owned(),
-            r => format!("cancelled by a client: {r}"),
-        };
+        let reason = client_reason(&req.reason, "cancelled by a client")?;
         let run = match cancel::cancel(&self.state.pool, tenant, id, &reason).await {
             Ok(cancel::Cancelled::Now(run, event)) => {
                 tracing::info!(run_id = %id, "run cancelled while waiting");
@@ -126,16 +112,7 @@ impl RunApi {
                     .ok_or_else(|| ApiError::bad("states", format!("unknown state {s}")))?,
             );
         }
-        let page = match req.page_size {
-            0 => DEFAULT_PAGE,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::bad(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE}"),
-                ));
-            }
-            n => n,
-        };
+        let page = page_size(req.page_size)?;
         let before = if req.page_token.is_empty() {
             None
         } else {
