@@ -191,3 +191,53 @@ async fn a_duplicate_run_message_after_assignment_is_dropped() {
     assert_eq!(now.lease_epoch, assigned.lease_epoch);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn the_reaper_times_out_a_run_its_live_agent_never_reports() {
+    let mut opts = StackOptions {
+        agent: false,
+        ..Default::default()
+    }
+    .short_leases(2_000);
+    opts.env
+        .push(("DROVER_REAPER__TIMEOUT_GRACE_MS".into(), "500".into()));
+    let stack = Stack::start_with(opts).await;
+    let mut agent = FakeAgent::register(&stack, "fake-hung", 1, &[]).await;
+    let alive = agent.keep_alive(stack.db.clone());
+    let run = submit(
+        &stack,
+        pb::RunSpec {
+            timeout_seconds: 1,
+            ..spec(3)
+        },
+    )
+    .await;
+    let a = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(30),
+        in_state(pb::RunState::Assigned),
+    )
+    .await;
+    agent.started(&run, a.lease_epoch).await.unwrap();
+    // The agent keeps heartbeating (its lease stays valid) but never enforces the timeout.
+    let r = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(30),
+        in_state(pb::RunState::TimedOut),
+    )
+    .await;
+    assert!(r.reason.starts_with("timeout:"), "{}", r.reason);
+    assert!(
+        r.lease_epoch > a.lease_epoch,
+        "the backstop fences the holder"
+    );
+    let late = agent
+        .complete(&run, a.lease_epoch, pb::Outcome::Succeeded, Some(0))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition);
+    alive.abort();
+    stack.stop().await;
+}
