@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use drover_chaos::ledger;
 use drover_proto::v1 as pb;
 use drover_tests::private::{PrivatePostgres, PrivateRabbit, PrivateRedis};
-use drover_tests::{Stack, StackOptions};
+use drover_tests::{Stack, StackOptions, services};
 use uuid::Uuid;
 
 const IMAGE: &str = "drover/busybox:latest";
@@ -44,18 +44,17 @@ fn spec(cmd: &[&str]) -> pb::RunSpec {
     }
 }
 
-/// A scratch directory for the agent's execution journal, and options that turn it on.
-fn with_journal(mut opts: StackOptions) -> (StackOptions, tempfile::TempDir, PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix("drover-restarts-")
-        .tempdir()
-        .unwrap();
-    let journal = dir.path().join("executions.jsonl");
+/// Options that turn on the agent's execution journal, in a directory of its own that
+/// outlives a failed test (like the process logs) and is removed once the oracle passed.
+fn with_journal(mut opts: StackOptions) -> (StackOptions, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("drover-restarts-{}", Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let journal = dir.join("executions.jsonl");
     opts.env.push((
         "DROVER_EXECUTION_JOURNAL".into(),
         journal.display().to_string(),
     ));
-    (opts, dir, journal)
+    (opts, journal)
 }
 
 async fn submit_with(
@@ -123,11 +122,16 @@ async fn wait_states(
         }
         if Instant::now() >= deadline {
             stack.dump_logs();
-            let open: Vec<_> = last.iter().filter(|(_, s)| !done(s)).collect();
+            let open: Vec<String> = ids
+                .iter()
+                .filter(|id| !last.get(*id).is_some_and(|s| done(s)))
+                .cloned()
+                .collect();
             panic!(
-                "{} of {} runs not {what} after {limit:?}: {open:?}",
-                ids.len() - (last.len() - open.len()),
-                ids.len()
+                "{} of {} runs not {what} after {limit:?}:{}",
+                open.len(),
+                ids.len(),
+                describe(stack, &open).await
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -137,6 +141,36 @@ async fn wait_states(
 /// RUNNING, or already past it: the container was started.
 fn started(state: &str) -> bool {
     state == "RUNNING" || TERMINAL.contains(&state)
+}
+
+/// Each run's state, events and containers, for failure messages.
+async fn describe(stack: &Stack, ids: &[String]) -> String {
+    let mut report = String::new();
+    for id in ids {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM runs WHERE id = $1")
+            .bind(Uuid::parse_str(id).unwrap())
+            .fetch_optional(&stack.db)
+            .await
+            .ok()
+            .flatten();
+        let events: Vec<String> = sqlx::query_scalar(
+            "SELECT format('#%s -> %s, attempt %s, epoch %s, at %s: %s', \
+                           seq, to_state, attempt, lease_epoch, at, reason) \
+             FROM run_events WHERE run_id = $1 ORDER BY seq",
+        )
+        .bind(Uuid::parse_str(id).unwrap())
+        .fetch_all(&stack.db)
+        .await
+        .unwrap_or_default();
+        let containers = services::containers_for_run(id);
+        report.push_str(&format!(
+            "\nrun {id} ({state:?}), containers {containers:?}:"
+        ));
+        for e in events {
+            report.push_str(&format!("\n  {e}"));
+        }
+    }
+    report
 }
 
 /// Every run SUCCEEDED; otherwise fails with each other run's events (and the logs).
@@ -150,22 +184,7 @@ async fn assert_all_succeeded(stack: &Stack, states: &HashMap<String, String>) {
         return;
     }
     stack.dump_logs();
-    let mut report = String::new();
-    for id in &failed {
-        let events: Vec<String> = sqlx::query_scalar(
-            "SELECT format('#%s -> %s, attempt %s, epoch %s, at %s: %s', \
-                           seq, to_state, attempt, lease_epoch, at, reason) \
-             FROM run_events WHERE run_id = $1 ORDER BY seq",
-        )
-        .bind(Uuid::parse_str(id).unwrap())
-        .fetch_all(&stack.db)
-        .await
-        .unwrap_or_default();
-        report.push_str(&format!("\nrun {id} ({}):", states[id]));
-        for e in events {
-            report.push_str(&format!("\n  {e}"));
-        }
-    }
+    let report = describe(stack, &failed).await;
     panic!(
         "{} of {} runs did not succeed:{report}",
         failed.len(),
@@ -221,6 +240,9 @@ async fn check_ledger(stack: &Stack, ids: &[String], journal: &Path) {
             "run {id}: containers started per the agent's journal vs RUNNING events"
         );
     }
+    if let Some(dir) = journal.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 async fn pending_outbox(stack: &Stack) -> i64 {
@@ -233,7 +255,7 @@ async fn pending_outbox(stack: &Stack) -> i64 {
 /// A run through the whole pipeline: proves every consumer is (still) live.
 async fn one_run_succeeds(stack: &Stack, label: &str) {
     let run = submit(stack, spec(&["echo", label])).await;
-    let states = wait_terminal(stack, &[run.id], Duration::from_secs(180)).await;
+    let states = wait_terminal(stack, &[run.id], Duration::from_secs(120)).await;
     assert_all_succeeded(stack, &states).await;
 }
 
@@ -241,12 +263,16 @@ async fn one_run_succeeds(stack: &Stack, label: &str) {
 async fn submits_succeed_while_rabbitmq_is_down_and_run_when_it_returns() {
     let t0 = Instant::now();
     let mut rabbit = PrivateRabbit::launch().await;
-    let (opts, _scratch, journal) = with_journal(StackOptions {
+    let (opts, journal) = with_journal(StackOptions {
         amqp_url: Some(rabbit.url()),
         ..Default::default()
     });
     let stack = Stack::start_with(opts).await;
-    eprintln!("process logs in {}", stack.log_dir.display());
+    eprintln!(
+        "process logs in {}, execution journal {}",
+        stack.log_dir.display(),
+        journal.display()
+    );
     one_run_succeeds(&stack, "before the outage").await;
     eprintln!("[{:?}] stack warm", t0.elapsed());
 
@@ -279,7 +305,7 @@ async fn submits_succeed_while_rabbitmq_is_down_and_run_when_it_returns() {
     );
 
     rabbit.start().await;
-    let states = wait_terminal(&stack, &ids, Duration::from_secs(240)).await;
+    let states = wait_terminal(&stack, &ids, Duration::from_secs(120)).await;
     assert_all_succeeded(&stack, &states).await;
     eprintln!(
         "[{:?}] all runs succeeded after RabbitMQ returned",
@@ -300,94 +326,23 @@ async fn submits_succeed_while_rabbitmq_is_down_and_run_when_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_rabbitmq_restart_during_a_stream_of_submits_loses_and_duplicates_nothing() {
-    let t0 = Instant::now();
-    let mut rabbit = PrivateRabbit::launch().await;
-    let (opts, _scratch, journal) = with_journal(StackOptions {
-        amqp_url: Some(rabbit.url()),
-        ..Default::default()
-    });
-    let stack = Stack::start_with(opts).await;
-    eprintln!("process logs in {}", stack.log_dir.display());
-    one_run_succeeds(&stack, "before the restart").await;
-    eprintln!("[{:?}] stack warm", t0.elapsed());
-
-    // 30 submits, one every 300 ms, from their own task; RabbitMQ restarts after the 10th.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut client = stack.client().await;
-    let submitter = tokio::spawn(async move {
-        for i in 0..30 {
-            let res = client
-                .submit_run(pb::SubmitRunRequest {
-                    spec: Some(spec(&["echo", &format!("stream {i}")])),
-                    idempotency_key: String::new(),
-                })
-                .await
-                .map(|r| r.into_inner().run.expect("run"));
-            let failed = res.is_err();
-            let _ = tx.send(res);
-            if failed {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
-    let mut ids = Vec::new();
-    let mut receive = async |ids: &mut Vec<String>| match rx.recv().await {
-        Some(Ok(run)) => {
-            ids.push(run.id);
-            true
-        }
-        Some(Err(e)) => {
-            stack.dump_logs();
-            panic!("SubmitRun failed around the RabbitMQ restart: {e:?}");
-        }
-        None => false,
-    };
-    while ids.len() < 10 {
-        assert!(receive(&mut ids).await, "submitter ended early");
-    }
-    eprintln!(
-        "[{:?}] restarting RabbitMQ after {} submits",
-        t0.elapsed(),
-        ids.len()
-    );
-    rabbit.restart().await;
-    eprintln!(
-        "[{:?}] RabbitMQ back after {} submits",
-        t0.elapsed(),
-        ids.len()
-    );
-    while receive(&mut ids).await {}
-    submitter.await.unwrap();
-    assert_eq!(ids.len(), 30, "every submit accepted");
-
-    let states = wait_terminal(&stack, &ids, Duration::from_secs(300)).await;
-    assert_all_succeeded(&stack, &states).await;
-    eprintln!("[{:?}] all 30 runs succeeded", t0.elapsed());
-
-    // The consumers resumed: a run submitted now, after everything settled, still executes.
-    one_run_succeeds(&stack, "after the restart").await;
-    eprintln!("[{:?}] a new run succeeded after the restart", t0.elapsed());
-    check_ledger(&stack, &ids, &journal).await;
-    stack.stop().await;
-    eprintln!("[{:?}] done", t0.elapsed());
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_postgres_restart_while_runs_execute_loses_nothing() {
     let t0 = Instant::now();
     let mut pg = PrivatePostgres::launch().await;
     // Leases of 30 s: this test is about reconnecting, so an outage longer than the pools'
     // 5 s acquire timeout (calls fail and must be retried) must not also expire leases.
-    let (mut opts, _scratch, journal) = with_journal(StackOptions {
+    let (mut opts, journal) = with_journal(StackOptions {
         database_url: Some(pg.url()),
         ..Default::default()
     });
     opts.env
         .push(("DROVER_LEASE__LEASE_TTL_MS".into(), "30000".into()));
     let stack = Stack::start_with(opts).await;
-    eprintln!("process logs in {}", stack.log_dir.display());
+    eprintln!(
+        "process logs in {}, execution journal {}",
+        stack.log_dir.display(),
+        journal.display()
+    );
     eprintln!("[{:?}] stack up", t0.elapsed());
 
     // As many runs as the agent has slots, all executing when Postgres goes away.
@@ -414,7 +369,7 @@ async fn a_postgres_restart_while_runs_execute_loses_nothing() {
         let run = submit(&stack, spec(&["echo", &format!("after pg restart {i}")])).await;
         ids.push(run.id);
     }
-    let states = wait_terminal(&stack, &ids, Duration::from_secs(240)).await;
+    let states = wait_terminal(&stack, &ids, Duration::from_secs(120)).await;
     assert_all_succeeded(&stack, &states).await;
     eprintln!("[{:?}] all 6 runs succeeded", t0.elapsed());
     check_ledger(&stack, &ids, &journal).await;
@@ -444,9 +399,9 @@ async fn watch(endpoint: String, run_id: String) -> Result<Vec<pb::RunEvent>, St
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(240), follow)
+    tokio::time::timeout(Duration::from_secs(120), follow)
         .await
-        .map_err(|_| format!("WatchRun {run_id} did not end within 240 s"))??;
+        .map_err(|_| format!("WatchRun {run_id} did not end within 120 s"))??;
     Ok(events)
 }
 
@@ -474,12 +429,16 @@ async fn assert_watched_everything(stack: &Stack, run_id: &str, events: &[pb::Ru
 async fn a_redis_flush_and_restart_mid_run_lose_no_watch_event() {
     let t0 = Instant::now();
     let mut redis = PrivateRedis::launch().await;
-    let (opts, _scratch, journal) = with_journal(StackOptions {
+    let (opts, journal) = with_journal(StackOptions {
         redis_url: redis.url(),
         ..Default::default()
     });
     let stack = Stack::start_with(opts).await;
-    eprintln!("process logs in {}", stack.log_dir.display());
+    eprintln!(
+        "process logs in {}, execution journal {}",
+        stack.log_dir.display(),
+        journal.display()
+    );
     eprintln!("[{:?}] stack up", t0.elapsed());
 
     let mut ids = Vec::new();
