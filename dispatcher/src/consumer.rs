@@ -111,7 +111,11 @@ impl PoolConsumer {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(pool = %self.pool_name, error = %e, "unparseable run message dead-lettered");
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                amqp::settle(
+                    "reject",
+                    delivery.reject(BasicRejectOptions { requeue: false }),
+                )
+                .await;
                 return;
             }
         };
@@ -130,18 +134,22 @@ impl PoolConsumer {
                     seq,
                 }) => {
                     tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
                     self.bus.run_event(msg.run_id, seq);
                     return;
                 }
                 Ok(Outcome::Obsolete) => {
                     tracing::debug!(run_id = %msg.run_id, attempt = msg.attempt, "duplicate or superseded message dropped");
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
                     return;
                 }
                 Ok(Outcome::UnknownRun) => {
                     tracing::warn!(run_id = %msg.run_id, "message for unknown run dead-lettered");
-                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                    amqp::settle(
+                        "reject",
+                        delivery.reject(BasicRejectOptions { requeue: false }),
+                    )
+                    .await;
                     return;
                 }
                 Ok(Outcome::NoCapacity) => {
@@ -163,11 +171,10 @@ impl PoolConsumer {
             }
         }
         // Shutting down: hand the message back for another dispatcher.
-        let _ = delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        amqp::settle("requeue", delivery.nack(requeue)).await;
     }
 }

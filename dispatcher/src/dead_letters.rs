@@ -86,14 +86,14 @@ impl Archiver {
         loop {
             match self.archive(&delivery).await {
                 Ok(()) => {
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
                     return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not archive a dead letter; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => {
-                            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                            amqp::settle("requeue", delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await;
                             return;
                         }
                         _ = tokio::time::sleep(backoff) => {}

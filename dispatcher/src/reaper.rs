@@ -3,7 +3,10 @@
 //!   to QUEUED with its retry backoff, or to DEAD_LETTERED when no attempts remain;
 //! - RUNNING runs past their execution timeout plus a grace (the agent lives, renewing its
 //!   lease, but did not enforce the timeout): TIMED_OUT;
-//! - QUEUED runs past their queue deadline: TIMED_OUT.
+//! - QUEUED runs past their queue deadline: TIMED_OUT;
+//! - ASSIGNED runs whose agent, though heartbeating (which renews an assignment's lease even
+//!   before the command arrives, e.g. across a broker outage), has not started them within
+//!   `assign_timeout_ms`: the attempt is lost as above.
 //!
 //! Each end is a guarded transition on the epoch it was found under, and ends that the lease
 //! holder did not report bump the epoch (fencing): anything the old holder still sends is
@@ -33,6 +36,10 @@ pub struct ReaperSettings {
     /// How long past its execution timeout a RUNNING run may go unreported before the reaper
     /// ends it (the agent normally kills and reports at the timeout itself).
     pub timeout_grace_ms: u64,
+    /// How long a run may stay ASSIGNED to a live agent before the attempt counts as lost.
+    /// Heartbeats renew an agent's assignments whether or not its command has arrived (a
+    /// broker outage must not burn attempts); this bounds an agent that never acts on one.
+    pub assign_timeout_ms: u64,
     /// Runs handled per scan and kind.
     pub batch: i64,
 }
@@ -42,6 +49,7 @@ impl Default for ReaperSettings {
         Self {
             interval_ms: 2_000,
             timeout_grace_ms: 30_000,
+            assign_timeout_ms: 300_000,
             batch: 200,
         }
     }
@@ -93,6 +101,21 @@ impl Reaper {
                 exit_code: None,
                 output: None,
                 reason: "lost_lease: the agent stopped heartbeating and its lease expired".into(),
+            };
+            if self.end(found, end).await? {
+                pass.lost += 1;
+            }
+        }
+        let assign_timeout = i64::try_from(self.settings.assign_timeout_ms).unwrap_or(i64::MAX);
+        for found in overdue::stale_assignments(&self.db, assign_timeout, batch).await? {
+            let end = AttemptEnd {
+                kind: EndKind::Failed(Failure::LostLease),
+                exit_code: None,
+                output: None,
+                reason: format!(
+                    "lost_lease: the agent did not start the run within {} s of its assignment",
+                    assign_timeout / 1000
+                ),
             };
             if self.end(found, end).await? {
                 pass.lost += 1;

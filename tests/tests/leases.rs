@@ -241,3 +241,80 @@ async fn the_reaper_times_out_a_run_its_live_agent_never_reports() {
     alive.abort();
     stack.stop().await;
 }
+
+/// An agent that heartbeats but names no lease (its command has not arrived, e.g. the broker
+/// is down) keeps its assignment past the lease TTL; one it never starts within the reaper's
+/// assign timeout is lost like any other attempt, and the old epoch is fenced.
+#[tokio::test]
+async fn a_live_agent_keeps_an_unstarted_assignment_until_the_assign_timeout() {
+    let mut opts = StackOptions {
+        agent: false,
+        ..Default::default()
+    }
+    .short_leases(1_000);
+    opts.env
+        .push(("DROVER_REAPER__ASSIGN_TIMEOUT_MS".into(), "6000".into()));
+    let stack = Stack::start_with(opts).await;
+    let mut agent = FakeAgent::register(&stack, "fake-unstarted", 4, &[]).await;
+    let run = submit(&stack, spec(2)).await;
+    let assigned = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(30),
+        in_state(pb::RunState::Assigned),
+    )
+    .await;
+    let epoch = assigned.lease_epoch;
+
+    // Three lease TTLs of heartbeats that name nothing: the assignment stands.
+    for _ in 0..10 {
+        let hb = agent.heartbeat(&[]).await;
+        assert!(hb.revoked.is_empty());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let still = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
+    assert_eq!(still.state, pb::RunState::Assigned as i32, "{still:?}");
+    assert_eq!(still.lease_epoch, epoch, "the same lease, renewed");
+
+    // Never started: past the assign timeout the attempt is lost and retried, although the
+    // agent keeps heartbeating.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let retried = loop {
+        agent.heartbeat(&[]).await;
+        let now = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
+        if now.attempt == 2 {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the unstarted assignment was never reaped: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(retried.lease_epoch > epoch, "reaping fences the old epoch");
+    assert!(
+        retried.reason.contains("did not start the run"),
+        "{}",
+        retried.reason
+    );
+    let late = agent.started(&run, epoch).await.unwrap_err();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
+
+    // Attempt 2 runs normally, and the history holds exactly one end per attempt.
+    let second = wait_run(
+        &stack,
+        &run,
+        Duration::from_secs(30),
+        in_state(pb::RunState::Assigned),
+    )
+    .await;
+    agent.started(&run, second.lease_epoch).await.unwrap();
+    let done = agent
+        .complete(&run, second.lease_epoch, pb::Outcome::Succeeded, Some(0))
+        .await
+        .unwrap();
+    assert_eq!(done.state, pb::RunState::Succeeded as i32);
+    let violations = ledger::check_events(&stack.db, None).await.unwrap();
+    assert!(violations.is_empty(), "{violations:?}");
+    stack.stop().await;
+}

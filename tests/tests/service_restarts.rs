@@ -326,6 +326,81 @@ async fn submits_succeed_while_rabbitmq_is_down_and_run_when_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_rabbitmq_restart_during_a_stream_of_submits_loses_and_duplicates_nothing() {
+    let t0 = Instant::now();
+    let mut rabbit = PrivateRabbit::launch().await;
+    let (opts, journal) = with_journal(StackOptions {
+        amqp_url: Some(rabbit.url()),
+        ..Default::default()
+    });
+    let stack = Stack::start_with(opts).await;
+    eprintln!("process logs in {}", stack.log_dir.display());
+    one_run_succeeds(&stack, "before the restart").await;
+    eprintln!("[{:?}] stack warm", t0.elapsed());
+
+    // 30 submits, one every 300 ms, from their own task; RabbitMQ restarts after the 10th.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut client = stack.client().await;
+    let submitter = tokio::spawn(async move {
+        for i in 0..30 {
+            let res = client
+                .submit_run(pb::SubmitRunRequest {
+                    spec: Some(spec(&["echo", &format!("stream {i}")])),
+                    idempotency_key: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().run.expect("run"));
+            let failed = res.is_err();
+            let _ = tx.send(res);
+            if failed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut ids = Vec::new();
+    let mut receive = async |ids: &mut Vec<String>| match rx.recv().await {
+        Some(Ok(run)) => {
+            ids.push(run.id);
+            true
+        }
+        Some(Err(e)) => {
+            stack.dump_logs();
+            panic!("SubmitRun failed around the RabbitMQ restart: {e:?}");
+        }
+        None => false,
+    };
+    while ids.len() < 10 {
+        assert!(receive(&mut ids).await, "submitter ended early");
+    }
+    eprintln!(
+        "[{:?}] restarting RabbitMQ after {} submits",
+        t0.elapsed(),
+        ids.len()
+    );
+    rabbit.restart().await;
+    eprintln!(
+        "[{:?}] RabbitMQ back after {} submits",
+        t0.elapsed(),
+        ids.len()
+    );
+    while receive(&mut ids).await {}
+    submitter.await.unwrap();
+    assert_eq!(ids.len(), 30, "every submit accepted");
+
+    let states = wait_terminal(&stack, &ids, Duration::from_secs(300)).await;
+    assert_all_succeeded(&stack, &states).await;
+    eprintln!("[{:?}] all 30 runs succeeded", t0.elapsed());
+
+    // The consumers resumed: a run submitted now, after everything settled, still executes.
+    one_run_succeeds(&stack, "after the restart").await;
+    eprintln!("[{:?}] a new run succeeded after the restart", t0.elapsed());
+    check_ledger(&stack, &ids, &journal).await;
+    stack.stop().await;
+    eprintln!("[{:?}] done", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_postgres_restart_while_runs_execute_loses_nothing() {
     let t0 = Instant::now();
     let mut pg = PrivatePostgres::launch().await;

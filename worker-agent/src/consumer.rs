@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_core::amqp::connect_with_retry;
+use drover_core::amqp::{self, connect_with_retry};
 use drover_core::config::AmqpSettings;
 use drover_core::ids::AgentId;
 use drover_core::messages::{self, AgentCommand};
@@ -297,9 +297,7 @@ pub struct CommandAck(Acker);
 impl CommandAck {
     /// Done with it: executed (or executing, with Docker as the journal) or stale.
     pub async fn ack(self) {
-        if let Err(e) = self.0.ack(BasicAckOptions::default()).await {
-            tracing::warn!(error = %e, "could not ack the command; it will be redelivered");
-        }
+        amqp::settle("ack", self.0.ack(BasicAckOptions::default())).await;
     }
 
     /// Could not act on it now (API unreachable); try again later. Counts towards the
@@ -309,15 +307,15 @@ impl CommandAck {
             requeue: true,
             ..Default::default()
         };
-        if let Err(e) = self.0.nack(opts).await {
-            tracing::warn!(error = %e, "could not requeue the command");
-        }
+        amqp::settle("requeue", self.0.nack(opts)).await;
     }
 
     /// Never processable: to `drover.dead` through the queue's dead-letter exchange.
     pub async fn dead_letter(self) {
-        if let Err(e) = self.0.reject(BasicRejectOptions { requeue: false }).await {
-            tracing::warn!(error = %e, "could not reject the command");
-        }
+        amqp::settle(
+            "dead-letter",
+            self.0.reject(BasicRejectOptions { requeue: false }),
+        )
+        .await;
     }
 }

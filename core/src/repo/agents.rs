@@ -45,7 +45,8 @@ pub async fn register(pool: &PgPool, a: &AgentRegistration) -> Result<(), CoreEr
     Ok(())
 }
 
-/// Records a heartbeat and renews the leases the agent names, if they are still its own.
+/// Records a heartbeat and renews the leases the agent names, if they are still its own, and
+/// every assignment of the agent not started yet (named or not).
 /// Returns the named leases that are not (the agent must stop those runs), or
 /// [`CoreError::NotFound`] if the agent is unknown (it must register again).
 pub async fn heartbeat(
@@ -76,6 +77,18 @@ pub async fn heartbeat(
     .bind(&ids)
     .bind(&epochs)
     .fetch_all(&mut *tx)
+    .await?;
+    // Assignments whose command has not reached the agent yet (it sits in the agent's durable
+    // queue, e.g. across a broker outage) live as long as the agent does; the reaper bounds
+    // how long one may stay unstarted.
+    sqlx::query(
+        "UPDATE runs SET lease_expires_at = now() + $2::bigint * interval '1 millisecond' \
+         WHERE agent_id = $1 AND state = 'ASSIGNED' \
+           AND lease_expires_at < now() + $2::bigint * interval '1 millisecond'",
+    )
+    .bind(agent_id)
+    .bind(lease_ttl_ms)
+    .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     let mut kept = Vec::with_capacity(renewed.len());

@@ -1,5 +1,6 @@
 //! What the reaper looks for: leases that expired, runs that overran their execution
-//! timeout without the agent reporting, queued runs past their queue deadline. Plain indexed
+//! timeout without the agent reporting, queued runs past their queue deadline, assignments
+//! a live agent never started. Plain indexed
 //! scans; the reaper then ends each run with a guarded transition, so several reapers (one
 //! per dispatcher) may find the same run and only one changes it.
 
@@ -71,6 +72,25 @@ pub async fn past_queue_deadline(pool: &PgPool, limit: i64) -> Result<Vec<Found>
          AND queue_deadline < now() - $1 * interval '1 millisecond' \
          ORDER BY queue_deadline LIMIT $2",
         0,
+        limit,
+    )
+    .await
+}
+
+/// ASSIGNED runs not started `timeout_ms` after their assignment although their agent keeps
+/// the lease alive. `updated_at` is the assignment time: nothing else touches an ASSIGNED run
+/// but a cancel request, which only restarts the clock.
+pub async fn stale_assignments(
+    pool: &PgPool,
+    timeout_ms: i64,
+    limit: i64,
+) -> Result<Vec<Found>, CoreError> {
+    scan(
+        pool,
+        "SELECT id, lease_epoch FROM runs WHERE state = 'ASSIGNED' \
+         AND updated_at < now() - $1 * interval '1 millisecond' \
+         ORDER BY updated_at LIMIT $2",
+        timeout_ms,
         limit,
     )
     .await
