@@ -9,6 +9,7 @@
 pub mod admin_service;
 pub mod agent_service;
 pub mod error;
+pub mod log_stream;
 pub mod run_service;
 pub mod settings;
 pub mod state;

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, client_reason, page_size, parse_run_id};
-use crate::watch;
+use crate::{log_stream, watch};
 
 #[derive(Debug, Clone)]
 pub struct RunApi {
@@ -141,6 +141,7 @@ impl RunApi {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRunResponse, Status>> + Send>>;
+type LogsStream = Pin<Box<dyn Stream<Item = Result<pb::StreamLogsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::run_service_server::RunService for RunApi {
@@ -199,6 +200,27 @@ impl pb::run_service_server::RunService for RunApi {
             return Err(ApiError::NotFound("run not found").into());
         }
         let stream = watch::watch(self.state.clone(), tenant, id);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type StreamLogsStream = LogsStream;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let tenant = self.tenant(&request);
+        let req = request.into_inner();
+        let id = parse_run_id("run_id", &req.run_id)?;
+        let from = i64::try_from(req.from_offset)
+            .map_err(|_| ApiError::bad("from_offset", "out of range"))?;
+        if !runs::exists(&self.state.pool, tenant, id)
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Err(ApiError::NotFound("run not found").into());
+        }
+        let stream = log_stream::stream(self.state.clone(), tenant, id, req.follow, from);
         Ok(Response::new(Box::pin(stream)))
     }
 }

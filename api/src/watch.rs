@@ -30,12 +30,17 @@ pub fn watch(
     ReceiverStream::new(rx)
 }
 
-async fn subscribe(state: &AppState, run: RunId) -> Option<redis::aio::PubSub> {
+/// A Redis subscription to `channels`, or `None` when Redis does not answer within 2 s (the
+/// caller then polls Postgres only, and tries again later).
+pub(crate) async fn subscribe(
+    state: &AppState,
+    run: RunId,
+    channels: Vec<String>,
+) -> Option<redis::aio::PubSub> {
     let client = state.bus.client().clone();
-    let channel = state.bus.keys().run_events_channel(run);
     let attempt = async move {
         let mut ps = client.get_async_pubsub().await?;
-        ps.subscribe(channel).await?;
+        ps.subscribe(channels).await?;
         Ok::<_, redis::RedisError>(ps)
     };
     match tokio::time::timeout(Duration::from_secs(2), attempt).await {
@@ -55,7 +60,8 @@ async fn pump(
     tx: &mpsc::Sender<Result<pb::WatchRunResponse, Status>>,
 ) -> Result<(), Status> {
     // Subscribe before the first read so nothing committed in between is missed.
-    let mut pubsub = subscribe(state, run).await;
+    let channels = vec![state.bus.keys().run_events_channel(run)];
+    let mut pubsub = subscribe(state, run, channels.clone()).await;
     let poll = Duration::from_millis(state.settings.watch_poll_ms);
     let mut last_seq = 0;
     loop {
@@ -98,7 +104,7 @@ async fn pump(
             },
             _ = tokio::time::sleep(poll) => {
                 if pubsub.is_none() {
-                    pubsub = subscribe(state, run).await;
+                    pubsub = subscribe(state, run, channels.clone()).await;
                 }
             },
         }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_cli::client;
-use drover_cli::commands::{agents, cancel, dev, dlq, get, list, submit, watch};
+use drover_cli::commands::{agents, cancel, dev, dlq, get, list, logs, submit, watch};
 
 #[derive(Parser)]
 #[command(name = "drover", version, about = "Run containers on a drover cluster")]
@@ -43,6 +43,15 @@ enum Command {
         limit: u32,
         #[arg(long)]
         json: bool,
+    },
+    /// Print a run's output (stdout and stderr); --follow streams it live until the run ends.
+    Logs {
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+        /// Only output after this offset (as a broken-off stream last reported it).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
     },
     /// Follow a run's state changes until it ends.
     Watch { id: String },
@@ -109,6 +118,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Watch { id } => watch::run(&mut c, &id).await,
+        Command::Logs { id, follow, from } => logs::print(&mut c, &id, follow, from)
+            .await
+            .map(|_| ExitCode::SUCCESS),
         Command::Cancel { id, reason, json } => cancel::run(&mut c, &id, &reason, json)
             .await
             .map(|()| ExitCode::SUCCESS),

@@ -287,3 +287,15 @@ mod tests {
         assert_eq!(run_json(&run)["wait"]["code"], "RETRY_BACKOFF");
     }
 }
+
+/// `run ID STATE (exit code N)`: how a waited-for run ended.
+pub fn outcome_line(run: &pb::Run) -> String {
+    format!(
+        "run {} {}{}",
+        run.id,
+        state_name(run.state),
+        run.exit_code
+            .map(|c| format!(" (exit code {c})"))
+            .unwrap_or_default()
+    )
+}

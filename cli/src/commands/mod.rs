@@ -6,5 +6,6 @@ pub mod dev;
 pub mod dlq;
 pub mod get;
 pub mod list;
+pub mod logs;
 pub mod submit;
 pub mod watch;

@@ -1,4 +1,4 @@
-//! `drover submit --image IMG [--env K=V]... [retry, timeout and cancel flags] [--wait] -- CMD ARGS...`
+//! `drover submit --image IMG [--env K=V]... [retry, timeout and cancel flags] [--wait | --follow] -- CMD ARGS...`
 
 use std::process::ExitCode;
 
@@ -7,7 +7,7 @@ use clap::Args;
 use drover_proto::v1 as pb;
 
 use crate::client::{self, Client};
-use crate::commands::watch;
+use crate::commands::{logs, watch};
 use crate::render;
 
 #[derive(Args, Debug)]
@@ -64,6 +64,10 @@ pub struct SubmitArgs {
     /// Block until the run is terminal; print its output; exit non-zero unless it succeeded.
     #[arg(long)]
     pub wait: bool,
+    /// Like --wait, but stream the run's stdout and stderr live instead of printing the
+    /// output at the end.
+    #[arg(long, conflicts_with = "json")]
+    pub follow: bool,
     /// Print the run as JSON instead of its id.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +117,13 @@ pub async fn run(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCo
         .map_err(|s| client::failed("cannot submit the run", client::Subject::Other, &s))?
         .into_inner();
     let run = resp.run.context("server returned no run")?;
+    if args.follow {
+        eprintln!("submitted {}", run.id);
+        logs::print(client, &run.id, true, 0).await?;
+        let done = client::fetch_run(client, &run.id).await?;
+        eprintln!("{}", render::outcome_line(&done));
+        return Ok(watch::exit_code_for(&done));
+    }
     if !args.wait {
         if args.json {
             println!("{}", render::run_json(&run));
@@ -127,14 +138,7 @@ pub async fn run(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCo
         println!("{}", render::run_json(&done));
     } else {
         print!("{}", String::from_utf8_lossy(&done.output));
-        eprintln!(
-            "run {} {}{}",
-            done.id,
-            render::state_name(done.state),
-            done.exit_code
-                .map(|c| format!(" (exit code {c})"))
-                .unwrap_or_default()
-        );
+        eprintln!("{}", render::outcome_line(&done));
     }
     Ok(watch::exit_code_for(&done))
 }
