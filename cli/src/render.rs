@@ -218,6 +218,18 @@ pub fn event_line(e: &pb::RunEvent) -> String {
     )
 }
 
+/// `run ID STATE (exit code N)`: how a waited-for run ended.
+pub fn outcome_line(run: &pb::Run) -> String {
+    format!(
+        "run {} {}{}",
+        run.id,
+        state_name(run.state),
+        run.exit_code
+            .map(|c| format!(" (exit code {c})"))
+            .unwrap_or_default()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,14 +300,3 @@ mod tests {
     }
 }
 
-/// `run ID STATE (exit code N)`: how a waited-for run ended.
-pub fn outcome_line(run: &pb::Run) -> String {
-    format!(
-        "run {} {}{}",
-        run.id,
-        state_name(run.state),
-        run.exit_code
-            .map(|c| format!(" (exit code {c})"))
-            .unwrap_or_default()
-    )
-}
