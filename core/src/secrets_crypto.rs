@@ -36,6 +36,25 @@ pub struct SecretsSettings {
     pub active_key_id: String,
 }
 
+/// The fixed key `drover dev` falls back to when none is configured. It is public, so values
+/// sealed with it are not protected: development only.
+const DEV_KEY_HEX: &str = "64726f7665722d6465762d6b65792d6e6f742d7365637265742d303030303030";
+
+impl SecretsSettings {
+    /// True when at least one key entry is given.
+    pub fn is_configured(&self) -> bool {
+        !self.keys.expose_secret().trim().is_empty()
+    }
+
+    /// The development settings: one public key with id `dev`. Never for real deployments.
+    pub fn development() -> Self {
+        Self {
+            keys: SecretString::from(format!("dev:{DEV_KEY_HEX}")),
+            active_key_id: "dev".to_owned(),
+        }
+    }
+}
+
 impl Default for SecretsSettings {
     fn default() -> Self {
         Self {
@@ -352,6 +371,15 @@ mod tests {
             old.open(T1, "X", &sealed_new),
             Err(SecretsCryptoError::UnknownKey("k2".into()))
         );
+    }
+
+    #[test]
+    fn the_development_key_parses() {
+        let dev = SecretsSettings::development();
+        assert!(dev.is_configured());
+        assert!(!SecretsSettings::default().is_configured());
+        let k = SecretKeys::from_settings(&dev).unwrap().unwrap();
+        assert_eq!(k.active_id(), "dev");
     }
 
     #[test]

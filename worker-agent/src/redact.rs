@@ -7,9 +7,10 @@
 //! - its base64 inside longer base64 text, at each of the 3 byte alignments: the characters
 //!   that depend only on the value (the first 0, 2 or 3 characters and the partial last group
 //!   depend on neighbouring bytes and are left as they are);
-//! - its URL (percent-) encoding: every non-alphanumeric byte encoded, and the RFC 3986 form
-//!   that keeps `-._~`, each with upper- and lower-case hex, and the form encoding with `+`
-//!   for spaces.
+//! - its URL (percent-) encoding: every non-alphanumeric byte encoded, the RFC 3986 form
+//!   that keeps `-._~`, and every byte encoded, each with upper- and lower-case hex, and the
+//!   form encoding with `+` for spaces. (Not covered: URL encodings that leave other
+//!   characters as they are, hex dumps, or any other transformation of a value.)
 //!
 //! A form (or a line) shorter than [`MIN_SECRET_VALUE_BYTES`] is not masked on its own, so a
 //! short value never blanks innocent text; PutSecret refuses such tenant secrets, and a short
@@ -225,6 +226,10 @@ fn forms(value: &str, set: &mut BTreeSet<Vec<u8>>) {
             add(upper.into_bytes());
         }
     }
+    // Every byte encoded (what `od`/`xxd`-style encoders produce).
+    let every: String = bytes.iter().map(|b| format!("%{b:02X}")).collect();
+    add(every.to_ascii_lowercase().into_bytes());
+    add(every.into_bytes());
 }
 
 /// `%2F` → `%2f`: some encoders write lower-case hex.
@@ -378,6 +383,13 @@ mod tests {
                 .to_string()
                 .into_bytes(),
         );
+        check.push(
+            value
+                .bytes()
+                .map(|b| format!("%{b:02x}"))
+                .collect::<String>()
+                .into_bytes(),
+        );
         for line in value.lines().filter(|l| l.len() >= MIN_SECRET_VALUE_BYTES) {
             check.push(line.as_bytes().to_vec());
         }
@@ -415,6 +427,8 @@ mod tests {
                 "pct-component: {}\n",
                 utf8_percent_encode(v, COMPONENT)
             ));
+            let every: String = v.bytes().map(|b| format!("%{b:02x}")).collect();
+            out.push_str(&format!("pct-every: {every}\n"));
             for shift in 1..=2 {
                 let mut embedded = b"ab"[..shift].to_vec();
                 embedded.extend_from_slice(v.as_bytes());
