@@ -376,3 +376,68 @@ async fn a_secret_deleted_after_submit_fails_the_attempt_and_no_key_disables_sec
     assert_eq!(listed.code(), Code::FailedPrecondition);
     keyless.stop().await;
 }
+
+/// Rotation against the real table: values sealed with the old key still open once a new key
+/// is active; re-putting re-seals with the active key; a configuration without the sealing key
+/// reports the secret unavailable (what becomes `secret_missing`) instead of failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_rotation_keeps_old_values_readable() {
+    use drover_core::ids::DEFAULT_TENANT;
+    use drover_core::repo::secrets;
+    use drover_core::secrets_crypto::SecretKeys;
+
+    let stack = Stack::start_with(StackOptions {
+        dispatcher: false,
+        agent: false,
+        ..Default::default()
+    })
+    .await;
+    let k1 = format!("k1:{}", "11".repeat(32));
+    let k2 = format!("k2:{}", "22".repeat(32));
+    let old = SecretKeys::parse(&k1, "k1").unwrap().unwrap();
+    let rotated = SecretKeys::parse(&format!("{k1},{k2}"), "k2")
+        .unwrap()
+        .unwrap();
+    let only_new = SecretKeys::parse(&k2, "k2").unwrap().unwrap();
+    let names = vec!["ROTATED".to_owned()];
+
+    let (info, created) = secrets::put(&stack.db, &old, DEFAULT_TENANT, "ROTATED", API_TOKEN)
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(info.key_id, "k1");
+    let opened = secrets::reveal(&stack.db, Some(&rotated), DEFAULT_TENANT, &names)
+        .await
+        .unwrap();
+    assert_eq!(opened.values["ROTATED"], API_TOKEN);
+
+    let gone = secrets::reveal(&stack.db, Some(&only_new), DEFAULT_TENANT, &names)
+        .await
+        .unwrap();
+    assert!(gone.values.is_empty());
+    assert_eq!(gone.unavailable[0].0, "ROTATED");
+    assert!(
+        gone.unavailable[0].1.contains("k1"),
+        "{:?}",
+        gone.unavailable
+    );
+
+    let (info, created) = secrets::put(&stack.db, &rotated, DEFAULT_TENANT, "ROTATED", API_TOKEN)
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(info.key_id, "k2");
+    let opened = secrets::reveal(&stack.db, Some(&only_new), DEFAULT_TENANT, &names)
+        .await
+        .unwrap();
+    assert_eq!(opened.values["ROTATED"], API_TOKEN);
+    assert!(opened.unavailable.is_empty());
+    let missing = secrets::reveal(&stack.db, Some(&only_new), DEFAULT_TENANT, &["NONE".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        missing.unavailable,
+        vec![("NONE".to_owned(), "no such secret".to_owned())]
+    );
+    stack.stop().await;
+}
