@@ -1,12 +1,22 @@
 //! AdminService: what operators call — the dead-letter archive and redrive, the agent fleet
-//! and remote drain. Scoped by tenant like everything else (the default tenant until
-//! authentication and roles land; then these calls need the admin role).
+//! and remote drain, tenant secrets. Scoped by tenant like everything else (the default tenant
+//! until authentication and roles land; then these calls need the admin role).
+//!
+//! Secrets: values are sealed before they reach Postgres and are never returned by any call
+//! here; only GetAssignment opens them, for the agent holding a run's current lease. Values
+//! shorter than [`MIN_SECRET_VALUE_BYTES`] are refused so that log redaction, which masks every
+//! occurrence of a value, never masks innocent short text.
 
 use drover_core::convert;
 use drover_core::error::Refusal;
 use drover_core::ids::{AgentId, DEFAULT_TENANT, TenantId};
 use drover_core::messages::{self, AgentCommand};
+use drover_core::repo::secrets::{self, SecretsError};
 use drover_core::repo::{agents, dead_letters, outbox};
+use drover_core::secrets_crypto::SecretKeys;
+use drover_core::spec::{
+    MAX_ENV_NAME_BYTES, MAX_SECRET_VALUE_BYTES, MIN_SECRET_VALUE_BYTES, is_env_name,
+};
 use drover_core::state::RunState;
 use drover_core::{CoreError, topology};
 use drover_proto::v1 as pb;
@@ -88,6 +98,82 @@ impl AdminApi {
         }
     }
 
+    fn secret_keys(&self) -> ApiResult<&SecretKeys> {
+        self.state.secret_keys.as_deref().ok_or_else(|| {
+            ApiError::Precondition(
+                "tenant secrets are disabled: the API has no encryption key configured \
+                 (set DROVER_SECRETS__KEYS and DROVER_SECRETS__ACTIVE_KEY_ID)"
+                    .into(),
+            )
+        })
+    }
+
+    async fn put_secret(
+        &self,
+        tenant: TenantId,
+        req: pb::PutSecretRequest,
+    ) -> ApiResult<pb::PutSecretResponse> {
+        let keys = self.secret_keys()?;
+        secret_name(&req.name)?;
+        let len = req.value.len();
+        if len < MIN_SECRET_VALUE_BYTES {
+            return Err(ApiError::bad(
+                "value",
+                format!(
+                    "must be at least {MIN_SECRET_VALUE_BYTES} bytes (got {len}): shorter values \
+                     would make log redaction mask innocent text"
+                ),
+            ));
+        }
+        if len > MAX_SECRET_VALUE_BYTES {
+            return Err(ApiError::bad(
+                "value",
+                format!("must be at most {MAX_SECRET_VALUE_BYTES} bytes (got {len})"),
+            ));
+        }
+        if req.value.contains('\0') {
+            return Err(ApiError::bad(
+                "value",
+                "must not contain NUL (it becomes an environment variable)",
+            ));
+        }
+        let (info, created) =
+            match secrets::put(&self.state.pool, keys, tenant, &req.name, &req.value).await {
+                Ok(done) => done,
+                Err(SecretsError::Core(e)) => return Err(e.into()),
+                Err(SecretsError::Crypto(e)) => {
+                    tracing::error!(error = %e, name = %req.name, "sealing a secret failed");
+                    return Err(ApiError::Precondition(
+                        "the secret could not be encrypted".into(),
+                    ));
+                }
+            };
+        tracing::info!(tenant = %tenant, name = %info.name, key_id = %info.key_id, created, "secret stored");
+        Ok(pb::PutSecretResponse {
+            secret: Some(convert::secret_info_to_proto(&info)),
+            created,
+        })
+    }
+
+    async fn delete_secret(&self, tenant: TenantId, req: pb::DeleteSecretRequest) -> ApiResult<()> {
+        self.secret_keys()?;
+        secret_name(&req.name)?;
+        if secrets::delete(&self.state.pool, tenant, &req.name).await? {
+            tracing::info!(tenant = %tenant, name = %req.name, "secret deleted");
+            Ok(())
+        } else {
+            Err(ApiError::NotFound("secret not found"))
+        }
+    }
+
+    async fn list_secrets(&self, tenant: TenantId) -> ApiResult<pb::ListSecretsResponse> {
+        self.secret_keys()?;
+        let rows = secrets::list(&self.state.pool, tenant).await?;
+        Ok(pb::ListSecretsResponse {
+            secrets: rows.iter().map(convert::secret_info_to_proto).collect(),
+        })
+    }
+
     async fn list_agents(&self) -> ApiResult<pb::ListAgentsResponse> {
         let rows = agents::list(&self.state.pool, self.liveness_ms()).await?;
         Ok(pb::ListAgentsResponse {
@@ -123,8 +209,47 @@ impl AdminApi {
     }
 }
 
+/// Secret names become environment variable names.
+fn secret_name(name: &str) -> ApiResult<()> {
+    if is_env_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad(
+            "name",
+            format!("must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_NAME_BYTES} bytes"),
+        ))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
+    async fn put_secret(
+        &self,
+        request: Request<pb::PutSecretRequest>,
+    ) -> Result<Response<pb::PutSecretResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(
+            AdminApi::put_secret(self, tenant, request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_secret(
+        &self,
+        request: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let tenant = self.tenant(&request);
+        AdminApi::delete_secret(self, tenant, request.into_inner()).await?;
+        Ok(Response::new(pb::DeleteSecretResponse {}))
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(AdminApi::list_secrets(self, tenant).await?))
+    }
+
     async fn list_dead_letters(
         &self,
         request: Request<pb::ListDeadLettersRequest>,

@@ -8,7 +8,7 @@ use drover_core::error::Refusal;
 use drover_core::ids::{AgentId, RunId};
 use drover_core::repo::agents::{self, AgentRegistration};
 use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
-use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs};
+use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs, secrets};
 use drover_core::retry::Failure;
 use drover_core::spec::validate_pool;
 use drover_core::state::RunState;
@@ -144,6 +144,19 @@ impl AgentApi {
         if !matches!(rec.state, RunState::Assigned | RunState::Running) {
             return Err(ApiError::Precondition(format!("run is {}", rec.state)));
         }
+        // Only now, with the lease checked, are the run's secrets opened. One that is gone or
+        // does not decrypt is left out: the agent fails the attempt with `secret_missing`
+        // rather than this call failing on every retry.
+        let revealed = secrets::reveal(
+            &self.state.pool,
+            self.state.secret_keys.as_deref(),
+            rec.tenant_id,
+            &rec.spec.secrets,
+        )
+        .await?;
+        for (name, why) in &revealed.unavailable {
+            tracing::error!(run_id = %run, tenant = %rec.tenant_id, secret = %name, reason = %why, "a secret of the run cannot be delivered");
+        }
         Ok(pb::GetAssignmentResponse {
             run_id: rec.id.to_string(),
             attempt: u32::try_from(rec.attempt).unwrap_or(0),
@@ -152,6 +165,7 @@ impl AgentApi {
             spec: Some(convert::spec_to_proto(&rec.spec)),
             tenant_id: rec.tenant_id.to_string(),
             cancel_requested: rec.cancel_requested_at.is_some(),
+            secret_env: revealed.values.into_iter().collect(),
         })
     }
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use drover_core::events::EventBus;
 use drover_core::outbox_relay::OutboxRelay;
+use drover_core::secrets_crypto::SecretKeys;
 use drover_core::{CoreError, db};
 use drover_proto::v1 as pb;
 use tokio::net::TcpListener;
@@ -44,6 +45,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("grpc server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("invalid secrets configuration: {0}")]
+    Secrets(#[from] drover_core::secrets_crypto::KeyConfigError),
     #[error("reflection set-up failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -58,6 +61,13 @@ pub struct Application {
 impl Application {
     /// Connects to Postgres, applies migrations and binds the listener (port 0 allowed).
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let secret_keys = SecretKeys::from_settings(&settings.secrets)?.map(Arc::new);
+        match &secret_keys {
+            Some(k) => tracing::info!(active_key_id = k.active_id(), "tenant secrets enabled"),
+            None => tracing::warn!(
+                "no secrets key configured (DROVER_SECRETS__KEYS): the secret RPCs are disabled"
+            ),
+        }
         let pool = db::connect(&settings.database).await?;
         db::migrate(&pool).await?;
         let bus = Arc::new(EventBus::new(&settings.redis.url, &settings.redis.prefix)?);
@@ -76,6 +86,7 @@ impl Application {
                 pool,
                 bus,
                 settings: Arc::new(settings),
+                secret_keys,
             },
             listener,
             addr,

@@ -7,7 +7,7 @@ use drover_core::CoreError;
 use drover_core::convert;
 use drover_core::error::Refusal;
 use drover_core::ids::{DEFAULT_TENANT, RunId, TenantId};
-use drover_core::repo::{cancel, runs, waiting};
+use drover_core::repo::{cancel, runs, secrets, waiting};
 use drover_core::spec::MAX_IDEMPOTENCY_KEY_BYTES;
 use drover_proto::v1 as pb;
 use futures::Stream;
@@ -47,6 +47,16 @@ impl RunApi {
                 "idempotency_key",
                 format!("must be at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
             ));
+        }
+        // A run naming a secret the tenant does not have could only fail on the worker: say so
+        // now. (One deleted after submit fails the attempt with `secret_missing`.)
+        let missing = secrets::missing(&self.state.pool, tenant, &spec.secrets).await?;
+        if !missing.is_empty() {
+            return Err(ApiError::Precondition(format!(
+                "spec.secrets names secrets this tenant does not have: {} (create them with \
+                 AdminService.PutSecret)",
+                missing.join(", ")
+            )));
         }
         let submitted = runs::submit(&self.state.pool, tenant, &spec, key).await?;
         if !submitted.deduplicated {

@@ -1,10 +1,12 @@
 //! `drover-api` settings: defaults, then an optional TOML file, then `DROVER_…` variables
 //! (e.g. `DROVER_LISTEN_ADDR`, `DROVER_DATABASE__URL`, `DROVER_AMQP__URL`,
-//! `DROVER_REDIS__URL`, `DROVER_REDIS__PREFIX`).
+//! `DROVER_REDIS__URL`, `DROVER_REDIS__PREFIX`, `DROVER_SECRETS__KEYS`,
+//! `DROVER_SECRETS__ACTIVE_KEY_ID`).
 
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
+use drover_core::secrets_crypto::SecretsSettings;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -19,6 +21,9 @@ pub struct Settings {
     pub relay: RelaySettings,
     /// How often WatchRun re-reads Postgres when Redis stays silent (it may have lost messages).
     pub watch_poll_ms: u64,
+    /// Keys that seal tenant secrets at rest; none = the secret RPCs answer
+    /// FAILED_PRECONDITION and runs naming secrets cannot get them.
+    pub secrets: SecretsSettings,
 }
 
 impl Default for Settings {
@@ -31,6 +36,7 @@ impl Default for Settings {
             lease: LeaseSettings::default(),
             relay: RelaySettings::default(),
             watch_poll_ms: 1_000,
+            secrets: SecretsSettings::default(),
         }
     }
 }

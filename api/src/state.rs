@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use drover_core::events::EventBus;
 use drover_core::ids::RunId;
+use drover_core::secrets_crypto::SecretKeys;
 use sqlx::PgPool;
 
 use crate::error::{ApiError, ApiResult};
@@ -14,6 +15,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub bus: Arc<EventBus>,
     pub settings: Arc<Settings>,
+    /// Parsed from `settings.secrets` at start; `None` when no key is configured.
+    pub secret_keys: Option<Arc<SecretKeys>>,
 }
 
 /// Parses a run id from a request field; a malformed id is INVALID_ARGUMENT naming the field.

@@ -6,6 +6,7 @@ use drover_proto::v1 as pb;
 
 use crate::repo::agents::AgentRecord;
 use crate::repo::dead_letters::DeadLetterRecord;
+use crate::repo::secrets::SecretInfo;
 use crate::repo::waiting::{WaitCode, WaitReason};
 use crate::repo::{EventRecord, RunRecord};
 use crate::retry::RawRetryPolicy;
@@ -73,6 +74,8 @@ pub fn raw_spec_from_proto(spec: pb::RunSpec) -> RawSpec {
             .unwrap_or_default(),
         queue_timeout_secs: spec.queue_timeout_seconds,
         cancel_grace_secs: spec.cancel_grace_seconds,
+        secrets: spec.secrets,
+        host_env: spec.host_env,
     }
 }
 
@@ -103,6 +106,8 @@ pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
         }),
         queue_timeout_seconds: spec.queue_timeout_secs,
         cancel_grace_seconds: spec.cancel_grace_secs,
+        secrets: spec.secrets.clone(),
+        host_env: spec.host_env.clone(),
     }
 }
 
@@ -135,6 +140,16 @@ pub fn agent_to_proto(a: &AgentRecord) -> pb::Agent {
         last_heartbeat_at: Some(timestamp(a.last_heartbeat_at)),
         draining: a.draining,
         live: a.live,
+    }
+}
+
+/// Names, key id and times: a secret's value never has a proto form outside GetAssignment.
+pub fn secret_info_to_proto(s: &SecretInfo) -> pb::SecretInfo {
+    pb::SecretInfo {
+        name: s.name.clone(),
+        key_id: s.key_id.clone(),
+        created_at: Some(timestamp(s.created_at)),
+        updated_at: Some(timestamp(s.updated_at)),
     }
 }
 

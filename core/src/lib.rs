@@ -3,7 +3,8 @@
 //! Owns the domain types ([`ids`], [`state`], [`spec`]), the run state machine as a transition
 //! table, run-spec validation, typed configuration ([`config`]), the Postgres repository
 //! ([`repo`]) and migrations ([`db`]), the RabbitMQ topology ([`topology`]) and wire messages
-//! ([`messages`]), Redis key names ([`redis_keys`]) and the outbox relay ([`outbox_relay`]).
+//! ([`messages`]), tenant-secret encryption ([`secrets_crypto`]), Redis key names
+//! ([`redis_keys`]) and the outbox relay ([`outbox_relay`]).
 //!
 //! It must not serve gRPC, consume queues or run containers: those belong to the binaries.
 
@@ -20,6 +21,7 @@ pub mod pg_wakeup;
 pub mod redis_keys;
 pub mod repo;
 pub mod retry;
+pub mod secrets_crypto;
 pub mod shutdown;
 pub mod spec;
 pub mod state;

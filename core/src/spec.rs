@@ -29,6 +29,14 @@ pub const DEFAULT_PIDS: u32 = 256;
 pub const MAX_QUEUE_TIMEOUT_SECS: u32 = 7 * 86_400;
 pub const DEFAULT_CANCEL_GRACE_SECS: u32 = 10;
 pub const MAX_CANCEL_GRACE_SECS: u32 = 300;
+/// Most names in `secrets`, and in `host_env`, each.
+pub const MAX_SECRET_NAMES: usize = 32;
+/// Shortest secret value: PutSecret refuses shorter ones, and the agent does not mask shorter
+/// host pass-through values (or lines of a multi-line value), so redaction never blanks
+/// innocent short text such as `true` or `1234` throughout a log.
+pub const MIN_SECRET_VALUE_BYTES: usize = 8;
+/// Longest secret value (a PEM private key fits several times).
+pub const MAX_SECRET_VALUE_BYTES: usize = 16 * 1024;
 
 fn default_cancel_grace() -> u32 {
     DEFAULT_CANCEL_GRACE_SECS
@@ -60,6 +68,13 @@ pub struct RunSpec {
     pub queue_timeout_secs: u32,
     #[serde(default = "default_cancel_grace")]
     pub cancel_grace_secs: u32,
+    /// Tenant secret names exposed as env vars of the same name; sorted, unique. Skipped in
+    /// the JSON form when empty so specs stored before secrets existed hash the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Env var names the agent copies from its own environment; sorted, unique.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +134,8 @@ pub struct RawSpec {
     pub retry: RawRetryPolicy,
     pub queue_timeout_secs: u32,
     pub cancel_grace_secs: u32,
+    pub secrets: Vec<String>,
+    pub host_env: Vec<String>,
 }
 
 impl RawSpec {
@@ -167,6 +184,14 @@ impl RawSpec {
         }
 
         let env = validate_env(self.env)?;
+        let secrets = validate_env_names("spec.secrets", self.secrets, &env)?;
+        let host_env = validate_env_names("spec.host_env", self.host_env, &env)?;
+        if let Some(both) = secrets.iter().find(|n| host_env.contains(n)) {
+            return Err(invalid(
+                "spec.host_env",
+                format!("{both} is also in spec.secrets; a name can come from one place only"),
+            ));
+        }
 
         let cpus = if self.cpus == 0.0 {
             DEFAULT_CPUS
@@ -301,8 +326,57 @@ impl RawSpec {
             retry,
             queue_timeout_secs: self.queue_timeout_secs,
             cancel_grace_secs,
+            secrets,
+            host_env,
         })
     }
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 256 bytes.
+pub fn is_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= MAX_ENV_NAME_BYTES
+        && k.bytes()
+            .enumerate()
+            .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()))
+}
+
+/// `secrets` / `host_env`: env var names, at most [`MAX_SECRET_NAMES`], no duplicates, none
+/// also set in `env` (which value would win would be a guess). Returned sorted, so the
+/// canonical hash does not depend on the order given.
+fn validate_env_names(
+    field: &'static str,
+    names: Vec<String>,
+    env: &BTreeMap<String, String>,
+) -> Result<Vec<String>, ValidationError> {
+    if names.len() > MAX_SECRET_NAMES {
+        return Err(invalid(
+            field,
+            format!("at most {MAX_SECRET_NAMES} names, got {}", names.len()),
+        ));
+    }
+    let mut out = names;
+    out.sort();
+    for (i, name) in out.iter().enumerate() {
+        if !is_env_name(name) {
+            return Err(invalid(
+                field,
+                format!(
+                    "name {name:?} must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_NAME_BYTES} bytes"
+                ),
+            ));
+        }
+        if i > 0 && out[i - 1] == *name {
+            return Err(invalid(field, format!("{name} is listed twice")));
+        }
+        if env.contains_key(name) {
+            return Err(invalid(
+                field,
+                format!("{name} is also a key of spec.env; a name can come from one place only"),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn validate_env(env: Vec<(String, String)>) -> Result<BTreeMap<String, String>, ValidationError> {
@@ -315,12 +389,7 @@ fn validate_env(env: Vec<(String, String)>) -> Result<BTreeMap<String, String>, 
     let mut total = 0usize;
     let mut out = BTreeMap::new();
     for (k, v) in env {
-        let valid_name = !k.is_empty()
-            && k.len() <= MAX_ENV_NAME_BYTES
-            && k.bytes().enumerate().all(|(i, b)| {
-                b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
-            });
-        if !valid_name {
+        if !is_env_name(&k) {
             return Err(invalid(
                 "spec.env",
                 format!(
@@ -499,6 +568,51 @@ mod tests {
             let err = raw.validate().unwrap_err();
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    #[test]
+    fn secret_and_host_env_names_are_checked() {
+        let with = |secrets: &[&str], host: &[&str]| RawSpec {
+            env: vec![("PLAIN".into(), "x".into())],
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            host_env: host.iter().map(|s| s.to_string()).collect(),
+            ..ok_raw()
+        };
+        let ok = with(&["B_KEY", "A_KEY"], &["GPU_TOKEN"])
+            .validate()
+            .unwrap();
+        assert_eq!(ok.secrets, vec!["A_KEY", "B_KEY"], "sorted");
+        assert_eq!(ok.host_env, vec!["GPU_TOKEN"]);
+        let many: Vec<String> = (0..=MAX_SECRET_NAMES).map(|i| format!("S{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let cases = [
+            (with(&["1BAD"], &[]), "spec.secrets"),
+            (with(&["A-B"], &[]), "spec.secrets"),
+            (with(&["A", "A"], &[]), "spec.secrets"),
+            (with(&["PLAIN"], &[]), "spec.secrets"),
+            (with(&many, &[]), "spec.secrets"),
+            (with(&[], &[""]), "spec.host_env"),
+            (with(&[], &["PLAIN"]), "spec.host_env"),
+            (with(&["SAME"], &["SAME"]), "spec.host_env"),
+        ];
+        for (raw, field) in cases {
+            let err = raw.validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn specs_without_secrets_hash_as_before() {
+        // The new fields are left out of the JSON form when empty, so a spec stored before
+        // they existed still dedupes against a resubmission.
+        let s = ok_raw().validate().unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            !json.contains("secrets") && !json.contains("host_env"),
+            "{json}"
+        );
+        let back: RunSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

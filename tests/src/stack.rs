@@ -13,6 +13,11 @@ use tokio::process::{Child, Command};
 
 use crate::services;
 
+/// The API's secrets key in test stacks (id `test1`); a test may override
+/// `DROVER_SECRETS__KEYS` through [`StackOptions::env`], e.g. to an empty string for none.
+pub const TEST_SECRETS_KEY_HEX: &str =
+    "7465737420737461636b206b657920666f722064726f76657220736563726574";
+
 /// Which processes to start and how.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -151,6 +156,11 @@ impl Stack {
             .env("DROVER_AMQP__URL", &self.amqp_url)
             .env("DROVER_REDIS__URL", &self.opts.redis_url)
             .env("DROVER_REDIS__PREFIX", &self.redis_prefix)
+            .env(
+                "DROVER_SECRETS__KEYS",
+                format!("test1:{TEST_SECRETS_KEY_HEX}"),
+            )
+            .env("DROVER_SECRETS__ACTIVE_KEY_ID", "test1")
             .env("DROVER_LOG_FORMAT", "text")
             .env("RUST_LOG", "info,drover=debug")
             .kill_on_drop(true);

@@ -5,6 +5,9 @@
 //! Fencing: a start, log or completion report refused as stale means the lease is gone; the
 //! container is stopped and removed and the lease forgotten (the claim is dropped).
 
+use std::sync::Arc;
+
+use drover_core::spec::MIN_SECRET_VALUE_BYTES;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -12,9 +15,10 @@ use drover_core::state::RunState;
 
 use crate::api::{ApiError, epoch_to_wire};
 use crate::execution::RunContext;
-use crate::executor::{Job, Started};
+use crate::executor::{Job, OutputChunk, OutputSource, Started};
 use crate::log_shipper::ship_logs;
 use crate::outcome::Verdict;
+use crate::redact::Redactor;
 use crate::running::RunClaim;
 use crate::settle::{self, Execution};
 use crate::supervise::{Ending, Supervision, supervise};
@@ -73,11 +77,20 @@ pub async fn follow(
     }
 
     let (logs_tx, logs_rx) = mpsc::channel(LOG_CHANNEL_CAPACITY);
+    let Some(redactor) = redactor_of(&job, started.adopted, &logs_tx).await else {
+        // Never let output past an unusable redactor: fail the attempt and stop it.
+        if settle::report_verdict(ctx, run_id, epoch, Verdict::start_failed(), &signals.stop).await
+        {
+            settle::discard(ctx, execution).await;
+        }
+        return;
+    };
     let limits = Supervision {
         timeout: job.timeout(),
         already_running: started.running_for + started_at.elapsed(),
         cancel_grace: job.cancel_grace(),
         live_logs_from: started.adopted.then_some(adopted_at),
+        redactor: redactor.clone(),
     };
     let (finished, ()) = tokio::join!(
         supervise(ctx.executor.as_ref(), &handle, limits, &signals, logs_tx),
@@ -103,7 +116,7 @@ pub async fn follow(
     };
     ctx.journal
         .ended(execution.entry(ctx), finished.exit.and_then(|s| s.code));
-    let Some(verdict) = Verdict::of(&finished) else {
+    let Some(mut verdict) = Verdict::of(&finished) else {
         debug_assert_eq!(finished.ending, Ending::Stopped);
         tracing::info!(
             "execution stopped (lease revoked or refused as stale); removing the container"
@@ -111,6 +124,7 @@ pub async fn follow(
         settle::remove(ctx.executor.as_ref(), &handle).await;
         return;
     };
+    verdict.reason = redactor.redact_str(&verdict.reason);
     tracing::info!(
         outcome = verdict.outcome.as_str_name(),
         exit_code = ?verdict.exit_code,
@@ -129,4 +143,44 @@ pub async fn follow(
         settle::remove(ctx.executor.as_ref(), &handle).await;
     }
     drop(claim);
+}
+
+/// The job's redactor. Once per execution (not again on adoption), the run's log gets the
+/// presence line of its secret environment (`NAME=present` / `NAME=absent`), never values.
+async fn redactor_of(
+    job: &Job,
+    adopted: bool,
+    logs: &mpsc::Sender<OutputChunk>,
+) -> Option<Arc<Redactor>> {
+    let env = &job.secret_env;
+    let redactor = match Redactor::new(env.values()) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot mask this run's secrets; not following its output");
+            return None;
+        }
+    };
+    if !env.is_empty() {
+        tracing::info!(env = %env, "secret environment");
+        for (name, value) in env.iter() {
+            if value.len() < MIN_SECRET_VALUE_BYTES {
+                tracing::warn!(
+                    name,
+                    "value shorter than {MIN_SECRET_VALUE_BYTES} bytes: delivered but not masked in logs"
+                );
+            }
+        }
+        if !adopted {
+            let line = format!("[drover] {env}\n");
+            // A closed channel only means nobody ships logs any more.
+            let _ = logs
+                .send(OutputChunk {
+                    source: OutputSource::Stderr,
+                    data: line.into_bytes(),
+                    at: None,
+                })
+                .await;
+        }
+    }
+    Some(redactor)
 }

@@ -30,6 +30,7 @@ use crate::executor::{ExecError, Executor, FoundExecution, FoundStatus, Job};
 use crate::journal::ExecutionJournal;
 use crate::outcome::Verdict;
 use crate::running::{RunClaim, RunningRuns};
+use crate::secret_env::{SecretEnv, host_var};
 use crate::settle::{self, Execution};
 
 /// Retries of `GetAssignment` before the command goes back to the queue.
@@ -150,7 +151,17 @@ impl Assigned {
                 return None;
             }
         };
+        let secret_env = match SecretEnv::build(&spec, assignment.secret_env, host_var) {
+            Ok(env) => env,
+            Err(missing) => {
+                tracing::error!(reason = %missing, "secrets of the run were not delivered; failing the attempt");
+                let verdict = Verdict::failed(missing.to_string());
+                settle::report_verdict(ctx, run_id, epoch, verdict, &claim.signals().stop).await;
+                return None;
+            }
+        };
         let job = Job {
+            secret_env,
             run_id,
             attempt: assignment.attempt,
             lease_epoch: epoch,

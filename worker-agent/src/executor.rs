@@ -23,6 +23,8 @@ use drover_core::spec::RunSpec;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
+use crate::secret_env::SecretEnv;
+
 /// One leased attempt of a run, with its validated spec: everything an executor needs.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -33,6 +35,9 @@ pub struct Job {
     pub tenant_id: String,
     pub agent_id: AgentId,
     pub spec: RunSpec,
+    /// Tenant secrets and host pass-through variables for the process environment only
+    /// (added to `spec.env`); its `Debug` shows names only.
+    pub secret_env: SecretEnv,
 }
 
 impl Job {

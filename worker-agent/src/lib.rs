@@ -6,7 +6,8 @@
 //! output ([`supervise`], [`output_tail`], [`log_batch`]), enforcing time limits, cancelling
 //! (SIGTERM, grace, SIGKILL), reporting start and completion under the lease epoch (and
 //! dropping whatever a stale-epoch refusal fences off), re-adopting its containers after a
-//! restart, the optional execution journal for test oracles ([`journal`]), and draining
+//! restart, the optional execution journal for test oracles ([`journal`]), secret and host
+//! pass-through environment ([`secret_env`]) with log redaction ([`redact`]), and draining
 //! ([`Agent`]).
 //!
 //! It must not touch Postgres or Redis, decide run state, or assign work: the API is the only
@@ -32,7 +33,9 @@ mod log_shipper;
 pub mod outcome;
 pub mod output_tail;
 mod reconcile;
+pub mod redact;
 pub mod running;
+pub mod secret_env;
 pub mod settings;
 mod settle;
 pub mod supervise;

@@ -4,6 +4,7 @@
 //! directly against an executor in tests.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::executor::{ExecError, ExecHandle, Executor, ExitStatus, OutputChunk, Termination};
 use crate::output_tail::OutputTail;
+use crate::redact::{Redactor, redact_output};
 use crate::running::LeaseSignals;
 
 /// After a kill, how long output already written may still be collected.
@@ -50,7 +52,7 @@ pub struct Finished {
 }
 
 /// How to supervise one execution.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Supervision {
     /// The execution time limit, counted from the process start.
     pub timeout: Duration,
@@ -62,6 +64,8 @@ pub struct Supervision {
     /// earlier life of the agent shipped it already (adoption). A gap of the last moments
     /// before that life died is possible; live logs are losable, duplicates would not be.
     pub live_logs_from: Option<DateTime<Utc>>,
+    /// Masks the job's secret values in the output before it reaches the tail or the logs.
+    pub redactor: Arc<Redactor>,
 }
 
 impl Supervision {
@@ -92,7 +96,7 @@ pub async fn supervise(
 ) -> Result<Finished, ExecError> {
     let deadline = Instant::now() + limits.timeout.saturating_sub(limits.already_running);
     let mut tail = OutputTail::default();
-    let mut output = executor.output(handle);
+    let mut output = redact_output(executor.output(handle), limits.redactor.clone());
 
     let watched = async {
         loop {
@@ -374,6 +378,7 @@ mod tests {
             already_running: Duration::from_secs(used_s),
             cancel_grace: Duration::from_secs(3),
             live_logs_from: None,
+            redactor: Arc::new(Redactor::none()),
         }
     }
 

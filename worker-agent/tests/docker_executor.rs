@@ -48,6 +48,7 @@ fn job(image: &str, command: &[&str], timeout_secs: u32) -> Job {
         tenant_id: DEFAULT_TENANT.to_string(),
         agent_id: AgentId::parse("test-agent").unwrap(),
         spec,
+        secret_env: Default::default(),
     }
 }
 
@@ -57,6 +58,7 @@ fn limits(job: &Job, already_running: Duration) -> Supervision {
         already_running,
         cancel_grace: job.cancel_grace(),
         live_logs_from: None,
+        redactor: Default::default(),
     }
 }
 

@@ -212,5 +212,6 @@ fn job_of(env: &TestEnv, rec: &RunRecord) -> Job {
         tenant_id: rec.tenant_id.to_string(),
         agent_id: AgentId::parse(&env.agent_id).unwrap(),
         spec: rec.spec.clone(),
+        secret_env: Default::default(),
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use drover_core::config::{self, AmqpSettings, DatabaseSettings, RedisSettings};
+use drover_core::secrets_crypto::SecretsSettings;
 use drover_core::shutdown;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ struct Shared {
     database: DatabaseSettings,
     amqp: AmqpSettings,
     redis: RedisSettings,
+    secrets: SecretsSettings,
 }
 
 pub async fn run(listen: &str, agent_capacity: u32) -> anyhow::Result<()> {
@@ -24,7 +26,19 @@ pub async fn run(listen: &str, agent_capacity: u32) -> anyhow::Result<()> {
     let root = CancellationToken::new();
     shutdown::cancel_on_signals(root.clone())?;
 
+    // Secrets work out of the box in a dev stack: without configured keys, a fixed public
+    // development key seals them (so they are not protected; say so).
+    let secrets = if shared.secrets.is_configured() {
+        shared.secrets.clone()
+    } else {
+        tracing::warn!(
+            "no DROVER_SECRETS__KEYS: tenant secrets are sealed with the public development key \
+             `dev`; do not store real secrets in this dev stack"
+        );
+        SecretsSettings::development()
+    };
     let api_settings = drover_api::Settings {
+        secrets,
         listen_addr: listen.to_owned(),
         database: shared.database.clone(),
         amqp: shared.amqp.clone(),

@@ -13,6 +13,7 @@ pub mod logs;
 pub mod outbox;
 pub mod overdue;
 pub mod runs;
+pub mod secrets;
 pub mod waiting;
 
 pub use runs::{EventRecord, RunRecord, Transition, TransitionPatch};

@@ -37,7 +37,10 @@ pub fn container_labels(job: &Job) -> HashMap<String, String> {
 /// and pids/memory/cpu limits from the (already defaulted) spec.
 pub fn container_body(job: &Job) -> ContainerCreateBody {
     let spec = &job.spec;
-    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let env: Vec<String> = (spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .chain(job.secret_env.iter())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let memory = i64::try_from(spec.resources.memory_bytes).unwrap_or(i64::MAX);
     ContainerCreateBody {
         image: Some(spec.image.clone()),
@@ -95,6 +98,7 @@ mod tests {
             tenant_id: "00000000-0000-0000-0000-000000000001".into(),
             agent_id: AgentId::parse("host-1").unwrap(),
             spec,
+            secret_env: Default::default(),
         }
     }
 
