@@ -8,6 +8,7 @@
 
 pub mod admin_service;
 pub mod agent_service;
+pub mod artifacts;
 pub mod error;
 pub mod run_service;
 pub mod settings;
@@ -18,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_core::artifacts::LocalStore;
 use drover_core::events::EventBus;
 use drover_core::outbox_relay::OutboxRelay;
 use drover_core::{CoreError, db};
@@ -45,6 +47,8 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection set-up failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("artifact store: {0}")]
+    Artifacts(#[from] drover_core::artifacts::StoreError),
 }
 
 /// A built API: database migrated and listener bound, not yet serving.
@@ -60,6 +64,7 @@ impl Application {
         let pool = db::connect(&settings.database).await?;
         db::migrate(&pool).await?;
         let bus = Arc::new(EventBus::new(&settings.redis.url, &settings.redis.prefix)?);
+        let store = LocalStore::open(&settings.artifacts.root_dir())?;
         let listener = TcpListener::bind(&settings.listen_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -75,6 +80,7 @@ impl Application {
                 pool,
                 bus,
                 settings: Arc::new(settings),
+                artifacts: Arc::new(store),
             },
             listener,
             addr,
@@ -98,6 +104,10 @@ impl Application {
             "drover-api",
         );
         tasks.spawn(relay.run(cancel.child_token()));
+        tasks.spawn(artifacts::collect_garbage(
+            self.state.clone(),
+            cancel.child_token(),
+        ));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use drover_core::artifacts::ArtifactStore;
 use drover_core::events::EventBus;
 use drover_core::ids::RunId;
 use sqlx::PgPool;
@@ -14,6 +15,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub bus: Arc<EventBus>,
     pub settings: Arc<Settings>,
+    pub artifacts: Arc<dyn ArtifactStore>,
 }
 
 /// Parses a run id from a request field; a malformed id is INVALID_ARGUMENT naming the field.

@@ -73,6 +73,8 @@ pub fn raw_spec_from_proto(spec: pb::RunSpec) -> RawSpec {
             .unwrap_or_default(),
         queue_timeout_secs: spec.queue_timeout_seconds,
         cancel_grace_secs: spec.cancel_grace_seconds,
+        inputs_from_run: spec.inputs_from_run,
+        outputs: spec.outputs,
     }
 }
 
@@ -103,6 +105,11 @@ pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
         }),
         queue_timeout_seconds: spec.queue_timeout_secs,
         cancel_grace_seconds: spec.cancel_grace_secs,
+        inputs_from_run: spec
+            .inputs_from_run
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        outputs: spec.outputs.clone(),
     }
 }
 
