@@ -36,12 +36,12 @@ async fn fake_stack(root: &Path) -> Stack {
     Stack::start_with(StackOptions {
         agent: false,
         env: vec![
-            (
-                "DROVER_ARTIFACTS__ROOT".into(),
-                root.display().to_string(),
-            ),
+            ("DROVER_ARTIFACTS__ROOT".into(), root.display().to_string()),
             ("DROVER_ARTIFACTS__MAX_FILE_BYTES".into(), "4194304".into()),
-            ("DROVER_ARTIFACTS__MAX_UPLOAD_BYTES".into(), "6291456".into()),
+            (
+                "DROVER_ARTIFACTS__MAX_UPLOAD_BYTES".into(),
+                "6291456".into(),
+            ),
             ("DROVER_ARTIFACTS__MAX_FILES".into(), "20".into()),
             ("DROVER_ARTIFACTS__GC_INTERVAL_SECS".into(), "1".into()),
         ],
@@ -239,7 +239,10 @@ async fn upload_then_completion_commits_exactly_the_manifest() {
         Code::NotFound
     );
     assert_eq!(
-        get(&stack, "not-a-uuid", "app.py").await.unwrap_err().code(),
+        get(&stack, "not-a-uuid", "app.py")
+            .await
+            .unwrap_err()
+            .code(),
         Code::InvalidArgument
     );
     stack.stop().await;
@@ -266,11 +269,23 @@ async fn refused_uploads_commit_nothing_and_leave_nothing_staged() {
     link_with_data.data = b"data".to_vec();
     let too_big = UploadFile::file("huge.bin", &vec![1u8; 4 * 1024 * 1024 + 1]);
     let cases: Vec<(&str, Vec<UploadFile>, Code)> = vec![
-        ("corrupted sha256", vec![good.clone(), corrupt], Code::InvalidArgument),
-        ("short file", vec![good.clone(), short], Code::InvalidArgument),
+        (
+            "corrupted sha256",
+            vec![good.clone(), corrupt],
+            Code::InvalidArgument,
+        ),
+        (
+            "short file",
+            vec![good.clone(), short],
+            Code::InvalidArgument,
+        ),
         ("more data than declared", vec![long], Code::InvalidArgument),
         ("malformed sha256", vec![bad_hex], Code::InvalidArgument),
-        ("symlink with data", vec![link_with_data], Code::InvalidArgument),
+        (
+            "symlink with data",
+            vec![link_with_data],
+            Code::InvalidArgument,
+        ),
         (
             "duplicate path",
             vec![good.clone(), good.clone()],
@@ -284,7 +299,11 @@ async fn refused_uploads_commit_nothing_and_leave_nothing_staged() {
             ],
             Code::InvalidArgument,
         ),
-        ("file over the per-file limit", vec![too_big], Code::ResourceExhausted),
+        (
+            "file over the per-file limit",
+            vec![too_big],
+            Code::ResourceExhausted,
+        ),
         (
             "upload over the per-upload limit",
             vec![
@@ -315,7 +334,7 @@ async fn refused_uploads_commit_nothing_and_leave_nothing_staged() {
     }
     // Malformed streams.
     use pb::upload_artifacts_request::Item;
-    let mut msgs = agent.upload_messages(&run, epoch, &[good.clone()], 1024);
+    let mut msgs = agent.upload_messages(&run, epoch, std::slice::from_ref(&good), 1024);
     msgs.remove(0);
     let err = agent.upload_raw(msgs).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "no start: {err:?}");
@@ -324,13 +343,25 @@ async fn refused_uploads_commit_nothing_and_leave_nothing_staged() {
         item: Some(Item::Data(b"orphan".to_vec())),
     });
     let err = agent.upload_raw(msgs).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "data before a header: {err:?}");
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "data before a header: {err:?}"
+    );
     let big = UploadFile::file("big.bin", &vec![3u8; 1024 * 1024 + 1]);
     let msgs = agent.upload_messages(&run, epoch, &[big], 1024 * 1024 + 1);
     let err = agent.upload_raw(msgs).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "chunk over 1 MiB: {err:?}");
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "chunk over 1 MiB: {err:?}"
+    );
 
-    assert_eq!(upload_rows(&stack).await, 0, "refused uploads are forgotten");
+    assert_eq!(
+        upload_rows(&stack).await,
+        0,
+        "refused uploads are forgotten"
+    );
     assert_eq!(staged_dirs(root.path()), 0, "and their files deleted");
 
     // Completion naming an unknown upload is refused and ends nothing; a malformed id too.
@@ -378,7 +409,11 @@ async fn uploads_under_a_stale_epoch_are_refused_and_collected() {
     // Upload under the first lease, then hand the run back: the end re-queues, so the upload
     // is accepted as named but not committed.
     let old = agent
-        .upload(&run, first, &[UploadFile::file("old.txt", b"from lease 1\n")])
+        .upload(
+            &run,
+            first,
+            &[UploadFile::file("old.txt", b"from lease 1\n")],
+        )
         .await
         .unwrap();
     let handed = agent
@@ -401,7 +436,13 @@ async fn uploads_under_a_stale_epoch_are_refused_and_collected() {
 
     // The old lease's upload cannot complete the new lease.
     let err = agent
-        .complete_with_artifacts(&run, second, pb::Outcome::Succeeded, Some(0), &old.upload_id)
+        .complete_with_artifacts(
+            &run,
+            second,
+            pb::Outcome::Succeeded,
+            Some(0),
+            &old.upload_id,
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -420,14 +461,30 @@ async fn uploads_under_a_stale_epoch_are_refused_and_collected() {
         })
         .await;
     assert!(collected, "the stale upload was garbage-collected");
-    assert!(!root.path().join("uploads").join(old_id.simple().to_string()).exists());
+    assert!(
+        !root
+            .path()
+            .join("uploads")
+            .join(old_id.simple().to_string())
+            .exists()
+    );
 
     let new = agent
-        .upload(&run, second, &[UploadFile::file("new.txt", b"from lease 2\n")])
+        .upload(
+            &run,
+            second,
+            &[UploadFile::file("new.txt", b"from lease 2\n")],
+        )
         .await
         .unwrap();
     agent
-        .complete_with_artifacts(&run, second, pb::Outcome::Succeeded, Some(0), &new.upload_id)
+        .complete_with_artifacts(
+            &run,
+            second,
+            pb::Outcome::Succeeded,
+            Some(0),
+            &new.upload_id,
+        )
         .await
         .unwrap();
     let listed = list(&stack, &run).await.unwrap();
@@ -502,7 +559,10 @@ async fn a_follow_up_run_downloads_the_first_runs_workspace() {
     let a1 = list(&stack, &run1).await.unwrap();
     let a2 = list(&stack, &run2).await.unwrap();
     let sha = |v: &[pb::ArtifactEntry], p: &str| {
-        v.iter().find(|e| e.path == p).map(|e| e.sha256.clone()).unwrap()
+        v.iter()
+            .find(|e| e.path == p)
+            .map(|e| e.sha256.clone())
+            .unwrap()
     };
     assert_ne!(sha(&a1, "app.py"), sha(&a2, "app.py"), "app.py modified");
     assert_eq!(sha(&a1, "README.md"), sha(&a2, "README.md"));
@@ -672,7 +732,14 @@ async fn cli_artifacts_ls_and_get() {
     let exe = dir.path().join("run.sh");
     let (code, _, err) = drover(
         &stack,
-        &["artifacts", "get", &run, "bin/run.sh", "-o", exe.to_str().unwrap()],
+        &[
+            "artifacts",
+            "get",
+            &run,
+            "bin/run.sh",
+            "-o",
+            exe.to_str().unwrap(),
+        ],
     )
     .await;
     assert_eq!(code, 0, "{err}");
@@ -685,11 +752,21 @@ async fn cli_artifacts_ls_and_get() {
     let (code, out, err) = drover(&stack, &["artifacts", "get", &run, "escape"]).await;
     assert_ne!(code, 0);
     assert!(out.is_empty());
-    assert!(err.contains("symlink") && err.contains("../../etc/passwd"), "{err}");
+    assert!(
+        err.contains("symlink") && err.contains("../../etc/passwd"),
+        "{err}"
+    );
     let link = dir.path().join("escape");
     let (code, _, err) = drover(
         &stack,
-        &["artifacts", "get", &run, "escape", "-o", link.to_str().unwrap()],
+        &[
+            "artifacts",
+            "get",
+            &run,
+            "escape",
+            "-o",
+            link.to_str().unwrap(),
+        ],
     )
     .await;
     assert_eq!(code, 0, "{err}");
