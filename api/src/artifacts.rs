@@ -296,8 +296,17 @@ pub async fn upload(
     };
     let staged = async {
         state.artifacts.begin(id).await?;
+        let idle = Duration::from_secs(state.settings.artifacts.upload_idle_secs.max(1));
         loop {
-            let msg = stream.message().await.map_err(ApiError::Client)?;
+            let msg = tokio::time::timeout(idle, stream.message())
+                .await
+                .map_err(|_| {
+                    ApiError::Client(Status::deadline_exceeded(format!(
+                        "no upload message for {} s; upload abandoned",
+                        idle.as_secs()
+                    )))
+                })?
+                .map_err(ApiError::Client)?;
             match msg.and_then(|m| m.item) {
                 None => break,
                 Some(Item::Start(_)) => {

@@ -24,7 +24,7 @@ pub enum ApiError {
     Precondition(String),
     #[error("{0}")]
     Exhausted(String),
-    /// A client-streaming call's stream failed; its status is passed on as it is.
+    /// A client stream failed or went silent; the status is passed on as it is.
     #[error("client stream failed: {0}")]
     Client(Status),
     #[error(transparent)]

@@ -38,6 +38,9 @@ pub struct ArtifactSettings {
     pub staged_ttl_secs: u64,
     /// How often the garbage collector looks for uploads that can never be committed.
     pub gc_interval_secs: u64,
+    /// An upload stream silent this long is abandoned (DEADLINE_EXCEEDED) and discarded, so
+    /// a hung agent does not hold staged files until the TTL.
+    pub upload_idle_secs: u64,
 }
 
 impl Default for ArtifactSettings {
@@ -49,6 +52,7 @@ impl Default for ArtifactSettings {
             max_files: 10_000,
             staged_ttl_secs: 3_600,
             gc_interval_secs: 60,
+            upload_idle_secs: 60,
         }
     }
 }

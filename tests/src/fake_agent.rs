@@ -202,6 +202,20 @@ impl FakeAgent {
             .map(tonic::Response::into_inner)
     }
 
+    /// Sends `msgs` as one UploadArtifacts stream, as they come (e.g. one that never ends).
+    pub async fn upload_raw_stream<S>(
+        &mut self,
+        msgs: S,
+    ) -> Result<pb::UploadArtifactsResponse, tonic::Status>
+    where
+        S: futures::Stream<Item = pb::UploadArtifactsRequest> + Send + 'static,
+    {
+        self.client
+            .upload_artifacts(msgs)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// DownloadInputs, collected: each entry with its content.
     pub async fn download_inputs(
         &mut self,

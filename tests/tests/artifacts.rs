@@ -18,6 +18,7 @@ use drover_tests::fake_agent::{
 };
 use drover_tests::stack::bin_path;
 use drover_tests::{Stack, StackOptions};
+use futures::StreamExt;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -44,6 +45,7 @@ async fn fake_stack(root: &Path) -> Stack {
             ),
             ("DROVER_ARTIFACTS__MAX_FILES".into(), "20".into()),
             ("DROVER_ARTIFACTS__GC_INTERVAL_SECS".into(), "1".into()),
+            ("DROVER_ARTIFACTS__UPLOAD_IDLE_SECS".into(), "2".into()),
         ],
         ..Default::default()
     })
@@ -211,6 +213,20 @@ async fn upload_then_completion_commits_exactly_the_manifest() {
     let (entry, data) = get(&stack, &run, "latest").await.unwrap();
     assert!(entry.is_symlink && data.is_empty() && entry.link_target == "data/big.bin");
 
+    // Content is verified as it is served: bytes changed at rest end the stream DATA_LOSS.
+    let upload_dir = root.path().join("uploads").join(
+        uuid::Uuid::parse_str(&up.upload_id)
+            .unwrap()
+            .simple()
+            .to_string(),
+    );
+    let readme_blob = upload_dir.join("0"); // README.md, the first file uploaded
+    assert_eq!(std::fs::read(&readme_blob).unwrap(), b"# demo\n");
+    std::fs::write(&readme_blob, b"# tampered\n").unwrap();
+    let err = get(&stack, &run, "README.md").await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    std::fs::write(&readme_blob, b"# demo\n").unwrap();
+
     // A repeated completion report with the same upload id is a no-op.
     let again = agent
         .complete_with_artifacts(&run, epoch, pb::Outcome::Succeeded, Some(0), &up.upload_id)
@@ -357,6 +373,18 @@ async fn refused_uploads_commit_nothing_and_leave_nothing_staged() {
         "chunk over 1 MiB: {err:?}"
     );
 
+    // A stream the agent abandons half-way (it hung) is cut off after the idle limit and
+    // discarded as well.
+    let partial = UploadFile::file("partial.bin", &[9u8; 4096]);
+    let mut msgs = agent.upload_messages(&run, epoch, &[partial], 1024);
+    msgs.truncate(3); // start, header, one of four chunks
+    let hanging = futures::stream::iter(msgs).chain(futures::stream::pending());
+    let err = agent.upload_raw_stream(hanging).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let discarded = stack
+        .wait_for(WAIT, || async { upload_rows(&stack).await == 0 })
+        .await;
+    assert!(discarded, "an abandoned upload is discarded");
     assert_eq!(
         upload_rows(&stack).await,
         0,
@@ -551,6 +579,12 @@ async fn a_follow_up_run_downloads_the_first_runs_workspace() {
         br#"{"status":"success","modified_files":["app.py"]}"#,
     ));
     let up2 = agent.upload(&run2, e2, &seeded).await.unwrap();
+    // Another run's upload cannot complete this one.
+    let err = agent
+        .complete_with_artifacts(&run2, e2, pb::Outcome::Succeeded, Some(0), &up.upload_id)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     agent
         .complete_with_artifacts(&run2, e2, pb::Outcome::Succeeded, Some(0), &up2.upload_id)
         .await
