@@ -239,6 +239,7 @@ impl AgentApi {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
+        let upload = crate::artifacts::parse_upload_id(&req.artifact_upload_id)?;
         let kind = match pb::Outcome::try_from(req.outcome) {
             Ok(pb::Outcome::Succeeded) => EndKind::Succeeded,
             Ok(pb::Outcome::Failed) if req.infrastructure_error => {
@@ -289,7 +290,8 @@ impl AgentApi {
         };
         let ended = async {
             let mut tx = self.state.pool.begin().await?;
-            let done = attempts::end_attempt(&mut tx, run, &holder, end).await?;
+            let done =
+                attempts::end_attempt_with_artifacts(&mut tx, run, &holder, end, upload).await?;
             tx.commit().await?;
             Ok::<_, CoreError>(done)
         };
@@ -413,5 +415,25 @@ impl pb::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         AgentApi::deregister(self, request.into_inner()).await?;
         Ok(Response::new(pb::DeregisterResponse {}))
+    }
+
+    async fn upload_artifacts(
+        &self,
+        request: Request<tonic::Streaming<pb::UploadArtifactsRequest>>,
+    ) -> Result<Response<pb::UploadArtifactsResponse>, Status> {
+        Ok(Response::new(
+            crate::artifacts::upload(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    type DownloadInputsStream = crate::artifacts::ChunkStream;
+
+    async fn download_inputs(
+        &self,
+        request: Request<pb::DownloadInputsRequest>,
+    ) -> Result<Response<Self::DownloadInputsStream>, Status> {
+        Ok(Response::new(
+            crate::artifacts::download_inputs(&self.state, request.into_inner()).await?,
+        ))
     }
 }

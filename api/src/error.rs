@@ -2,6 +2,7 @@
 //! driver text and internals go to the server log only.
 
 use drover_core::CoreError;
+use drover_core::artifacts::StoreError;
 use drover_core::error::Refusal;
 use drover_core::spec::ValidationError;
 use tonic::Status;
@@ -21,6 +22,13 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     Precondition(String),
+    #[error("{0}")]
+    Exhausted(String),
+    /// A client stream failed or went silent; the status is passed on as it is.
+    #[error("client stream failed: {0}")]
+    Client(Status),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl ApiError {
@@ -39,6 +47,12 @@ impl From<ApiError> for Status {
             ApiError::BadRequest { .. } => Status::invalid_argument(err.to_string()),
             ApiError::NotFound(what) => Status::not_found(what),
             ApiError::Precondition(msg) => Status::failed_precondition(msg),
+            ApiError::Exhausted(msg) => Status::resource_exhausted(msg),
+            ApiError::Client(status) => status,
+            ApiError::Store(e) => {
+                tracing::error!(error = %e, "artifact store error");
+                Status::internal("artifact store error")
+            }
             ApiError::Core(core) => match core {
                 CoreError::NotFound => Status::not_found("run not found"),
                 CoreError::IdempotencyConflict { existing } => Status::already_exists(format!(

@@ -8,6 +8,7 @@
 
 pub mod admin_service;
 pub mod agent_service;
+pub mod artifacts;
 pub mod error;
 pub mod log_stream;
 pub mod run_service;
@@ -19,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_core::artifacts::LocalStore;
 use drover_core::events::EventBus;
 use drover_core::outbox_relay::OutboxRelay;
 use drover_core::secrets_crypto::SecretKeys;
@@ -49,6 +51,8 @@ pub enum StartError {
     Secrets(#[from] drover_core::secrets_crypto::KeyConfigError),
     #[error("reflection set-up failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("artifact store: {0}")]
+    Artifacts(#[from] drover_core::artifacts::StoreError),
 }
 
 /// A built API: database migrated and listener bound, not yet serving.
@@ -71,6 +75,7 @@ impl Application {
         let pool = db::connect(&settings.database).await?;
         db::migrate(&pool).await?;
         let bus = Arc::new(EventBus::new(&settings.redis.url, &settings.redis.prefix)?);
+        let store = LocalStore::open(&settings.artifacts.root_dir())?;
         let listener = TcpListener::bind(&settings.listen_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -87,6 +92,7 @@ impl Application {
                 bus,
                 settings: Arc::new(settings),
                 secret_keys,
+                artifacts: Arc::new(store),
             },
             listener,
             addr,
@@ -110,6 +116,10 @@ impl Application {
             "drover-api",
         );
         tasks.spawn(relay.run(cancel.child_token()));
+        tasks.spawn(artifacts::collect_garbage(
+            self.state.clone(),
+            cancel.child_token(),
+        ));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health

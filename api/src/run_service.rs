@@ -13,6 +13,7 @@ use drover_proto::v1 as pb;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::artifacts;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, client_reason, page_size, parse_run_id};
 use crate::{log_stream, watch};
@@ -41,6 +42,7 @@ impl RunApi {
             .map(convert::raw_spec_from_proto)
             .ok_or_else(|| ApiError::bad("spec", "is required"))?;
         let spec = raw.validate()?;
+        artifacts::check_inputs_from_run(&self.state, tenant, spec.inputs_from_run).await?;
         let key = Some(req.idempotency_key.trim()).filter(|k| !k.is_empty());
         if key.is_some_and(|k| k.len() > MAX_IDEMPOTENCY_KEY_BYTES) {
             return Err(ApiError::bad(
@@ -232,5 +234,27 @@ impl pb::run_service_server::RunService for RunApi {
         }
         let stream = log_stream::stream(self.state.clone(), tenant, id, req.follow, from);
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(
+            artifacts::list(&self.state, tenant, request.into_inner()).await?,
+        ))
+    }
+
+    type GetArtifactStream = artifacts::ChunkStream;
+
+    async fn get_artifact(
+        &self,
+        request: Request<pb::GetArtifactRequest>,
+    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(
+            artifacts::get(&self.state, tenant, request.into_inner()).await?,
+        ))
     }
 }

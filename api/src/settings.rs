@@ -24,6 +24,52 @@ pub struct Settings {
     /// Keys that seal tenant secrets at rest; none = the secret RPCs answer
     /// FAILED_PRECONDITION and runs naming secrets cannot get them.
     pub secrets: SecretsSettings,
+    pub artifacts: ArtifactSettings,
+}
+
+/// The artifact store and the limits of UploadArtifacts (`DROVER_ARTIFACTS__…`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ArtifactSettings {
+    /// Root directory of the local store; empty = `<system temp dir>/drover-artifacts`.
+    pub root: String,
+    /// Largest single file an upload may carry (RESOURCE_EXHAUSTED beyond).
+    pub max_file_bytes: u64,
+    /// Largest total of one upload.
+    pub max_upload_bytes: u64,
+    /// Most files (and symlinks) in one upload.
+    pub max_files: u32,
+    /// An upload not committed within this is garbage, whatever its run does.
+    pub staged_ttl_secs: u64,
+    /// How often the garbage collector looks for uploads that can never be committed.
+    pub gc_interval_secs: u64,
+    /// An upload stream silent this long is abandoned (DEADLINE_EXCEEDED) and discarded, so
+    /// a hung agent does not hold staged files until the TTL.
+    pub upload_idle_secs: u64,
+}
+
+impl Default for ArtifactSettings {
+    fn default() -> Self {
+        Self {
+            root: String::new(),
+            max_file_bytes: 1024 * 1024 * 1024,
+            max_upload_bytes: 4 * 1024 * 1024 * 1024,
+            max_files: 10_000,
+            staged_ttl_secs: 3_600,
+            gc_interval_secs: 60,
+            upload_idle_secs: 60,
+        }
+    }
+}
+
+impl ArtifactSettings {
+    pub fn root_dir(&self) -> std::path::PathBuf {
+        if self.root.is_empty() {
+            std::env::temp_dir().join("drover-artifacts")
+        } else {
+            std::path::PathBuf::from(&self.root)
+        }
+    }
 }
 
 impl Default for Settings {
@@ -37,6 +83,7 @@ impl Default for Settings {
             relay: RelaySettings::default(),
             watch_poll_ms: 1_000,
             secrets: SecretsSettings::default(),
+            artifacts: ArtifactSettings::default(),
         }
     }
 }

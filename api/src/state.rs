@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use drover_core::artifacts::ArtifactStore;
 use drover_core::events::EventBus;
 use drover_core::ids::RunId;
 use drover_core::secrets_crypto::SecretKeys;
@@ -17,6 +18,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Parsed from `settings.secrets` at start; `None` when no key is configured.
     pub secret_keys: Option<Arc<SecretKeys>>,
+    pub artifacts: Arc<dyn ArtifactStore>,
 }
 
 /// Parses a run id from a request field; a malformed id is INVALID_ARGUMENT naming the field.

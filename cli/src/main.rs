@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_cli::client;
-use drover_cli::commands::{agents, cancel, dev, dlq, get, list, logs, submit, watch};
+use drover_cli::commands::{agents, artifacts, cancel, dev, dlq, get, list, logs, submit, watch};
 
 #[derive(Parser)]
 #[command(name = "drover", version, about = "Run containers on a drover cluster")]
@@ -69,6 +69,11 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// A run's artifacts: list, download.
+    Artifacts {
+        #[command(subcommand)]
+        command: artifacts::ArtifactsCommand,
+    },
     /// The agent fleet: list, drain.
     Agents {
         #[command(subcommand)]
@@ -125,6 +130,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Dlq { command } => dlq::run(&mut conn.admin(), command)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Artifacts { command } => artifacts::run(&mut c, command)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Agents { command } => agents::run(&mut conn.admin(), command)

@@ -299,4 +299,3 @@ mod tests {
         assert_eq!(run_json(&run)["wait"]["code"], "RETRY_BACKOFF");
     }
 }
-

@@ -76,6 +76,8 @@ pub fn raw_spec_from_proto(spec: pb::RunSpec) -> RawSpec {
         cancel_grace_secs: spec.cancel_grace_seconds,
         secrets: spec.secrets,
         host_env: spec.host_env,
+        inputs_from_run: spec.inputs_from_run,
+        outputs: spec.outputs,
     }
 }
 
@@ -108,6 +110,11 @@ pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
         cancel_grace_seconds: spec.cancel_grace_secs,
         secrets: spec.secrets.clone(),
         host_env: spec.host_env.clone(),
+        inputs_from_run: spec
+            .inputs_from_run
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        outputs: spec.outputs.clone(),
     }
 }
 

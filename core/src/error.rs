@@ -38,4 +38,7 @@ pub enum Refusal {
     StaleAttempt { given: i32, current: i32 },
     #[error("illegal transition {from} -> {to}")]
     Illegal { from: RunState, to: RunState },
+    /// The artifact upload named by a completion report cannot be committed with it.
+    #[error("{0}")]
+    Upload(String),
 }

@@ -9,6 +9,8 @@
 //! It must not serve gRPC, consume queues or run containers: those belong to the binaries.
 
 pub mod amqp;
+pub mod artifact_paths;
+pub mod artifacts;
 pub mod config;
 pub mod convert;
 pub mod db;

@@ -37,6 +37,7 @@ pub const MAX_SECRET_NAMES: usize = 32;
 pub const MIN_SECRET_VALUE_BYTES: usize = 8;
 /// Longest secret value (a PEM private key fits several times).
 pub const MAX_SECRET_VALUE_BYTES: usize = 16 * 1024;
+pub const MAX_OUTPUT_GLOBS: usize = 64;
 
 fn default_cancel_grace() -> u32 {
     DEFAULT_CANCEL_GRACE_SECS
@@ -75,6 +76,13 @@ pub struct RunSpec {
     /// Env var names the agent copies from its own environment; sorted, unique.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_env: Vec<String>,
+    /// Seed the workspace with this earlier run's committed artifacts (same tenant). Omitted
+    /// from the JSON when unset, so specs stored before it hash the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs_from_run: Option<uuid::Uuid>,
+    /// Globs selecting the workspace files uploaded as artifacts; empty = everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +144,8 @@ pub struct RawSpec {
     pub cancel_grace_secs: u32,
     pub secrets: Vec<String>,
     pub host_env: Vec<String>,
+    pub inputs_from_run: String,
+    pub outputs: Vec<String>,
 }
 
 impl RawSpec {
@@ -307,6 +317,15 @@ impl RawSpec {
             ));
         }
 
+        let inputs_from_run = match self.inputs_from_run.trim() {
+            "" => None,
+            s => Some(
+                uuid::Uuid::parse_str(s)
+                    .map_err(|_| invalid("spec.inputs_from_run", "must be a run id (UUID)"))?,
+            ),
+        };
+        let outputs = validate_outputs(self.outputs)?;
+
         Ok(RunSpec {
             image,
             command: self.command,
@@ -328,6 +347,8 @@ impl RawSpec {
             cancel_grace_secs,
             secrets,
             host_env,
+            inputs_from_run,
+            outputs,
         })
     }
 }
@@ -411,6 +432,26 @@ fn validate_env(env: Vec<(String, String)>) -> Result<BTreeMap<String, String>, 
             "spec.env",
             format!("must be at most {MAX_ENV_BYTES} bytes in all, got {total}"),
         ));
+    }
+    Ok(out)
+}
+
+/// `outputs` globs: bounded in number, each a safe relative glob
+/// ([`crate::artifact_paths::validate_glob`]); duplicates are dropped, order kept.
+fn validate_outputs(globs: Vec<String>) -> Result<Vec<String>, ValidationError> {
+    if globs.len() > MAX_OUTPUT_GLOBS {
+        return Err(invalid(
+            "spec.outputs",
+            format!("at most {MAX_OUTPUT_GLOBS} globs"),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(globs.len());
+    for (i, g) in globs.into_iter().enumerate() {
+        crate::artifact_paths::validate_glob(&g)
+            .map_err(|e| invalid("spec.outputs", format!("glob {i} {e}")))?;
+        if !out.contains(&g) {
+            out.push(g);
+        }
     }
     Ok(out)
 }
@@ -563,6 +604,41 @@ mod tests {
                 },
                 "spec.resources.cpus",
             ),
+            (
+                RawSpec {
+                    inputs_from_run: "not-a-uuid".into(),
+                    ..ok_raw()
+                },
+                "spec.inputs_from_run",
+            ),
+            (
+                RawSpec {
+                    outputs: vec!["../escape/*".into()],
+                    ..ok_raw()
+                },
+                "spec.outputs",
+            ),
+            (
+                RawSpec {
+                    outputs: vec!["%2e%2e%2f*".into()],
+                    ..ok_raw()
+                },
+                "spec.outputs",
+            ),
+            (
+                RawSpec {
+                    outputs: vec!["/abs".into()],
+                    ..ok_raw()
+                },
+                "spec.outputs",
+            ),
+            (
+                RawSpec {
+                    outputs: vec!["*".into(); MAX_OUTPUT_GLOBS + 1],
+                    ..ok_raw()
+                },
+                "spec.outputs",
+            ),
         ];
         for (raw, field) in cases {
             let err = raw.validate().unwrap_err();
@@ -613,6 +689,30 @@ mod tests {
         );
         let back: RunSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn artifact_fields_are_kept_and_absent_ones_do_not_change_the_hash() {
+        let plain = ok_raw().validate().unwrap();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !json.contains("outputs") && !json.contains("inputs_from_run"),
+            "{json}"
+        );
+        let id = "0192f3a4-5b6c-7d8e-9f00-112233445566";
+        let s = RawSpec {
+            inputs_from_run: format!(" {id} "),
+            outputs: vec!["**/*.py".into(), ".drover/*".into(), "**/*.py".into()],
+            ..ok_raw()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            s.inputs_from_run.map(|u| u.to_string()).as_deref(),
+            Some(id)
+        );
+        assert_eq!(s.outputs, vec!["**/*.py", ".drover/*"]);
+        assert_ne!(s.canonical_hash(), plain.canonical_hash());
     }
 
     #[test]

@@ -121,10 +121,195 @@ impl FakeAgent {
                 output_truncated: false,
                 reason: String::new(),
                 infrastructure_error: false,
+                artifact_upload_id: String::new(),
             })
             .await
             .map(tonic::Response::into_inner)
     }
+
+    /// Reports completion naming an artifact upload (empty = none).
+    pub async fn complete_with_artifacts(
+        &mut self,
+        run: &str,
+        epoch: u64,
+        outcome: pb::Outcome,
+        exit_code: Option<i32>,
+        upload_id: &str,
+    ) -> Result<pb::ReportCompletionResponse, tonic::Status> {
+        self.client
+            .report_completion(pb::ReportCompletionRequest {
+                agent_id: self.id.clone(),
+                run_id: run.into(),
+                lease_epoch: epoch,
+                outcome: outcome as i32,
+                exit_code,
+                artifact_upload_id: upload_id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The well-formed UploadArtifacts messages for `files` (what a real agent sends):
+    /// `start`, then per file its header and data in chunks of at most `chunk` bytes.
+    pub fn upload_messages(
+        &self,
+        run: &str,
+        epoch: u64,
+        files: &[UploadFile],
+        chunk: usize,
+    ) -> Vec<pb::UploadArtifactsRequest> {
+        use pb::upload_artifacts_request::Item;
+        let mut msgs = vec![pb::UploadArtifactsRequest {
+            item: Some(Item::Start(pb::UploadStart {
+                agent_id: self.id.clone(),
+                run_id: run.into(),
+                lease_epoch: epoch,
+            })),
+        }];
+        for f in files {
+            msgs.push(pb::UploadArtifactsRequest {
+                item: Some(Item::File(f.header())),
+            });
+            for piece in f.data.chunks(chunk.max(1)) {
+                msgs.push(pb::UploadArtifactsRequest {
+                    item: Some(Item::Data(piece.to_vec())),
+                });
+            }
+        }
+        msgs
+    }
+
+    /// Uploads `files` (64 KiB chunks) and returns the upload.
+    pub async fn upload(
+        &mut self,
+        run: &str,
+        epoch: u64,
+        files: &[UploadFile],
+    ) -> Result<pb::UploadArtifactsResponse, tonic::Status> {
+        let msgs = self.upload_messages(run, epoch, files, 64 * 1024);
+        self.upload_raw(msgs).await
+    }
+
+    /// Sends exactly these messages as one UploadArtifacts stream.
+    pub async fn upload_raw(
+        &mut self,
+        msgs: Vec<pb::UploadArtifactsRequest>,
+    ) -> Result<pb::UploadArtifactsResponse, tonic::Status> {
+        self.client
+            .upload_artifacts(futures::stream::iter(msgs))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Sends `msgs` as one UploadArtifacts stream, as they come (e.g. one that never ends).
+    pub async fn upload_raw_stream<S>(
+        &mut self,
+        msgs: S,
+    ) -> Result<pb::UploadArtifactsResponse, tonic::Status>
+    where
+        S: futures::Stream<Item = pb::UploadArtifactsRequest> + Send + 'static,
+    {
+        self.client
+            .upload_artifacts(msgs)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// DownloadInputs, collected: each entry with its content.
+    pub async fn download_inputs(
+        &mut self,
+        run: &str,
+        epoch: u64,
+    ) -> Result<Vec<(pb::ArtifactEntry, Vec<u8>)>, tonic::Status> {
+        let stream = self
+            .client
+            .download_inputs(pb::DownloadInputsRequest {
+                agent_id: self.id.clone(),
+                run_id: run.into(),
+                lease_epoch: epoch,
+            })
+            .await?
+            .into_inner();
+        collect_artifacts(stream).await
+    }
+}
+
+/// One file (or symlink) a fake agent uploads.
+#[derive(Debug, Clone)]
+pub struct UploadFile {
+    pub path: String,
+    pub data: Vec<u8>,
+    pub mode: u32,
+    /// Set for a symlink: its target (it has no data).
+    pub link_target: Option<String>,
+    /// Overrides the header's size / sha256 (to send a lying header).
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+impl UploadFile {
+    pub fn file(path: &str, data: &[u8]) -> Self {
+        UploadFile {
+            path: path.into(),
+            data: data.to_vec(),
+            mode: 0o644,
+            link_target: None,
+            size: None,
+            sha256: None,
+        }
+    }
+
+    pub fn symlink(path: &str, target: &str) -> Self {
+        UploadFile {
+            link_target: Some(target.into()),
+            mode: 0o777,
+            ..Self::file(path, b"")
+        }
+    }
+
+    pub fn header(&self) -> pb::ArtifactEntry {
+        let symlink = self.link_target.is_some();
+        pb::ArtifactEntry {
+            path: self.path.clone(),
+            size: self.size.unwrap_or(self.data.len() as u64),
+            sha256: self.sha256.clone().unwrap_or_else(|| {
+                if symlink {
+                    String::new()
+                } else {
+                    sha256_hex(&self.data)
+                }
+            }),
+            mode: self.mode,
+            is_symlink: symlink,
+            link_target: self.link_target.clone().unwrap_or_default(),
+            attempt: 0,
+        }
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Reads an artifact stream (GetArtifact, DownloadInputs) into entries with their content.
+pub async fn collect_artifacts(
+    mut stream: tonic::Streaming<pb::ArtifactChunk>,
+) -> Result<Vec<(pb::ArtifactEntry, Vec<u8>)>, tonic::Status> {
+    use pb::artifact_chunk::Item;
+    let mut out: Vec<(pb::ArtifactEntry, Vec<u8>)> = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        match chunk.item {
+            Some(Item::Entry(e)) => out.push((e, Vec::new())),
+            Some(Item::Data(d)) => match out.last_mut() {
+                Some((_, buf)) => buf.extend_from_slice(&d),
+                None => return Err(tonic::Status::internal("data before any entry")),
+            },
+            None => return Err(tonic::Status::internal("empty chunk")),
+        }
+    }
+    Ok(out)
 }
 
 /// Polls GetRun until `pred` holds (or panics after `limit`, dumping the stack's logs).

@@ -146,6 +146,7 @@ impl Verdict {
             output_truncated,
             reason: self.reason,
             infrastructure_error: self.infrastructure_error,
+            artifact_upload_id: String::new(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One module per `drover` subcommand.
 
 pub mod agents;
+pub mod artifacts;
 pub mod cancel;
 pub mod dev;
 pub mod dlq;

@@ -57,6 +57,20 @@ pub async fn end_attempt(
     holder: &Holder,
     end: AttemptEnd,
 ) -> Result<(RunRecord, EventRecord), CoreError> {
+    end_attempt_with_artifacts(conn, run_id, holder, end, None).await
+}
+
+/// [`end_attempt`] plus the holder's artifact upload: it must be this run's, this agent's,
+/// this epoch's and complete, or the whole end is refused ([`Refusal::Upload`]); when the end
+/// is terminal its manifest is committed in this same transaction (an end that re-queues
+/// commits nothing and leaves the upload to the garbage collector).
+pub async fn end_attempt_with_artifacts(
+    conn: &mut PgConnection,
+    run_id: RunId,
+    holder: &Holder,
+    end: AttemptEnd,
+    upload: Option<uuid::Uuid>,
+) -> Result<(RunRecord, EventRecord), CoreError> {
     let run = runs::lock(conn, run_id)
         .await?
         .ok_or(CoreError::Refused(Refusal::NotFound))?;
@@ -71,6 +85,12 @@ pub async fn end_attempt(
         ..Transition::new(run_id, to)
     };
     let (run, event) = runs::transition(conn, &t).await?;
+    if let Some(upload) = upload {
+        let agent = holder.agent.as_deref();
+        let terminal = run.state.is_terminal();
+        super::artifacts::commit_upload(conn, run_id, upload, agent, holder.epoch, terminal)
+            .await?;
+    }
     match run.state {
         RunState::Queued => runs::enqueue_run_message_after(conn, &run, delay_ms).await?,
         RunState::DeadLettered => publish_dead_record(conn, &run).await?,

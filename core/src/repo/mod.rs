@@ -6,6 +6,7 @@
 //! first.
 
 pub mod agents;
+pub mod artifacts;
 pub mod attempts;
 pub mod cancel;
 pub mod dead_letters;

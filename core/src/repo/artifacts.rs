@@ -1,0 +1,252 @@
+//! Artifact uploads and manifests in Postgres.
+//!
+//! An upload is a row in `artifact_uploads` from the moment its stream starts (so the garbage
+//! collector sees everything that was ever staged), gets its verified manifest when the stream
+//! ends, and is committed — its entries copied into `artifacts` — only by
+//! [`commit_upload`], which runs inside the transaction that ends the attempt
+//! ([`super::attempts::end_attempt_with_artifacts`]). A run therefore has either the complete
+//! manifest of the attempt that ended it, or none.
+
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::{CoreError, Refusal};
+use crate::ids::{RunId, TenantId};
+
+/// One verified file or symlink of an upload, as staged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedEntry {
+    pub path: String,
+    /// Index of the content in the upload's staging space; `None` for a symlink.
+    pub blob: Option<i32>,
+    pub size: i64,
+    pub sha256: String,
+    pub mode: i32,
+    pub is_symlink: bool,
+    pub link_target: Option<String>,
+}
+
+/// A committed manifest entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactRecord {
+    pub upload_id: Uuid,
+    pub attempt: i32,
+    pub entry: StagedEntry,
+}
+
+/// Who staged an upload: the lease it was made under.
+#[derive(Debug, Clone)]
+pub struct NewUpload {
+    pub id: Uuid,
+    pub tenant_id: TenantId,
+    pub run_id: RunId,
+    pub attempt: i32,
+    pub lease_epoch: i64,
+    pub agent_id: String,
+}
+
+pub async fn begin_upload(pool: &PgPool, u: &NewUpload) -> Result<(), CoreError> {
+    sqlx::query(
+        "INSERT INTO artifact_uploads (id, tenant_id, run_id, attempt, lease_epoch, agent_id) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(u.id)
+    .bind(u.tenant_id.0)
+    .bind(u.run_id.0)
+    .bind(u.attempt)
+    .bind(u.lease_epoch)
+    .bind(&u.agent_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records the verified manifest, if the lease the upload was made under is still current
+/// (the run may have been reaped or cancelled while bytes were arriving). `false` when it is
+/// not, or when the collector already discarded the upload.
+pub async fn complete_upload(
+    pool: &PgPool,
+    id: Uuid,
+    entries: &[StagedEntry],
+    bytes: i64,
+) -> Result<bool, CoreError> {
+    let manifest = serde_json::to_value(entries)
+        .map_err(|e| CoreError::Corrupt(format!("artifact manifest: {e}")))?;
+    let files = i32::try_from(entries.len()).unwrap_or(i32::MAX);
+    let done = sqlx::query(
+        "UPDATE artifact_uploads u SET manifest = $2, files = $3, bytes = $4, \
+         completed_at = now() \
+         FROM runs r \
+         WHERE u.id = $1 AND r.id = u.run_id AND u.completed_at IS NULL \
+         AND r.lease_epoch = u.lease_epoch AND r.agent_id = u.agent_id \
+         AND r.state IN ('ASSIGNED', 'RUNNING')",
+    )
+    .bind(id)
+    .bind(manifest)
+    .bind(files)
+    .bind(bytes)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Forgets an upload that was never committed (a failed stream); its files are the caller's
+/// to delete. A committed upload is left alone.
+pub async fn discard_upload(pool: &PgPool, id: Uuid) -> Result<bool, CoreError> {
+    let done = sqlx::query("DELETE FROM artifact_uploads WHERE id = $1 AND committed_at IS NULL")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Checks that `upload` was completed by `agent` for `run_id` under `epoch`, and if
+/// `terminal`, commits its manifest. Called with the run row locked, in the transaction that
+/// ends the attempt; a refusal rolls the whole end back.
+pub async fn commit_upload(
+    conn: &mut PgConnection,
+    run_id: RunId,
+    upload: Uuid,
+    agent: Option<&str>,
+    epoch: i64,
+    terminal: bool,
+) -> Result<(), CoreError> {
+    let row = sqlx::query(
+        "SELECT run_id, lease_epoch, agent_id, completed_at IS NOT NULL AS completed, \
+         committed_at IS NOT NULL AS committed FROM artifact_uploads WHERE id = $1 FOR UPDATE",
+    )
+    .bind(upload)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let refuse = |why: String| Err(CoreError::Refused(Refusal::Upload(why)));
+    let Some(row) = row else {
+        return refuse(format!("artifact upload {upload} is not known"));
+    };
+    let (r, e, a): (Uuid, i64, String) = (
+        row.try_get("run_id")?,
+        row.try_get("lease_epoch")?,
+        row.try_get("agent_id")?,
+    );
+    if r != run_id.0 || agent.is_some_and(|agent| agent != a) {
+        return refuse(format!(
+            "artifact upload {upload} does not belong to this run and agent"
+        ));
+    }
+    if e != epoch {
+        return refuse(format!(
+            "artifact upload {upload} was made under lease epoch {e}, not {epoch}"
+        ));
+    }
+    if !row.try_get::<bool, _>("completed")? {
+        return refuse(format!("artifact upload {upload} did not complete"));
+    }
+    if row.try_get::<bool, _>("committed")? || !terminal {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO artifacts (run_id, path, tenant_id, attempt, upload_id, blob, size, sha256, \
+         mode, is_symlink, link_target) \
+         SELECT u.run_id, e.path, u.tenant_id, u.attempt, u.id, e.blob, e.size, e.sha256, \
+         e.mode, e.is_symlink, e.link_target \
+         FROM artifact_uploads u, jsonb_to_recordset(u.manifest) AS e(path text, blob integer, \
+         size bigint, sha256 text, mode integer, is_symlink boolean, link_target text) \
+         WHERE u.id = $1",
+    )
+    .bind(upload)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE artifact_uploads SET committed_at = now() WHERE id = $1")
+        .bind(upload)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+const ARTIFACT_COLUMNS: &str =
+    "upload_id, attempt, path, blob, size, sha256, mode, is_symlink, link_target";
+
+fn from_row(row: &sqlx::postgres::PgRow) -> Result<ArtifactRecord, CoreError> {
+    Ok(ArtifactRecord {
+        upload_id: row.try_get("upload_id")?,
+        attempt: row.try_get("attempt")?,
+        entry: StagedEntry {
+            path: row.try_get("path")?,
+            blob: row.try_get("blob")?,
+            size: row.try_get("size")?,
+            sha256: row.try_get("sha256")?,
+            mode: row.try_get("mode")?,
+            is_symlink: row.try_get("is_symlink")?,
+            link_target: row.try_get("link_target")?,
+        },
+    })
+}
+
+/// The committed manifest of a run, sorted by path (byte order).
+pub async fn list(
+    pool: &PgPool,
+    tenant: TenantId,
+    run: RunId,
+) -> Result<Vec<ArtifactRecord>, CoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE run_id = $1 AND tenant_id = $2 \
+         ORDER BY path COLLATE \"C\""
+    ))
+    .bind(run.0)
+    .bind(tenant.0)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+pub async fn get(
+    pool: &PgPool,
+    tenant: TenantId,
+    run: RunId,
+    path: &str,
+) -> Result<Option<ArtifactRecord>, CoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {ARTIFACT_COLUMNS} FROM artifacts \
+         WHERE run_id = $1 AND tenant_id = $2 AND path = $3"
+    ))
+    .bind(run.0)
+    .bind(tenant.0)
+    .bind(path)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Locks (and returns) up to `limit` uploads that can never be committed: their run has
+/// ended, their lease is gone, or they are older than `ttl_secs` (each stays true once
+/// true). Rows another transaction holds — an upload being committed right now — are
+/// skipped. The caller deletes their files, then [`delete_uploads`], in this transaction; a
+/// completion report waiting for the lock then finds no upload and is refused.
+pub async fn lock_stale_uploads(
+    conn: &mut PgConnection,
+    ttl_secs: u64,
+    limit: i64,
+) -> Result<Vec<Uuid>, CoreError> {
+    let rows = sqlx::query(
+        "SELECT u.id FROM artifact_uploads u JOIN runs r ON r.id = u.run_id \
+         WHERE u.committed_at IS NULL \
+         AND (r.state NOT IN ('ASSIGNED', 'RUNNING') OR r.lease_epoch <> u.lease_epoch \
+              OR u.created_at < now() - make_interval(secs => $1)) \
+         ORDER BY u.created_at LIMIT $2 FOR UPDATE OF u SKIP LOCKED",
+    )
+    .bind(ttl_secs as f64)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| r.try_get("id").map_err(CoreError::from))
+        .collect()
+}
+
+pub async fn delete_uploads(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), CoreError> {
+    sqlx::query("DELETE FROM artifact_uploads WHERE id = ANY($1) AND committed_at IS NULL")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
