@@ -87,6 +87,8 @@ impl From<Status> for ApiError {
 #[derive(Clone)]
 pub struct ApiClient {
     client: AgentServiceClient<Channel>,
+    /// The same API without the per-call timeout, for artifact streams.
+    bulk: AgentServiceClient<Channel>,
     agent_id: AgentId,
 }
 
@@ -101,13 +103,16 @@ impl ApiClient {
             endpoint: endpoint.to_owned(),
             reason,
         };
-        let target = Endpoint::from_shared(endpoint.to_owned())
+        let base = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        // Artifact transfers take as long as their size needs; the API cuts off a stream that
+        // goes idle, and HTTP/2 keep-alives notice a dead peer.
+        let bulk = AgentServiceClient::new(base.connect_lazy());
+        let target = base.timeout(REQUEST_TIMEOUT);
         let connect = || target.connect();
         let retrying = connect
             .retry(backoff(Patience::UntilCancelled))
@@ -126,6 +131,7 @@ impl ApiClient {
         tracing::info!(endpoint, "connected to the api");
         Ok(Some(Self {
             client: AgentServiceClient::new(channel),
+            bulk,
             agent_id,
         }))
     }
@@ -251,6 +257,51 @@ impl ApiClient {
                 async move { c.report_completion(req).await }
             },
         )
+        .await
+    }
+
+    /// Uploads the workspace files `collect` found; returns the upload id the completion
+    /// report names. A failed stream is retried whole a few times (the API discards the
+    /// partial upload); a stale lease is [`ApiError::Stale`].
+    pub async fn upload_artifacts(
+        &self,
+        run_id: RunId,
+        epoch: LeaseEpoch,
+        files: Vec<crate::transfer::Outgoing>,
+        cancel: &CancellationToken,
+    ) -> Result<pb::UploadArtifactsResponse, ApiError> {
+        let start = pb::UploadStart {
+            agent_id: self.agent_id.to_string(),
+            run_id: run_id.to_string(),
+            lease_epoch: epoch_to_wire(epoch),
+        };
+        let bulk = self.bulk.clone();
+        self.call("upload artifacts", Patience::Retries(3), cancel, |_| {
+            let mut c = bulk.clone();
+            let stream = crate::transfer::upload_stream(start.clone(), files.clone());
+            async move { c.upload_artifacts(stream).await }
+        })
+        .await
+    }
+
+    /// The committed artifacts of the run the leased run's spec names in `inputs_from_run`.
+    pub async fn download_inputs(
+        &self,
+        run_id: RunId,
+        epoch: LeaseEpoch,
+        cancel: &CancellationToken,
+    ) -> Result<tonic::Streaming<pb::ArtifactChunk>, ApiError> {
+        let req = pb::DownloadInputsRequest {
+            agent_id: self.agent_id.to_string(),
+            run_id: run_id.to_string(),
+            lease_epoch: epoch_to_wire(epoch),
+        };
+        let bulk = self.bulk.clone();
+        self.call("download inputs", Patience::Retries(5), cancel, |_| {
+            let mut c = bulk.clone();
+            let req = req.clone();
+            async move { c.download_inputs(req).await }
+        })
         .await
     }
 

@@ -39,6 +39,7 @@ pub mod secret_env;
 pub mod settings;
 mod settle;
 pub mod supervise;
+pub mod transfer;
 
 pub use agent::Agent;
 pub use docker::DockerExecutor;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 
 use crate::executor::Job;
 
@@ -62,9 +62,25 @@ pub fn container_body(job: &Job) -> ContainerCreateBody {
             // Docker is the agent's journal: the container must outlive its exit until the
             // API has accepted the completion report.
             auto_remove: Some(false),
+            log_config: Some(log_config()),
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// The agent follows a container's output through Docker's log, and following a json-file
+/// log across a rotation loses output (the daemon here rotates at 10 MB by default): a run
+/// printing 50 MB kept 4.6 MB. One file per container, rotated only past 1 GB, keeps every
+/// byte of any sane run while still bounding the disk a runaway one can fill. The log lives
+/// as long as the container, which the agent removes once the API settled the run.
+fn log_config() -> HostConfigLogConfig {
+    HostConfigLogConfig {
+        typ: Some("json-file".to_owned()),
+        config: Some(HashMap::from([
+            ("max-size".to_owned(), "1g".to_owned()),
+            ("max-file".to_owned(), "1".to_owned()),
+        ])),
     }
 }
 
