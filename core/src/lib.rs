@@ -1,7 +1,7 @@
 //! drover-core: what every drover binary shares.
 //!
 //! Owns the domain types ([`ids`], [`state`], [`spec`]), the run state machine as a transition
-//! table, run-spec validation, typed configuration ([`config`]), the Postgres repository
+//! table, run-spec validation (and [`paths`] for paths from outside), typed configuration ([`config`]), the Postgres repository
 //! ([`repo`]) and migrations ([`db`]), the RabbitMQ topology ([`topology`]) and wire messages
 //! ([`messages`]), Redis key names ([`redis_keys`]) and the outbox relay ([`outbox_relay`]).
 //!
@@ -14,8 +14,10 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod inputs;
 pub mod messages;
 pub mod outbox_relay;
+pub mod paths;
 pub mod pg_wakeup;
 pub mod redis_keys;
 pub mod repo;

@@ -2,7 +2,9 @@
 //!
 //! Owns everything between an agent's command queue and the containers on its host: settings
 //! ([`settings`]), registration and heartbeats with the API, consuming `drover.agent.<id>`,
-//! executing assignments through an [`Executor`] (Docker via bollard: [`docker`]), following
+//! executing assignments through an [`Executor`] (Docker via bollard: [`docker`]; a local
+//! child process: [`process`]; a simulated run: [`mock`]; chosen per run by [`select`]) in a
+//! per-attempt [`workspace`], following
 //! output ([`supervise`], [`output_tail`], [`log_batch`]), enforcing time limits, cancelling
 //! (SIGTERM, grace, SIGKILL), reporting start and completion under the lease epoch (and
 //! dropping whatever a stale-epoch refusal fences off), re-adopting its containers after a
@@ -29,16 +31,23 @@ mod heartbeat;
 pub mod journal;
 pub mod log_batch;
 mod log_shipper;
+pub mod mock;
 pub mod outcome;
 pub mod output_tail;
+pub mod process;
 mod reconcile;
 pub mod running;
+pub mod select;
 pub mod settings;
 mod settle;
 pub mod supervise;
+pub mod workspace;
 
 pub use agent::Agent;
 pub use docker::DockerExecutor;
+pub use mock::MockExecutor;
+pub use process::ProcessExecutor;
+pub use select::ExecutorSet;
 pub use error::AgentError;
 pub use executor::{
     ExecError, ExecHandle, Executor, FoundExecution, FoundStatus, Job, Termination,

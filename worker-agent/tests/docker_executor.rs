@@ -16,7 +16,7 @@ use drover_agent::running::LeaseSignals;
 use drover_agent::supervise::{Ending, Finished, Supervision, supervise};
 use drover_agent::{DockerExecutor, ExecError, Executor, Job};
 use drover_core::ids::{AgentId, DEFAULT_TENANT, LeaseEpoch, RunId};
-use drover_core::spec::RawSpec;
+use drover_core::spec::{PullPolicy, RawSpec};
 use drover_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -48,6 +48,9 @@ fn job(image: &str, command: &[&str], timeout_secs: u32) -> Job {
         tenant_id: DEFAULT_TENANT.to_string(),
         agent_id: AgentId::parse("test-agent").unwrap(),
         spec,
+        workspace: std::env::temp_dir()
+            .join("drover-workspaces-docker-executor-test")
+            .join(RunId::new().to_string()),
     }
 }
 
@@ -129,13 +132,23 @@ async fn env_is_passed_and_argv_is_not_a_shell_string() {
 }
 
 #[tokio::test]
-async fn missing_image_is_image_unavailable_without_pulling() {
+async fn missing_image_is_image_unavailable_whatever_the_pull_policy() {
     let exec = docker().await;
     let image = "drover/never-built-here:nope";
-    let job = job(image, &["true"], 60);
-    match exec.start(&job).await {
-        Err(ExecError::ImageUnavailable { image: got }) => assert_eq!(got, image),
-        other => panic!("expected image_unavailable, got {other:?}"),
+    for policy in [PullPolicy::Never, PullPolicy::IfNotPresent, PullPolicy::Always] {
+        let mut job = job(image, &["true"], 60);
+        job.spec.image_pull_policy = policy;
+        match exec.start(&job).await {
+            Err(ExecError::ImageUnavailable { image: got, reason }) => {
+                assert_eq!(got, image);
+                if policy == PullPolicy::Never {
+                    assert!(reason.contains("pull policy is never"), "{reason}");
+                } else {
+                    assert!(reason.contains("pull"), "{reason}");
+                }
+            }
+            other => panic!("expected image_unavailable with {policy:?}, got {other:?}"),
+        }
     }
     assert_eq!(
         Verdict::image_unavailable(image).reason,
