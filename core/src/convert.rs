@@ -131,7 +131,10 @@ pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
         }),
         queue_timeout_seconds: spec.queue_timeout_secs,
         cancel_grace_seconds: spec.cancel_grace_secs,
-        executor: spec.executor.map(|e| e.as_str().to_owned()).unwrap_or_default(),
+        executor: spec
+            .executor
+            .map(|e| e.as_str().to_owned())
+            .unwrap_or_default(),
         mock: spec.mock.as_ref().map(|m| pb::MockBehavior {
             duration_ms: m.duration_ms,
             exit_code: m.exit_code,

@@ -105,7 +105,14 @@ mod tests {
 
     #[test]
     fn normal_paths_pass_unchanged() {
-        for p in ["a", "README.md", "src/app.py", "tests/test_cli.py", ".hidden/x", "a..b"] {
+        for p in [
+            "a",
+            "README.md",
+            "src/app.py",
+            "tests/test_cli.py",
+            ".hidden/x",
+            "a..b",
+        ] {
             assert_eq!(validate_relative(p).unwrap().as_str(), p);
         }
     }
@@ -141,7 +148,11 @@ mod tests {
     fn prefix_is_per_component() {
         let p = validate_relative(".drover/request.json").unwrap();
         assert!(p.starts_with(".drover"));
-        assert!(!validate_relative(".droverx/a").unwrap().starts_with(".drover"));
+        assert!(
+            !validate_relative(".droverx/a")
+                .unwrap()
+                .starts_with(".drover")
+        );
         assert!(validate_relative(".drover").unwrap().starts_with(".drover"));
     }
 }

@@ -371,7 +371,7 @@ impl RawSpec {
             })?),
         };
         let mock = match self.mock {
-            Some(m) if !m.is_empty() => Some(validate_mock(m, timeout_secs)?),
+            Some(m) if !m.is_empty() => Some(validate_mock(m)?),
             _ => None,
         };
         let image_pull_policy = match self.image_pull_policy.as_str() {
@@ -515,6 +515,39 @@ mod tests {
     }
 
     #[test]
+    fn new_fields_at_their_defaults_keep_the_stored_json_and_hash() {
+        let s = ok_raw().validate().unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        for key in [
+            "executor",
+            "mock",
+            "writable_rootfs",
+            "image_pull_policy",
+            "inputs",
+        ] {
+            assert!(!json.contains(key), "{key} in {json}");
+        }
+        let full = RawSpec {
+            executor: "mock".into(),
+            image_pull_policy: "never".into(),
+            writable_rootfs: true,
+            inputs: vec![InputFile {
+                path: "a.txt".into(),
+                content: b"hi".to_vec(),
+                mode: 0,
+            }],
+            ..ok_raw()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(full.executor, Some(ExecutorName::Mock));
+        assert_eq!(full.image_pull_policy, PullPolicy::Never);
+        let back: RunSpec = serde_json::from_str(&serde_json::to_string(&full).unwrap()).unwrap();
+        assert_eq!(back, full);
+        assert_ne!(full.canonical_hash(), s.canonical_hash());
+    }
+
+    #[test]
     fn defaults_are_filled() {
         let s = ok_raw().validate().unwrap();
         assert_eq!(s.pool, "default");
@@ -603,6 +636,41 @@ mod tests {
                     ..ok_raw()
                 },
                 "spec.resources.cpus",
+            ),
+            (
+                RawSpec {
+                    executor: "podman".into(),
+                    ..ok_raw()
+                },
+                "spec.executor",
+            ),
+            (
+                RawSpec {
+                    image_pull_policy: "sometimes".into(),
+                    ..ok_raw()
+                },
+                "spec.image_pull_policy",
+            ),
+            (
+                RawSpec {
+                    inputs: vec![InputFile {
+                        path: "../etc/passwd".into(),
+                        content: Vec::new(),
+                        mode: 0,
+                    }],
+                    ..ok_raw()
+                },
+                "spec.inputs",
+            ),
+            (
+                RawSpec {
+                    mock: Some(MockBehavior {
+                        duration_ms: 86_400_001,
+                        ..Default::default()
+                    }),
+                    ..ok_raw()
+                },
+                "spec.mock",
             ),
         ];
         for (raw, field) in cases {

@@ -39,10 +39,10 @@ use crate::execution::RunContext;
 use crate::executor::Executor;
 use crate::heartbeat;
 use crate::journal::ExecutionJournal;
-use crate::reconcile;
-use crate::running::RunningRuns;
 use crate::mock::MockExecutor;
 use crate::process::ProcessExecutor;
+use crate::reconcile;
+use crate::running::RunningRuns;
 use crate::select::ExecutorSet;
 use crate::settings::{ExecutorKind, Settings};
 use crate::workspace::Workspaces;
@@ -118,9 +118,7 @@ impl Agent {
                     tracing::info!(endpoint = docker.endpoint(), "docker executor ready");
                     Arc::new(docker.run_as(uid, gid))
                 }
-                ExecutorName::Process => {
-                    Arc::new(ProcessExecutor::new(workspaces.agent_root()))
-                }
+                ExecutorName::Process => Arc::new(ProcessExecutor::new(workspaces.agent_root())),
                 ExecutorName::Mock => Arc::new(MockExecutor::new()),
             };
             backends.insert(kind, backend);

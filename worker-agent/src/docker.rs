@@ -27,8 +27,8 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, WaitContainerOptions,
 };
 use drover_core::ids::AgentId;
 use drover_core::spec::PullPolicy;
@@ -153,7 +153,12 @@ impl DockerExecutor {
         };
         tokio::time::timeout(PULL_TIMEOUT, pulling)
             .await
-            .map_err(|_| unavailable(format!("pull took longer than {} s", PULL_TIMEOUT.as_secs())))?
+            .map_err(|_| {
+                unavailable(format!(
+                    "pull took longer than {} s",
+                    PULL_TIMEOUT.as_secs()
+                ))
+            })?
     }
 
     /// Makes sure the image is here, as the spec's pull policy allows.
@@ -161,9 +166,7 @@ impl DockerExecutor {
         let image = &job.spec.image;
         match job.spec.image_pull_policy {
             PullPolicy::Always => self.pull(image).await,
-            PullPolicy::IfNotPresent if !self.image_present(image).await? => {
-                self.pull(image).await
-            }
+            PullPolicy::IfNotPresent if !self.image_present(image).await? => self.pull(image).await,
             PullPolicy::Never if !self.image_present(image).await? => {
                 Err(ExecError::ImageUnavailable {
                     image: image.clone(),

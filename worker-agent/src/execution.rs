@@ -27,11 +27,11 @@ use crate::api::{ApiClient, ApiError, Patience};
 use crate::attempt::follow;
 use crate::consumer::CommandAck;
 use crate::executor::{ExecError, Executor, FoundExecution, FoundStatus, Job, execution_name};
-use crate::workspace::Workspaces;
 use crate::journal::ExecutionJournal;
 use crate::outcome::Verdict;
 use crate::running::{RunClaim, RunningRuns};
 use crate::settle::{self, Execution};
+use crate::workspace::Workspaces;
 
 /// Retries of `GetAssignment` before the command goes back to the queue.
 const ASSIGNMENT_RETRIES: usize = 8;

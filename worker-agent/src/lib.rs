@@ -12,9 +12,9 @@
 //! ([`Agent`]).
 //!
 //! It must not touch Postgres or Redis, decide run state, or assign work: the API is the only
-//! authority it talks to, and every report it sends may be refused as stale. It never pulls
-//! images and never removes a container before the API has settled its completion report:
-//! Docker is the agent's durable journal.
+//! authority it talks to, and every report it sends may be refused as stale. It pulls images
+//! only as a spec's pull policy allows, and never removes a container (or a workspace) before
+//! the API has settled its completion report: Docker is the agent's durable journal.
 //!
 //! Composition (`drover dev`): build [`Settings`], then [`Agent::build`] (or
 //! [`Agent::with_executor`]) and [`Agent::run_until_stopped`] with a cancellation token.
@@ -45,11 +45,11 @@ pub mod workspace;
 
 pub use agent::Agent;
 pub use docker::DockerExecutor;
-pub use mock::MockExecutor;
-pub use process::ProcessExecutor;
-pub use select::ExecutorSet;
 pub use error::AgentError;
 pub use executor::{
     ExecError, ExecHandle, Executor, FoundExecution, FoundStatus, Job, Termination,
 };
+pub use mock::MockExecutor;
+pub use process::ProcessExecutor;
+pub use select::ExecutorSet;
 pub use settings::{ExecutorKind, Settings};

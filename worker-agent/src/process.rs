@@ -149,7 +149,11 @@ impl ProcessExecutor {
             return Ok(Some((state, proc)));
         }
         if start_ticks(state.pid) == Some(state.start_ticks) {
-            tracing::warn!(pid = state.pid, execution = name, "a process started by an earlier life of this agent is still running; killing it (its exit code could not be read)");
+            tracing::warn!(
+                pid = state.pid,
+                execution = name,
+                "a process started by an earlier life of this agent is still running; killing it (its exit code could not be read)"
+            );
             signal_group(state.pid, Signal::SIGKILL);
         }
         let proc = Arc::new(Proc::lost(state.pid, state.started_at));
@@ -205,7 +209,11 @@ impl ProcessExecutor {
         let (tx, rx) = mpsc::channel(OUTPUT_BUFFER);
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            readers.push(tokio::spawn(read_pipe(out, OutputSource::Stdout, tx.clone())));
+            readers.push(tokio::spawn(read_pipe(
+                out,
+                OutputSource::Stdout,
+                tx.clone(),
+            )));
         }
         if let Some(err) = child.stderr.take() {
             readers.push(tokio::spawn(read_pipe(err, OutputSource::Stderr, tx)));
@@ -277,12 +285,22 @@ impl ProcessExecutor {
             return Termination::Exited;
         }
         signal_group(proc.pid, Signal::SIGTERM);
-        tracing::info!(pid = proc.pid, grace_s = grace.as_secs(), "asked the process group to stop");
-        if tokio::time::timeout(grace, self.wait_for(handle)).await.is_ok() {
+        tracing::info!(
+            pid = proc.pid,
+            grace_s = grace.as_secs(),
+            "asked the process group to stop"
+        );
+        if tokio::time::timeout(grace, self.wait_for(handle))
+            .await
+            .is_ok()
+        {
             return Termination::Exited;
         }
         signal_group(proc.pid, Signal::SIGKILL);
-        tracing::info!(pid = proc.pid, "grace period over; killed the process group");
+        tracing::info!(
+            pid = proc.pid,
+            "grace period over; killed the process group"
+        );
         Termination::Killed
     }
 
@@ -309,11 +327,16 @@ impl ProcessExecutor {
                     {
                         found.push(Self::found(name, &state, &proc));
                     } else {
-                        tracing::warn!(file, "process state does not match its name; leaving it to operators");
+                        tracing::warn!(
+                            file,
+                            "process state does not match its name; leaving it to operators"
+                        );
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, file, "unreadable process state; leaving it to operators"),
+                Err(e) => {
+                    tracing::warn!(error = %e, file, "unreadable process state; leaving it to operators")
+                }
             }
         }
         Ok(found)
@@ -451,7 +474,8 @@ async fn write_state(path: &Path, state: &StateFile) -> Result<(), ExecError> {
             .await
             .map_err(|e| ExecError::backend("write process state", e))?;
     }
-    let json = serde_json::to_vec(state).map_err(|e| ExecError::backend("write process state", e))?;
+    let json =
+        serde_json::to_vec(state).map_err(|e| ExecError::backend("write process state", e))?;
     let tmp = path.with_extension("json.tmp");
     tokio::fs::write(&tmp, json)
         .await
@@ -571,7 +595,11 @@ mod tests {
         // A child that ignores TERM, with a grandchild that would outlive it.
         let j = job(
             tmp.path(),
-            &["sh", "-c", "trap '' TERM; sleep 300 & echo $! > grandchild; wait"],
+            &[
+                "sh",
+                "-c",
+                "trap '' TERM; sleep 300 & echo $! > grandchild; wait",
+            ],
             &[],
         );
         let started = exec.start(&j).await.unwrap();
@@ -612,7 +640,12 @@ mod tests {
         let first = ProcessExecutor::new(tmp.path());
         let j = job(tmp.path(), &["sleep", "300"], &[]);
         let started = first.start(&j).await.unwrap();
-        let pid: i32 = started.handle.id.trim_start_matches("pid-").parse().unwrap();
+        let pid: i32 = started
+            .handle
+            .id
+            .trim_start_matches("pid-")
+            .parse()
+            .unwrap();
         // A new life of the agent: same state directory, no memory.
         let second = ProcessExecutor::new(tmp.path());
         let found = second.list(&j.agent_id).await.unwrap();
@@ -620,7 +653,10 @@ mod tests {
         assert_eq!(found[0].run_id, j.run_id);
         assert_eq!(found[0].status, FoundStatus::Exited);
         let status = second.wait(&found[0].handle).await.unwrap();
-        assert_eq!(status.code, None, "the exit code of a lost process is unknown");
+        assert_eq!(
+            status.code, None,
+            "the exit code of a lost process is unknown"
+        );
         // Starting the lease again adopts it instead of running it twice.
         assert!(second.start(&j).await.unwrap().adopted);
         // The first life's child got SIGKILL.

@@ -210,8 +210,8 @@ mod tests {
             ExecutorName::Mock,
             Arc::new(MockExecutor::new()),
             BTreeMap::from([(
-                    ExecutorName::Process,
-                    Arc::new(ProcessExecutor::new(tmp.path())) as Arc<dyn Executor>,
+                ExecutorName::Process,
+                Arc::new(ProcessExecutor::new(tmp.path())) as Arc<dyn Executor>,
             )]),
         );
         let own = job(tmp.path(), "");

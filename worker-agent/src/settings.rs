@@ -320,12 +320,22 @@ mod tests {
             allowed_executors: vec!["podman".into()],
             ..Settings::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("allowed_executors"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("allowed_executors")
+        );
         let root = Settings {
             run_as_user: "0:0".into(),
             ..Settings::default()
         };
-        assert!(root.validate().unwrap_err().to_string().contains("run_as_user"));
+        assert!(
+            root.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("run_as_user")
+        );
     }
 
     #[test]

@@ -311,7 +311,9 @@ fn write_result_blocking(dir: &Path, ended: Ended) -> Result<ResultFile, Workspa
     }
     let path = drover.join(RESULT_FILE);
     match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path).map_err(io_err("replacing", &path))?,
+        Ok(m) if m.is_dir() => {
+            std::fs::remove_dir_all(&path).map_err(io_err("replacing", &path))?
+        }
         Ok(_) => std::fs::remove_file(&path).map_err(io_err("replacing", &path))?,
         Err(_) => {}
     }
@@ -518,10 +520,9 @@ mod tests {
         assert_eq!(result.modified_files, vec!["app.py"]);
         assert_eq!(result.deleted_files, vec!["gone.txt"]);
         assert_eq!(result.duration_ms, 1500);
-        let on_disk: ResultFile = serde_json::from_slice(
-            &std::fs::read(dir.join(".drover/result.json")).unwrap(),
-        )
-        .unwrap();
+        let on_disk: ResultFile =
+            serde_json::from_slice(&std::fs::read(dir.join(".drover/result.json")).unwrap())
+                .unwrap();
         assert_eq!(on_disk, result);
 
         ws.remove(&job.name()).await;

@@ -135,7 +135,11 @@ async fn env_is_passed_and_argv_is_not_a_shell_string() {
 async fn missing_image_is_image_unavailable_whatever_the_pull_policy() {
     let exec = docker().await;
     let image = "drover/never-built-here:nope";
-    for policy in [PullPolicy::Never, PullPolicy::IfNotPresent, PullPolicy::Always] {
+    for policy in [
+        PullPolicy::Never,
+        PullPolicy::IfNotPresent,
+        PullPolicy::Always,
+    ] {
         let mut job = job(image, &["true"], 60);
         job.spec.image_pull_policy = policy;
         match exec.start(&job).await {
