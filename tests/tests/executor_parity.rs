@@ -160,7 +160,12 @@ fn assert_result_shape(p: &Parity, run: &pb::Run, status: &str, exit_code: Optio
         exit_code,
         "[{who}] {result}"
     );
-    assert_eq!(result["executor"], who, "[{who}] {result}");
+    // The executor that ran it (the agent's own unless the spec named another).
+    assert_eq!(
+        result["executor"],
+        run.executor.as_str(),
+        "[{who}] {result}"
+    );
     assert_eq!(result["summary"], run.reason.as_str(), "[{who}] {result}");
     let errors = strings(&result["errors"]);
     if status == "success" {
@@ -212,6 +217,7 @@ async fn exit_codes(executor: &'static str) {
     let ok = p.spec("exit 0", pb::MockBehavior::default());
     let run = p.run(ok, pb::RunState::Succeeded).await;
     assert_eq!(run.exit_code, Some(0), "[{executor}]");
+    assert_eq!(run.executor, executor);
     assert_result_shape(&p, &run, "success", Some(0));
 
     let three = p.spec(
