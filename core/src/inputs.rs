@@ -11,8 +11,9 @@ use crate::spec::{MAX_TIMEOUT_SECS, ValidationError};
 
 /// Most inline input files per run.
 pub const MAX_INPUT_FILES: usize = 1000;
-/// Most bytes of inline input content per run (also the bound for mock output files).
-pub const MAX_INPUT_BYTES: usize = 8 * 1024 * 1024;
+/// Most bytes of inline input content per run. Kept under gRPC's default 4 MiB message limit
+/// (the API's SubmitRun and GetRun, the agent's GetAssignment all carry the whole spec).
+pub const MAX_INPUT_BYTES: usize = 3 * 1024 * 1024;
 /// Mode given to an input whose mode is 0.
 pub const DEFAULT_INPUT_MODE: u32 = 0o644;
 /// The workspace directory drover itself writes (request and result files); runs' files may
@@ -21,6 +22,8 @@ pub const DROVER_DIR: &str = ".drover";
 /// Most log lines a mock run prints (per stream), and the longest line.
 pub const MAX_MOCK_LINES: usize = 100_000;
 pub const MAX_MOCK_LINE_BYTES: usize = 16 * 1024;
+/// Most bytes of a mock run's lines and files together (the spec stays small).
+pub const MAX_MOCK_BYTES: usize = 512 * 1024;
 
 /// One file put into the workspace. Content is stored base64-encoded in the spec's JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,11 +159,24 @@ pub fn validate_mock(mock: MockBehavior) -> Result<MockBehavior, ValidationError
             ));
         }
     }
+    let total: usize = mock
+        .stdout
+        .iter()
+        .chain(&mock.stderr)
+        .map(String::len)
+        .sum::<usize>()
+        + mock.files.iter().map(|f| f.content.len()).sum::<usize>();
+    if total > MAX_MOCK_BYTES {
+        return Err(invalid(
+            FIELD,
+            format!("lines and files must be at most {MAX_MOCK_BYTES} bytes in all, got {total}"),
+        ));
+    }
     let files = validate_files("spec.mock.files", mock.files)?;
     Ok(MockBehavior { files, ..mock })
 }
 
-/// Bytes as standard base64 in JSON, so an 8 MiB input is not a 30 MiB array of numbers.
+/// Bytes as standard base64 in JSON, so a 3 MiB input is not a 11 MiB array of numbers.
 mod base64_bytes {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;

@@ -429,3 +429,113 @@ async fn a_spec_runs_on_the_executor_it_names_only_where_allowed() {
     );
     p.finish().await;
 }
+
+/// Inline inputs and the new spec fields are checked at submit: INVALID_ARGUMENT naming the
+/// field, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_and_executor_fields_are_refused_at_submit() {
+    let stack = Stack::start_with(StackOptions {
+        dispatcher: false,
+        agent: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let input = |path: &str, size: usize| pb::InputFile {
+        path: path.into(),
+        content: vec![b'x'; size],
+        mode: 0,
+    };
+    let valid = || pb::RunSpec {
+        image: IMAGE.into(),
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    let long = "a/".repeat(600) + "b";
+    let mut cases: Vec<(pb::RunSpec, &str)> = [
+        "../etc/passwd",
+        "a/../../etc/passwd",
+        "/etc/passwd",
+        "%2e%2e%2fetc%2fpasswd",
+        "..\\..\\windows",
+        "a\0b",
+        ".drover/result.json",
+        "./a",
+        "",
+        long.as_str(),
+    ]
+    .into_iter()
+    .map(|path| {
+        (
+            pb::RunSpec {
+                inputs: vec![input(path, 1)],
+                ..valid()
+            },
+            "spec.inputs",
+        )
+    })
+    .collect();
+    cases.push((
+        pb::RunSpec {
+            inputs: vec![
+                input("big.bin", 2 * 1024 * 1024),
+                input("big2.bin", 1024 * 1024 + 1),
+            ],
+            ..valid()
+        },
+        "spec.inputs",
+    ));
+    cases.push((
+        pb::RunSpec {
+            executor: "podman".into(),
+            ..valid()
+        },
+        "spec.executor",
+    ));
+    cases.push((
+        pb::RunSpec {
+            image_pull_policy: "sometimes".into(),
+            ..valid()
+        },
+        "spec.image_pull_policy",
+    ));
+    cases.push((
+        pb::RunSpec {
+            mock: Some(pb::MockBehavior {
+                files: vec![pb::MockFile {
+                    path: "../escape".into(),
+                    content: Vec::new(),
+                }],
+                ..Default::default()
+            }),
+            ..valid()
+        },
+        "spec.mock.files",
+    ));
+    for (spec, field) in cases {
+        let what = format!("{:?}", spec.inputs.first().map(|i| &i.path));
+        let err = client
+            .submit_run(pb::SubmitRunRequest {
+                spec: Some(spec),
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect_err("invalid spec must be refused");
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{field} {what}: {err:?}"
+        );
+        assert!(
+            err.message().contains(field),
+            "message {:?} names {field} ({what})",
+            err.message()
+        );
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing stored");
+    stack.stop().await;
+}

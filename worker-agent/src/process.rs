@@ -621,15 +621,17 @@ mod tests {
         assert_eq!(status.code, Some(137));
         // The grandchild got the group's SIGKILL too (it may linger as a zombie until init
         // reaps it, so look at its state, not its existence).
-        let gone = (0..100).any(|_| {
+        let mut gone = false;
+        for _ in 0..100 {
             let alive = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
                 .map(|s| !s.contains(") Z"))
                 .unwrap_or(false);
-            if alive {
-                std::thread::sleep(Duration::from_millis(20));
+            if !alive {
+                gone = true;
+                break;
             }
-            !alive
-        });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(gone, "grandchild {grandchild} survived");
         exec.remove(&started.handle).await.unwrap();
     }
