@@ -539,3 +539,27 @@ async fn bad_inputs_and_executor_fields_are_refused_at_submit() {
     assert_eq!(stored, 0, "nothing stored");
     stack.stop().await;
 }
+
+/// An input at the size bound travels SubmitRun, GetAssignment and the workspace intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_at_the_size_bound_reaches_the_program() {
+    let p = Parity::start("process").await;
+    let size = 3 * 1024 * 1024;
+    let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let mut spec = p.spec("wc -c < big.bin", pb::MockBehavior::default());
+    spec.inputs = vec![pb::InputFile {
+        path: "big.bin".into(),
+        content: content.clone(),
+        mode: 0,
+    }];
+    let run = p.run(spec, pb::RunState::Succeeded).await;
+    assert_eq!(
+        String::from_utf8_lossy(&run.output).trim(),
+        size.to_string()
+    );
+    assert_eq!(
+        std::fs::read(p.workspace(&run).join("big.bin")).unwrap(),
+        content
+    );
+    p.finish().await;
+}
