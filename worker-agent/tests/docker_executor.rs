@@ -213,3 +213,61 @@ async fn redelivery_adopts_the_same_container_and_never_reruns_it() {
     // Removing twice is fine.
     exec.remove(&second.handle).await.unwrap();
 }
+
+/// The sandbox defaults as the program sees them: non-root user, no capabilities, read-only
+/// root filesystem, writable /tmp and /workspace (the working directory), no network but
+/// loopback.
+#[tokio::test]
+async fn the_sandbox_defaults_hold_inside_the_container() {
+    let exec = docker().await;
+    let script = "id -u; id -g; pwd; echo $DROVER_WORKSPACE; grep CapEff /proc/self/status; \
+        touch /rootfs-probe 2>/dev/null && echo rootfs-writable || echo rootfs-readonly; \
+        touch /tmp/probe && echo tmp-writable; \
+        touch /workspace/probe && echo workspace-writable; \
+        ls /sys/class/net";
+    let job = job(IMAGE, &["sh", "-c", script], 60);
+    let (finished, _) = run_to_end(&exec, &job).await;
+    assert_eq!(
+        finished.exit.unwrap().code,
+        Some(0),
+        "{:?}",
+        String::from_utf8_lossy(&finished.output)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&finished.output),
+        "65534\n65534\n/workspace\n/workspace\nCapEff:\t0000000000000000\nrootfs-readonly\n\
+         tmp-writable\nworkspace-writable\nlo\n"
+    );
+    assert!(
+        job.workspace.join("probe").exists(),
+        "written through the bind mount"
+    );
+    let _ = std::fs::remove_dir_all(&job.workspace);
+}
+
+/// A container killed by its memory limit is reported `oom_killed`.
+#[tokio::test]
+async fn the_memory_limit_is_enforced_and_reported_as_oom() {
+    let exec = docker().await;
+    // 64 MiB limit (see `job`); the shell tries to hold 256 MB in a variable.
+    let job = job(
+        IMAGE,
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 268435456 /dev/zero | tr '\\0' a); echo ${#x}",
+        ],
+        60,
+    );
+    let (finished, _) = run_to_end(&exec, &job).await;
+    let exit = finished.exit.unwrap();
+    assert!(exit.oom_killed, "{exit:?}");
+    let verdict = Verdict::of(&finished).unwrap();
+    assert_eq!(verdict.outcome, pb::Outcome::Failed);
+    assert!(
+        verdict.reason.starts_with("oom_killed: "),
+        "{}",
+        verdict.reason
+    );
+    let _ = std::fs::remove_dir_all(&job.workspace);
+}
