@@ -178,6 +178,42 @@ impl Workspaces {
     }
 }
 
+impl Workspaces {
+    /// Removes every workspace under this agent's root whose execution is not in `live`
+    /// (leftovers of a start that never happened, or of a removal that failed). Called at
+    /// start-up after the executors listed what they still hold. Returns how many went.
+    pub async fn sweep(&self, live: BTreeSet<String>) -> usize {
+        if self.keep {
+            return 0;
+        }
+        let root = self.agent_root.clone();
+        let swept = blocking(move || {
+            let entries = match std::fs::read_dir(&root) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(io_err("listing", &root)(e)),
+            };
+            let mut swept = 0;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if is_dir && name.starts_with("drover-") && !live.contains(&name) {
+                    match std::fs::remove_dir_all(entry.path()) {
+                        Ok(()) => swept += 1,
+                        Err(e) => tracing::warn!(error = %e, workspace = %name, "could not remove a leftover workspace"),
+                    }
+                }
+            }
+            Ok(swept)
+        })
+        .await;
+        swept.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not sweep leftover workspaces");
+            0
+        })
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WorkspaceError> + Send + 'static,
 ) -> Result<T, WorkspaceError> {
@@ -552,5 +588,23 @@ mod tests {
         assert!(meta.is_file());
         ws.remove(&job.name()).await;
         assert!(job.workspace.exists(), "kept workspaces stay");
+    }
+
+    #[tokio::test]
+    async fn the_sweep_keeps_live_workspaces_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = job(tmp.path());
+        let leftover = job(tmp.path());
+        let ws = Workspaces::new(tmp.path(), &live.agent_id, false);
+        ws.prepare(&live, "process").await.unwrap();
+        ws.prepare(&leftover, "process").await.unwrap();
+        let state_file = ws
+            .agent_root()
+            .join(format!("{}.process.json", live.name()));
+        std::fs::write(&state_file, b"{}").unwrap();
+        assert_eq!(ws.sweep(BTreeSet::from([live.name()])).await, 1);
+        assert!(live.workspace.exists());
+        assert!(!leftover.workspace.exists());
+        assert!(state_file.exists(), "only workspace directories are swept");
     }
 }
