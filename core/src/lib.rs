@@ -1,8 +1,9 @@
 //! drover-core: what every drover binary shares.
 //!
-//! Owns the domain types ([`ids`], [`state`], [`spec`]), the run state machine as a transition
-//! table, run-spec validation (and [`paths`] for paths from outside), typed configuration ([`config`]), the Postgres repository
-//! ([`repo`]) and migrations ([`db`]), the RabbitMQ topology ([`topology`]) and wire messages
+//! Owns the domain types ([`ids`], [`state`], [`spec`], [`inputs`]), the run state machine as a
+//! transition table, run-spec validation (with [`paths`] for paths from outside), typed
+//! configuration ([`config`]), the Postgres repository ([`repo`]) and migrations ([`db`]), the
+//! RabbitMQ topology ([`topology`]) and wire messages
 //! ([`messages`]), Redis key names ([`redis_keys`]) and the outbox relay ([`outbox_relay`]).
 //!
 //! It must not serve gRPC, consume queues or run containers: those belong to the binaries.
