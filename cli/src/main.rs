@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Submit a run; prints its id (or waits for it with --wait).
-    Submit(submit::SubmitArgs),
+    Submit(Box<submit::SubmitArgs>),
     /// Show one run.
     Get {
         id: String,
@@ -111,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let conn = client::connect(&cli.endpoint, cli.token.as_deref()).await?;
     let mut c = conn.runs();
     match cli.command {
-        Command::Submit(args) => submit::run(&mut c, args).await,
+        Command::Submit(args) => submit::run(&mut c, *args).await,
         Command::Get { id, json } => get::run(&mut c, &id, json)
             .await
             .map(|()| ExitCode::SUCCESS),

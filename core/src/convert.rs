@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use drover_proto::v1 as pb;
 
+use crate::inputs::{InputFile, MockBehavior};
 use crate::repo::agents::AgentRecord;
 use crate::repo::dead_letters::DeadLetterRecord;
 use crate::repo::secrets::SecretInfo;
@@ -78,6 +79,33 @@ pub fn raw_spec_from_proto(spec: pb::RunSpec) -> RawSpec {
         host_env: spec.host_env,
         inputs_from_run: spec.inputs_from_run,
         outputs: spec.outputs,
+        executor: spec.executor,
+        mock: spec.mock.map(|m| MockBehavior {
+            duration_ms: m.duration_ms,
+            exit_code: m.exit_code,
+            stdout: m.stdout,
+            stderr: m.stderr,
+            files: m
+                .files
+                .into_iter()
+                .map(|f| InputFile {
+                    path: f.path,
+                    content: f.content,
+                    mode: 0,
+                })
+                .collect(),
+        }),
+        writable_rootfs: spec.writable_rootfs,
+        image_pull_policy: spec.image_pull_policy,
+        inputs: spec
+            .inputs
+            .into_iter()
+            .map(|f| InputFile {
+                path: f.path,
+                content: f.content,
+                mode: f.mode,
+            })
+            .collect(),
     }
 }
 
@@ -115,6 +143,35 @@ pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
             .map(|u| u.to_string())
             .unwrap_or_default(),
         outputs: spec.outputs.clone(),
+        executor: spec
+            .executor
+            .map(|e| e.as_str().to_owned())
+            .unwrap_or_default(),
+        mock: spec.mock.as_ref().map(|m| pb::MockBehavior {
+            duration_ms: m.duration_ms,
+            exit_code: m.exit_code,
+            stdout: m.stdout.clone(),
+            stderr: m.stderr.clone(),
+            files: m
+                .files
+                .iter()
+                .map(|f| pb::MockFile {
+                    path: f.path.clone(),
+                    content: f.content.clone(),
+                })
+                .collect(),
+        }),
+        writable_rootfs: spec.writable_rootfs,
+        image_pull_policy: spec.image_pull_policy.as_str().to_owned(),
+        inputs: spec
+            .inputs
+            .iter()
+            .map(|f| pb::InputFile {
+                path: f.path.clone(),
+                content: f.content.clone(),
+                mode: f.mode,
+            })
+            .collect(),
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::inputs::{InputFile, MockBehavior, validate_files, validate_mock};
 use crate::retry::{RawRetryPolicy, RetryPolicy};
 
 pub const MAX_IMAGE_BYTES: usize = 512;
@@ -83,6 +84,77 @@ pub struct RunSpec {
     /// Globs selecting the workspace files uploaded as artifacts; empty = everything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    // The fields below are left out of the JSON when at their default, so specs stored before
+    // they existed keep their canonical hash (idempotent submits still match).
+    /// The executor that must run it; `None` = the agent's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ExecutorName>,
+    /// The mock executor's simulated run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock: Option<MockBehavior>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub writable_rootfs: bool,
+    #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
+    pub image_pull_policy: PullPolicy,
+    /// Inline files written into the workspace before start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputFile>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The executors a spec may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorName {
+    Docker,
+    Process,
+    Mock,
+}
+
+impl ExecutorName {
+    pub const ALL: [ExecutorName; 3] = [Self::Docker, Self::Process, Self::Mock];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Docker => "docker",
+            Self::Process => "process",
+            Self::Mock => "mock",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+/// When the Docker executor pulls the image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull only when the image is not on the host.
+    #[default]
+    IfNotPresent,
+    /// Pull before every start.
+    Always,
+    /// Never pull: a missing image fails the attempt.
+    Never,
+}
+
+impl PullPolicy {
+    fn is_default(&self) -> bool {
+        *self == PullPolicy::IfNotPresent
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IfNotPresent => "if-not-present",
+            Self::Always => "always",
+            Self::Never => "never",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +218,13 @@ pub struct RawSpec {
     pub host_env: Vec<String>,
     pub inputs_from_run: String,
     pub outputs: Vec<String>,
+    /// "" = the agent's own.
+    pub executor: String,
+    pub mock: Option<MockBehavior>,
+    pub writable_rootfs: bool,
+    /// "" = if-not-present.
+    pub image_pull_policy: String,
+    pub inputs: Vec<InputFile>,
 }
 
 impl RawSpec {
@@ -325,6 +404,31 @@ impl RawSpec {
             ),
         };
         let outputs = validate_outputs(self.outputs)?;
+        let executor = match self.executor.as_str() {
+            "" => None,
+            other => Some(ExecutorName::parse(other).ok_or_else(|| {
+                invalid(
+                    "spec.executor",
+                    format!("must be \"docker\", \"process\", \"mock\" or empty, got {other:?}"),
+                )
+            })?),
+        };
+        let mock = match self.mock {
+            Some(m) if !m.is_empty() => Some(validate_mock(m)?),
+            _ => None,
+        };
+        let image_pull_policy = match self.image_pull_policy.as_str() {
+            "" | "if-not-present" => PullPolicy::IfNotPresent,
+            "always" => PullPolicy::Always,
+            "never" => PullPolicy::Never,
+            other => {
+                return Err(invalid(
+                    "spec.image_pull_policy",
+                    format!("must be \"if-not-present\", \"always\" or \"never\", got {other:?}"),
+                ));
+            }
+        };
+        let inputs = validate_files("spec.inputs", self.inputs)?;
 
         Ok(RunSpec {
             image,
@@ -349,6 +453,11 @@ impl RawSpec {
             host_env,
             inputs_from_run,
             outputs,
+            executor,
+            mock,
+            writable_rootfs: self.writable_rootfs,
+            image_pull_policy,
+            inputs,
         })
     }
 }
@@ -515,6 +624,39 @@ mod tests {
     }
 
     #[test]
+    fn new_fields_at_their_defaults_keep_the_stored_json_and_hash() {
+        let s = ok_raw().validate().unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        for key in [
+            "executor",
+            "mock",
+            "writable_rootfs",
+            "image_pull_policy",
+            "inputs",
+        ] {
+            assert!(!json.contains(key), "{key} in {json}");
+        }
+        let full = RawSpec {
+            executor: "mock".into(),
+            image_pull_policy: "never".into(),
+            writable_rootfs: true,
+            inputs: vec![InputFile {
+                path: "a.txt".into(),
+                content: b"hi".to_vec(),
+                mode: 0,
+            }],
+            ..ok_raw()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(full.executor, Some(ExecutorName::Mock));
+        assert_eq!(full.image_pull_policy, PullPolicy::Never);
+        let back: RunSpec = serde_json::from_str(&serde_json::to_string(&full).unwrap()).unwrap();
+        assert_eq!(back, full);
+        assert_ne!(full.canonical_hash(), s.canonical_hash());
+    }
+
+    #[test]
     fn defaults_are_filled() {
         let s = ok_raw().validate().unwrap();
         assert_eq!(s.pool, "default");
@@ -638,6 +780,41 @@ mod tests {
                     ..ok_raw()
                 },
                 "spec.outputs",
+            ),
+            (
+                RawSpec {
+                    executor: "podman".into(),
+                    ..ok_raw()
+                },
+                "spec.executor",
+            ),
+            (
+                RawSpec {
+                    image_pull_policy: "sometimes".into(),
+                    ..ok_raw()
+                },
+                "spec.image_pull_policy",
+            ),
+            (
+                RawSpec {
+                    inputs: vec![InputFile {
+                        path: "../etc/passwd".into(),
+                        content: Vec::new(),
+                        mode: 0,
+                    }],
+                    ..ok_raw()
+                },
+                "spec.inputs",
+            ),
+            (
+                RawSpec {
+                    mock: Some(MockBehavior {
+                        duration_ms: 86_400_001,
+                        ..Default::default()
+                    }),
+                    ..ok_raw()
+                },
+                "spec.mock",
             ),
         ];
         for (raw, field) in cases {

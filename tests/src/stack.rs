@@ -35,6 +35,10 @@ pub struct StackOptions {
     /// [`crate::private::PrivateRabbit`]'s) instead of a fresh vhost on the shared RabbitMQ;
     /// the stack never deletes it.
     pub amqp_url: Option<String>,
+    /// The agent's `executor` setting ("docker", "process", "mock", "auto").
+    pub agent_executor: String,
+    /// Extra `DROVER_…` variables for the agent only (e.g. `DROVER_KEEP_WORKSPACES`).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -47,6 +51,8 @@ impl Default for StackOptions {
             env: Vec::new(),
             database_url: None,
             amqp_url: None,
+            agent_executor: "docker".to_owned(),
+            agent_env: Vec::new(),
         }
     }
 }
@@ -231,7 +237,9 @@ impl Stack {
     /// Starts (or restarts) an agent with this id; its process is named after the id. Waits
     /// until it has (re-)registered.
     pub async fn start_agent_named(&mut self, agent_id: &str) {
-        services::require_docker_image("drover/busybox:latest");
+        if self.opts.agent_executor == "docker" {
+            services::require_docker_image("drover/busybox:latest");
+        }
         let before: Option<chrono::DateTime<chrono::Utc>> =
             sqlx::query_scalar("SELECT registered_at FROM agents WHERE id = $1")
                 .bind(agent_id)
@@ -244,7 +252,10 @@ impl Stack {
         cmd.env("DROVER_AGENT_ID", agent_id)
             .env("DROVER_API_ENDPOINT", &self.endpoint)
             .env("DROVER_CAPACITY", self.opts.agent_capacity.to_string())
-            .env("DROVER_EXECUTOR", "docker");
+            .env("DROVER_EXECUTOR", &self.opts.agent_executor);
+        for (k, v) in &self.opts.agent_env {
+            cmd.env(k, v);
+        }
         self.procs.retain(|p| p.name != agent_id);
         self.spawn(agent_id, cmd, false);
         let registered = self

@@ -496,3 +496,51 @@ async fn dlq_ls_and_redrive() {
     assert!(line_with(&table, &run).contains("yes, "), "{table}");
     stack.stop().await;
 }
+
+/// `submit --input LOCAL=REMOTE --executor E`: the file reaches the run's workspace; a path
+/// the server refuses is one line naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_with_inputs_and_an_executor() {
+    let stack = Stack::start_with(StackOptions {
+        agent_executor: "process".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local.txt");
+    std::fs::write(&local, "hello from a file\n").unwrap();
+    let input = format!("{}=data/in.txt", local.display());
+    let (code, out, err) = drover(
+        &stack,
+        &[
+            "submit",
+            "--wait",
+            "--executor",
+            "process",
+            "--input",
+            &input,
+            "--image",
+            IMAGE,
+            "--",
+            "cat",
+            "data/in.txt",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "stderr: {err}");
+    assert_eq!(out, "hello from a file\n");
+    assert!(
+        err.contains("(process)"),
+        "the start names the executor: {err}"
+    );
+
+    let bad = format!("{}=../escape.txt", local.display());
+    let (code, _, err) = drover(
+        &stack,
+        &["submit", "--input", &bad, "--image", IMAGE, "--", "true"],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("spec.inputs"), "{err}");
+    stack.stop().await;
+}

@@ -1,4 +1,5 @@
-//! The agent service: [`Agent::build`] checks the executor backend answers, then
+//! The agent service: [`Agent::build`] sets up the executors (checking Docker answers when
+//! it is used), then
 //! [`Agent::run_until_stopped`] connects, registers, heartbeats and executes commands until
 //! its token fires, and drains.
 //!
@@ -38,9 +39,14 @@ use crate::execution::RunContext;
 use crate::executor::Executor;
 use crate::heartbeat;
 use crate::journal::ExecutionJournal;
+use crate::mock::MockExecutor;
+use crate::process::ProcessExecutor;
 use crate::reconcile;
 use crate::running::RunningRuns;
+use crate::select::ExecutorSet;
 use crate::settings::{ExecutorKind, Settings};
+use crate::workspace::Workspaces;
+use drover_core::spec::ExecutorName;
 
 /// After the drain timeout, how long handed-back executions get to be killed, reported and
 /// removed.
@@ -58,35 +64,76 @@ pub struct Agent {
     agent_id: AgentId,
     executor: Arc<dyn Executor>,
     journal: ExecutionJournal,
+    workspaces: Workspaces,
 }
 
 impl Agent {
-    /// Validates the settings and connects the executor backend. Fails with
-    /// [`AgentError::DockerUnavailable`] when the Docker daemon does not answer.
+    /// Validates the settings and builds the executors: the agent's own (`executor`; `auto`
+    /// is Docker when its daemon answers, else the process executor) plus the ones
+    /// `allowed_executors` names. Fails with [`AgentError::DockerUnavailable`] when Docker is
+    /// asked for (as its own or as allowed) and the daemon does not answer.
     pub async fn build(settings: Settings) -> Result<Agent, AgentError> {
-        settings.validate()?;
-        let executor = match settings.executor {
-            // `auto` will fall back to the process executor once it exists.
-            ExecutorKind::Auto | ExecutorKind::Docker => {
-                DockerExecutor::connect().await.map_err(|e| {
-                    tracing::error!(
+        let agent_id = settings.validate()?;
+        let workspaces = Workspaces::new(
+            &settings.workspace_root(),
+            &agent_id,
+            settings.keep_workspaces,
+        );
+        let own = match settings.executor {
+            ExecutorKind::Docker => ExecutorName::Docker,
+            ExecutorKind::Process => ExecutorName::Process,
+            ExecutorKind::Mock => ExecutorName::Mock,
+            ExecutorKind::Auto => match DockerExecutor::connect().await {
+                Ok(_) => ExecutorName::Docker,
+                Err(e) => {
+                    tracing::warn!(
                         endpoint = %e.endpoint,
                         reason = %e.reason,
-                        "docker daemon not answering at {}", e.endpoint
+                        "executor auto: docker daemon not answering; using the process executor (no sandbox)"
                     );
-                    AgentError::DockerUnavailable {
-                        endpoint: e.endpoint,
-                        reason: e.reason,
-                    }
-                })?
-            }
+                    ExecutorName::Process
+                }
+            },
         };
+        let mut kinds = settings.allowed()?;
+        kinds.push(own);
+        kinds.sort();
+        kinds.dedup();
+        let mut backends = std::collections::BTreeMap::new();
+        for kind in kinds {
+            let backend: Arc<dyn Executor> = match kind {
+                ExecutorName::Docker => {
+                    let docker = DockerExecutor::connect().await.map_err(|e| {
+                        tracing::error!(
+                            endpoint = %e.endpoint,
+                            reason = %e.reason,
+                            "docker daemon not answering at {}", e.endpoint
+                        );
+                        AgentError::DockerUnavailable {
+                            endpoint: e.endpoint,
+                            reason: e.reason,
+                        }
+                    })?;
+                    let (uid, gid) = settings.run_as()?;
+                    tracing::info!(endpoint = docker.endpoint(), "docker executor ready");
+                    Arc::new(docker.run_as(uid, gid))
+                }
+                ExecutorName::Process => Arc::new(ProcessExecutor::new(workspaces.agent_root())),
+                ExecutorName::Mock => Arc::new(MockExecutor::new()),
+            };
+            backends.insert(kind, backend);
+        }
+        let own_backend = backends
+            .remove(&own)
+            .ok_or_else(|| AgentError::InvalidSettings("executor: not built".to_owned()))?;
+        let set = ExecutorSet::new(own, own_backend, backends);
         tracing::info!(
-            executor = "docker",
-            endpoint = executor.endpoint(),
+            executor = own.as_str(),
+            allowed = set.allowed().join(","),
+            workspace_root = %workspaces.agent_root().display(),
             "executor ready"
         );
-        Self::with_executor(settings, Arc::new(executor))
+        Self::with_executor(settings, Arc::new(set))
     }
 
     /// An agent over a given executor (for composition, e.g. `drover dev`, and tests).
@@ -96,11 +143,17 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         let agent_id = settings.validate()?;
         let journal = ExecutionJournal::open(settings.execution_journal.as_deref())?;
+        let workspaces = Workspaces::new(
+            &settings.workspace_root(),
+            &agent_id,
+            settings.keep_workspaces,
+        );
         Ok(Agent {
             settings,
             agent_id,
             executor,
             journal,
+            workspaces,
         })
     }
 
@@ -127,6 +180,7 @@ impl Agent {
             agent_id,
             executor,
             journal,
+            workspaces,
         } = self;
         let Some(api) =
             ApiClient::connect(&settings.api_endpoint, agent_id.clone(), &cancel).await?
@@ -188,6 +242,7 @@ impl Agent {
             draining: drain.clone(),
             hand_back: CancellationToken::new(),
             journal,
+            workspaces,
         });
         let tracker = TaskTracker::new();
 

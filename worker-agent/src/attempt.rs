@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use drover_core::state::RunState;
+use drover_proto::v1 as pb;
 
 use crate::api::{ApiError, epoch_to_wire};
 use crate::execution::RunContext;
@@ -22,6 +23,7 @@ use crate::redact::Redactor;
 use crate::running::RunClaim;
 use crate::settle::{self, Execution};
 use crate::supervise::{Ending, Supervision, supervise};
+use crate::workspace::Ended;
 
 /// Output chunks buffered between the container and the log shipper.
 const LOG_CHANNEL_CAPACITY: usize = 256;
@@ -55,7 +57,7 @@ pub async fn follow(
                 run_id,
                 epoch,
                 &handle.id,
-                ctx.executor.name(),
+                ctx.executor.name_for(&handle),
                 &signals.stop,
             )
             .await
@@ -121,10 +123,31 @@ pub async fn follow(
         tracing::info!(
             "execution stopped (lease revoked or refused as stale); removing the container"
         );
-        settle::remove(ctx.executor.as_ref(), &handle).await;
+        settle::remove(ctx, &handle).await;
         return;
     };
     verdict.reason = redactor.redact_str(&verdict.reason);
+    let ended = Ended {
+        success: verdict.outcome == pb::Outcome::Succeeded,
+        exit_code: verdict.exit_code,
+        summary: verdict.reason.clone(),
+        started_at: adopted_at
+            - chrono::Duration::from_std(started.running_for).unwrap_or_default(),
+        finished_at: chrono::Utc::now(),
+        executor: ctx.executor.name_for(&handle).to_owned(),
+    };
+    match ctx
+        .workspaces
+        .write_result(job.workspace.clone(), ended)
+        .await
+    {
+        Ok(result) => tracing::info!(
+            created = result.created_files.len(),
+            modified = result.modified_files.len(),
+            "result.json written"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not write result.json"),
+    }
     tracing::info!(
         outcome = verdict.outcome.as_str_name(),
         exit_code = ?verdict.exit_code,
@@ -140,7 +163,7 @@ pub async fn follow(
         finished.output_truncated,
     );
     if settle::report(ctx, request, &signals.stop).await {
-        settle::remove(ctx.executor.as_ref(), &handle).await;
+        settle::remove(ctx, &handle).await;
     }
     drop(claim);
 }

@@ -1,9 +1,15 @@
 //! [`Executor`] on the local Docker daemon, through bollard.
 //!
 //! The daemon may speak an older API than bollard's default (Engine 20.10 speaks 1.41), so the
-//! client negotiates the version at connect. Images are never pulled: no registry is
-//! reachable from worker hosts, and a silent pull would make a run's behaviour depend on the
-//! network; a missing image fails the run with `image_unavailable`.
+//! client negotiates the version at connect. Images are pulled as the spec's pull policy says
+//! (`if-not-present` by default, `always`, `never`); an image that cannot be had (not present
+//! and not pullable, or a pull that fails) fails the attempt with `image_unavailable`, an
+//! infrastructure error another host may not have.
+//!
+//! The container runs as the configured non-root `uid:gid` (setting `run_as_user`), in the
+//! attempt's workspace bind-mounted at `/workspace` (handed to that user first), on a
+//! read-only root filesystem unless the spec asks for a writable one, with a small tmpfs at
+//! `/tmp`.
 //!
 //! Cancellation is SIGTERM (or the image's `STOPSIGNAL`), a grace period, then SIGKILL, done
 //! by hand rather than with `docker stop`: the stop request only answers once the container
@@ -21,15 +27,16 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use bollard::query_parameters::{
-    CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, WaitContainerOptions,
 };
 use drover_core::ids::AgentId;
+use drover_core::spec::PullPolicy;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 
 pub use container_config::{
-    LABEL_AGENT, LABEL_ATTEMPT, LABEL_EPOCH, LABEL_RUN, LABEL_TENANT, container_body,
+    DEFAULT_USER, LABEL_AGENT, LABEL_ATTEMPT, LABEL_EPOCH, LABEL_RUN, LABEL_TENANT, container_body,
     container_labels, container_name,
 };
 pub use found::found_from_inspect;
@@ -49,11 +56,16 @@ const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
 /// How long connecting may take before the daemon counts as not answering.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest an image pull may take before the image counts as unavailable.
+const PULL_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Runs each job as one hardened container named after its lease.
 #[derive(Clone)]
 pub struct DockerExecutor {
     docker: Docker,
     endpoint: String,
+    /// `uid:gid` containers run as.
+    user: (u32, u32),
 }
 
 /// Why the daemon could not be reached, naming where the agent looked.
@@ -85,7 +97,19 @@ impl DockerExecutor {
             .map_err(|e| unavailable(e.to_string()))?;
         let version = docker.client_version();
         tracing::info!(%endpoint, api_version = %version, "connected to the docker daemon");
-        Ok(Self { docker, endpoint })
+        Ok(Self {
+            docker,
+            endpoint,
+            user: DEFAULT_USER,
+        })
+    }
+
+    /// Runs containers as `uid:gid` (default 65534:65534).
+    pub fn run_as(self, uid: u32, gid: u32) -> Self {
+        Self {
+            user: (uid, gid),
+            ..self
+        }
     }
 
     /// Where the daemon was found, for log lines.
@@ -109,6 +133,50 @@ impl DockerExecutor {
         }
     }
 
+    /// Pulls `image` (tag `latest` when none is given), bounded by [`PULL_TIMEOUT`].
+    async fn pull(&self, image: &str) -> Result<(), ExecError> {
+        let unavailable = |reason: String| ExecError::ImageUnavailable {
+            image: image.to_owned(),
+            reason,
+        };
+        let options = CreateImageOptions {
+            from_image: Some(image.to_owned()),
+            ..Default::default()
+        };
+        tracing::info!(%image, "pulling the image");
+        let pulling = async {
+            let mut progress = self.docker.create_image(Some(options), None, None);
+            while let Some(step) = progress.next().await {
+                step.map_err(|e| unavailable(format!("pull failed: {e}")))?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(PULL_TIMEOUT, pulling)
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "pull took longer than {} s",
+                    PULL_TIMEOUT.as_secs()
+                ))
+            })?
+    }
+
+    /// Makes sure the image is here, as the spec's pull policy allows.
+    async fn ensure_image(&self, job: &Job) -> Result<(), ExecError> {
+        let image = &job.spec.image;
+        match job.spec.image_pull_policy {
+            PullPolicy::Always => self.pull(image).await,
+            PullPolicy::IfNotPresent if !self.image_present(image).await? => self.pull(image).await,
+            PullPolicy::Never if !self.image_present(image).await? => {
+                Err(ExecError::ImageUnavailable {
+                    image: image.clone(),
+                    reason: "not present on this host and the pull policy is never".to_owned(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Finds the job's container, creating it when there is none.
     async fn find_or_create(
         &self,
@@ -119,18 +187,18 @@ impl DockerExecutor {
             return Ok((info, true));
         }
         let image = &job.spec.image;
-        if !self.image_present(image).await? {
-            return Err(ExecError::ImageUnavailable {
-                image: image.clone(),
-            });
-        }
+        self.ensure_image(job).await?;
+        let (uid, gid) = self.user;
+        crate::workspace::give_to(job.workspace.clone(), uid, gid)
+            .await
+            .map_err(|e| ExecError::Workspace(e.to_string()))?;
         let options = CreateContainerOptions {
             name: Some(name.to_owned()),
             ..Default::default()
         };
         match self
             .docker
-            .create_container(Some(options), container_body(job))
+            .create_container(Some(options), container_body(job, self.user))
             .await
         {
             Ok(_) => {}
@@ -140,6 +208,7 @@ impl DockerExecutor {
             Err(e) if status_of(&e) == Some(404) => {
                 return Err(ExecError::ImageUnavailable {
                     image: image.clone(),
+                    reason: "removed from this host while the container was created".to_owned(),
                 });
             }
             Err(e) => return Err(ExecError::backend("create container", e)),

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use drover_core::convert::{raw_spec_from_proto, state_from_proto};
 use drover_core::ids::{AgentId, LeaseEpoch, RunId, TenantId};
-use drover_core::spec::RunSpec;
+use drover_core::spec::{PullPolicy, RunSpec};
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
 use tokio::time::Instant;
@@ -26,12 +26,13 @@ use tracing::Instrument;
 use crate::api::{ApiClient, ApiError, Patience};
 use crate::attempt::follow;
 use crate::consumer::CommandAck;
-use crate::executor::{ExecError, Executor, FoundExecution, FoundStatus, Job};
+use crate::executor::{ExecError, Executor, FoundExecution, FoundStatus, Job, execution_name};
 use crate::journal::ExecutionJournal;
 use crate::outcome::Verdict;
 use crate::running::{RunClaim, RunningRuns};
 use crate::secret_env::{SecretEnv, host_var};
 use crate::settle::{self, Execution};
+use crate::workspace::Workspaces;
 
 /// Retries of `GetAssignment` before the command goes back to the queue.
 const ASSIGNMENT_RETRIES: usize = 8;
@@ -49,6 +50,8 @@ pub struct RunContext {
     /// handed back. Every lease's hand-back signal descends from it.
     pub hand_back: CancellationToken,
     pub journal: ExecutionJournal,
+    /// Per-attempt workspace directories.
+    pub workspaces: Workspaces,
 }
 
 /// A decoded `AgentCommand::Execute`.
@@ -173,6 +176,9 @@ impl Assigned {
             },
             agent_id: ctx.agent_id.clone(),
             spec,
+            workspace: ctx
+                .workspaces
+                .dir(&execution_name(run_id, assignment.attempt, epoch)),
         };
         Some(Assigned { job, state })
     }
@@ -229,7 +235,7 @@ pub async fn proceed(
     if let Some(verdict) = unstarted {
         tracing::info!(reason = %verdict.reason, "not starting the execution");
         if let Some(created) = &found {
-            settle::remove(ctx.executor.as_ref(), &created.handle).await;
+            settle::remove(ctx, &created.handle).await;
         }
         settle::report_verdict(ctx, run_id, epoch, verdict, &signals.stop).await;
         if let Some(ack) = ack {
@@ -238,20 +244,48 @@ pub async fn proceed(
         return;
     }
 
-    let started = match ctx.executor.start(&job).await {
+    // The workspace (inputs, request.json) is made before the start, on the backend's word
+    // that it can run the job at all.
+    let prepared = match ctx.executor.name_of_job(&job) {
+        Ok(executor) => ctx
+            .workspaces
+            .prepare(&job, executor)
+            .await
+            .map_err(|e| ExecError::Workspace(e.to_string())),
+        Err(e) => Err(e),
+    };
+    let started = match prepared {
+        Ok(()) => ctx.executor.start(&job).await,
+        Err(e) => Err(e),
+    };
+    let started = match started {
         Ok(s) => s,
         Err(e) => {
             let verdict = match e {
-                ExecError::ImageUnavailable { image } => {
-                    tracing::warn!(%image, "image not present on this host; failing the attempt");
-                    Verdict::image_unavailable(&image)
+                ExecError::ImageUnavailable { image, reason } => {
+                    tracing::warn!(%image, %reason, "image unavailable on this host; failing the attempt");
+                    if job.spec.image_pull_policy == PullPolicy::Always {
+                        Verdict::image_pull_failed(&image)
+                    } else {
+                        Verdict::image_unavailable(&image)
+                    }
+                }
+                ExecError::ExecutorUnavailable { requested, allowed } => {
+                    tracing::warn!(%requested, %allowed, "the spec asks for an executor this agent does not allow; failing the attempt");
+                    Verdict::executor_unavailable(&requested, &allowed)
+                }
+                ExecError::Workspace(e) => {
+                    tracing::error!(error = %e, "could not prepare the workspace; failing the attempt");
+                    Verdict::workspace_failed()
                 }
                 e => {
                     tracing::error!(error = %e, "could not start the execution; failing the attempt");
                     Verdict::start_failed()
                 }
             };
-            settle::report_verdict(ctx, run_id, epoch, verdict, &signals.stop).await;
+            if settle::report_verdict(ctx, run_id, epoch, verdict, &signals.stop).await {
+                ctx.workspaces.remove(&job.name()).await;
+            }
             if let Some(ack) = ack {
                 ack.ack().await;
             }

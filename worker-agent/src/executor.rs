@@ -1,13 +1,16 @@
-//! The seam between *what* to run (a leased attempt of a run) and *how* (Docker today; a local
-//! process and a mock executor later). The agent's lifecycle code only talks to [`Executor`],
+//! The seam between *what* to run (a leased attempt of a run) and *how* (Docker, a local
+//! process, or a simulated mock run). The agent's lifecycle code only talks to [`Executor`],
 //! so a new backend is one more implementation, not a change to leasing or reporting.
 //!
 //! Contract every implementation keeps:
 //! - [`Executor::start`] is idempotent per (run, attempt, epoch): a redelivered command finds
 //!   the existing execution and adopts it instead of starting a second one, and an execution
 //!   that already finished is never restarted. The backend is the agent's durable journal.
-//! - Nothing is pulled or downloaded implicitly; a missing image is
+//! - Images are pulled only as the spec's pull policy allows; an image that cannot be had is
 //!   [`ExecError::ImageUnavailable`].
+//! - The job's workspace directory ([`Job::workspace`]) exists, holds the inputs and
+//!   `.drover/request.json` before [`Executor::start`] is called; the executor runs the
+//!   process in it (Docker: bind-mounted at `/workspace`).
 //! - Errors carry backend text for the agent's logs only; what the API (and so clients) sees is
 //!   chosen by the caller.
 //! - [`Executor::list`] finds every execution this agent left on the host (labelled with its
@@ -15,6 +18,7 @@
 //!   anything twice.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -38,9 +42,23 @@ pub struct Job {
     /// Tenant secrets and host pass-through variables for the process environment only
     /// (added to `spec.env`); its `Debug` shows names only.
     pub secret_env: SecretEnv,
+    /// The attempt's host directory (see [`crate::workspace`]).
+    pub workspace: PathBuf,
+}
+
+/// `drover-<run_id>-<attempt>-<epoch>`: the one name of a lease's execution in every backend
+/// (container name, workspace directory, state files), so a redelivery or a restarted agent
+/// finds it instead of starting a second one.
+pub fn execution_name(run_id: RunId, attempt: u32, epoch: LeaseEpoch) -> String {
+    format!("drover-{run_id}-{attempt}-{epoch}")
 }
 
 impl Job {
+    /// See [`execution_name`].
+    pub fn name(&self) -> String {
+        execution_name(self.run_id, self.attempt, self.lease_epoch)
+    }
+
     /// The execution time limit, counted from the process start.
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.spec.timeout_secs))
@@ -143,9 +161,16 @@ pub struct ExitStatus {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ExecError {
-    /// Permanent for this host: images are never pulled by the agent.
-    #[error("image {image} is not present on this host")]
-    ImageUnavailable { image: String },
+    /// The image is not on this host and the pull policy forbids pulling it, or the pull
+    /// failed. `reason` is for logs and the run's reason.
+    #[error("image {image} is unavailable: {reason}")]
+    ImageUnavailable { image: String, reason: String },
+    /// The spec names an executor this agent does not run.
+    #[error("executor {requested} is not allowed on this agent (allowed: {allowed})")]
+    ExecutorUnavailable { requested: String, allowed: String },
+    /// The workspace could not be prepared (inputs, request file, ownership).
+    #[error("workspace: {0}")]
+    Workspace(String),
     /// The backend failed an operation; `message` is backend text, for logs only.
     #[error("{operation} failed: {message}")]
     Backend {
@@ -171,6 +196,18 @@ pub type OutputStream = BoxStream<'static, Result<OutputChunk, ExecError>>;
 pub trait Executor: Send + Sync + 'static {
     /// Reported to the API at registration and in `ReportStarted` ("docker", "process", "mock").
     fn name(&self) -> &'static str;
+
+    /// The executor that runs `handle`: [`Executor::name`] except for the agent's selector
+    /// over several backends.
+    fn name_for(&self, _handle: &ExecHandle) -> &'static str {
+        self.name()
+    }
+
+    /// The backend that would run `job` (its spec's executor, or this agent's own), or why
+    /// it cannot be run here.
+    fn name_of_job(&self, _job: &Job) -> Result<&'static str, ExecError> {
+        Ok(self.name())
+    }
 
     /// Creates and starts the job's execution, or adopts the one that already exists.
     fn start<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Started, ExecError>>;

@@ -2,7 +2,9 @@
 //!
 //! Owns everything between an agent's command queue and the containers on its host: settings
 //! ([`settings`]), registration and heartbeats with the API, consuming `drover.agent.<id>`,
-//! executing assignments through an [`Executor`] (Docker via bollard: [`docker`]), following
+//! executing assignments through an [`Executor`] (Docker via bollard: [`docker`]; a local
+//! child process: [`process`]; a simulated run: [`mock`]; chosen per run by [`select`]) in a
+//! per-attempt [`workspace`], following
 //! output ([`supervise`], [`output_tail`], [`log_batch`]), enforcing time limits, cancelling
 //! (SIGTERM, grace, SIGKILL), reporting start and completion under the lease epoch (and
 //! dropping whatever a stale-epoch refusal fences off), re-adopting its containers after a
@@ -11,9 +13,9 @@
 //! ([`Agent`]).
 //!
 //! It must not touch Postgres or Redis, decide run state, or assign work: the API is the only
-//! authority it talks to, and every report it sends may be refused as stale. It never pulls
-//! images and never removes a container before the API has settled its completion report:
-//! Docker is the agent's durable journal.
+//! authority it talks to, and every report it sends may be refused as stale. It pulls images
+//! only as a spec's pull policy allows, and never removes a container (or a workspace) before
+//! the API has settled its completion report: Docker is the agent's durable journal.
 //!
 //! Composition (`drover dev`): build [`Settings`], then [`Agent::build`] (or
 //! [`Agent::with_executor`]) and [`Agent::run_until_stopped`] with a cancellation token.
@@ -30,16 +32,20 @@ mod heartbeat;
 pub mod journal;
 pub mod log_batch;
 mod log_shipper;
+pub mod mock;
 pub mod outcome;
 pub mod output_tail;
+pub mod process;
 mod reconcile;
 pub mod redact;
 pub mod running;
 pub mod secret_env;
+pub mod select;
 pub mod settings;
 mod settle;
 pub mod supervise;
 pub mod transfer;
+pub mod workspace;
 
 pub use agent::Agent;
 pub use docker::DockerExecutor;
@@ -47,4 +53,7 @@ pub use error::AgentError;
 pub use executor::{
     ExecError, ExecHandle, Executor, FoundExecution, FoundStatus, Job, Termination,
 };
+pub use mock::MockExecutor;
+pub use process::ProcessExecutor;
+pub use select::ExecutorSet;
 pub use settings::{ExecutorKind, Settings};

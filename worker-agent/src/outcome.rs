@@ -51,6 +51,27 @@ impl Verdict {
         ))
     }
 
+    /// The pull policy `always` asked for a pull that failed.
+    pub fn image_pull_failed(image: &str) -> Self {
+        Self::infrastructure(format!(
+            "image_unavailable: image {image} could not be pulled"
+        ))
+    }
+
+    /// The spec names an executor this agent does not run. Not an infrastructure error:
+    /// dispatch does not route by executor, so a retry would likely land on an agent of the
+    /// same kind; the client targets agents that allow it (pool, labels) instead.
+    pub fn executor_unavailable(requested: &str, allowed: &str) -> Self {
+        Self::failed(format!(
+            "executor_unavailable: executor {requested} is not allowed on this agent (allowed: {allowed})"
+        ))
+    }
+
+    /// The attempt's workspace could not be prepared on this host.
+    pub fn workspace_failed() -> Self {
+        Self::infrastructure("workspace_error: the workspace could not be prepared on this host")
+    }
+
     pub fn start_failed() -> Self {
         Self::infrastructure("start_failed: the container could not be started on this host")
     }
@@ -272,6 +293,11 @@ mod tests {
         );
         assert!(v.infrastructure_error);
         assert!(Verdict::start_failed().infrastructure_error);
+        assert!(Verdict::image_pull_failed("x").infrastructure_error);
+        assert!(Verdict::workspace_failed().infrastructure_error);
+        let unavailable = Verdict::executor_unavailable("docker", "mock");
+        assert!(!unavailable.infrastructure_error);
+        assert!(unavailable.reason.starts_with("executor_unavailable: "));
         assert!(Verdict::lost_track().infrastructure_error);
         assert!(!Verdict::failed("invalid_spec: x").infrastructure_error);
         let req = v.into_request("r".into(), 4, Vec::new(), false);

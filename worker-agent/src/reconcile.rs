@@ -11,6 +11,7 @@
 //! - stale or unknown (FAILED_PRECONDITION / NOT_FOUND), or the run already finished → remove.
 //!
 //! A `kill -9` leaves the `Execute` command acked, so this is the only way back to the run.
+//! Workspaces that no found execution holds (a start that never happened) are removed.
 //! Only containers of this agent id are touched: several agents may share one Docker daemon.
 
 use std::sync::Arc;
@@ -49,6 +50,11 @@ pub async fn adopt_leftovers(
             }
         }
     };
+    let live = found.iter().map(|f| f.handle.name.clone()).collect();
+    let swept = ctx.workspaces.sweep(live).await;
+    if swept > 0 {
+        tracing::info!(swept, "removed workspaces no execution holds any more");
+    }
     if found.is_empty() {
         tracing::info!("no executions left from an earlier run of this agent");
         return Some(0);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use drover_core::config::AmqpSettings;
 use drover_core::ids::AgentId;
-use drover_core::spec::validate_pool;
+use drover_core::spec::{ExecutorName, validate_pool};
 use serde::Deserialize;
 
 use crate::error::AgentError;
@@ -33,8 +33,21 @@ pub struct Settings {
     pub labels: BTreeMap<String, String>,
     /// Runs executed at once; also the AMQP prefetch of the command queue.
     pub capacity: u32,
-    /// Which executor runs containers.
+    /// Which executor runs this agent's runs (see [`ExecutorKind`]).
     pub executor: ExecutorKind,
+    /// Executors a spec may ask for by name (`spec.executor`), besides the agent's own:
+    /// a list, or one string of comma-separated names (`DROVER_ALLOWED_EXECUTORS=process,mock`).
+    /// Empty: only the agent's own.
+    #[serde(deserialize_with = "names_list")]
+    pub allowed_executors: Vec<String>,
+    /// Where per-attempt workspaces are created (`<root>/<agent_id>/<execution>`). None: the
+    /// system temp directory's `drover-workspaces`.
+    pub workspace_root: Option<PathBuf>,
+    /// Keep workspaces after the completion report is settled (tests, debugging).
+    pub keep_workspaces: bool,
+    /// `uid:gid` the Docker executor runs containers as (never root); the workspace is handed
+    /// to it.
+    pub run_as_user: String,
     /// `url` and `delivery_limit` are used; `prefetch` is not: the agent's prefetch is its
     /// `capacity`, one unacknowledged command per execution slot.
     pub amqp: AmqpSettings,
@@ -55,6 +68,10 @@ impl Default for Settings {
             labels: BTreeMap::new(),
             capacity: 4,
             executor: ExecutorKind::Auto,
+            allowed_executors: Vec::new(),
+            workspace_root: None,
+            keep_workspaces: false,
+            run_as_user: DEFAULT_RUN_AS_USER.to_owned(),
             amqp: AmqpSettings::default(),
             drain_timeout_secs: 30,
             execution_journal: None,
@@ -62,12 +79,40 @@ impl Default for Settings {
     }
 }
 
-/// `auto` picks Docker today; it will fall back to the process executor once that exists.
+/// `nobody:nogroup` on most distributions.
+pub const DEFAULT_RUN_AS_USER: &str = "65534:65534";
+
+/// `auto` picks Docker when its daemon answers at start-up, else the process executor (and
+/// says so in the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutorKind {
     Auto,
     Docker,
+    Process,
+    Mock,
+}
+
+/// A list of names, or one comma-separated string of them.
+fn names_list<'de, D>(de: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        One(String),
+        Many(Vec<String>),
+    }
+    let names = match Names::deserialize(de)? {
+        Names::One(s) => s.split(',').map(str::to_owned).collect(),
+        Names::Many(v) => v,
+    };
+    Ok(names
+        .into_iter()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .collect())
 }
 
 /// The host name, or `agent` when it cannot be read or is not a valid agent id (e.g. it holds
@@ -130,7 +175,47 @@ impl Settings {
                 "api_endpoint: must not be empty".to_owned(),
             ));
         }
+        self.allowed()?;
+        self.run_as()?;
         Ok(agent_id)
+    }
+
+    /// The executors a spec may name besides the agent's own.
+    pub fn allowed(&self) -> Result<Vec<ExecutorName>, AgentError> {
+        self.allowed_executors
+            .iter()
+            .map(|n| {
+                ExecutorName::parse(n).ok_or_else(|| {
+                    AgentError::InvalidSettings(format!(
+                        "allowed_executors: {n:?} is not one of docker, process, mock"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// `run_as_user` as numbers; root (uid 0) is refused.
+    pub fn run_as(&self) -> Result<(u32, u32), AgentError> {
+        let bad = || {
+            AgentError::InvalidSettings(format!(
+                "run_as_user: must be \"uid:gid\" with a non-zero uid, got {:?}",
+                self.run_as_user
+            ))
+        };
+        let (uid, gid) = self.run_as_user.split_once(':').ok_or_else(bad)?;
+        let uid: u32 = uid.parse().map_err(|_| bad())?;
+        let gid: u32 = gid.parse().map_err(|_| bad())?;
+        if uid == 0 {
+            return Err(bad());
+        }
+        Ok((uid, gid))
+    }
+
+    /// The root under which this agent's workspaces live.
+    pub fn workspace_root(&self) -> PathBuf {
+        self.workspace_root
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("drover-workspaces"))
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -218,9 +303,47 @@ mod tests {
     }
 
     #[test]
+    fn executor_settings_parse() {
+        let s: Settings = serde_json::from_str(
+            r#"{"executor": "mock", "allowed_executors": "process, docker", "run_as_user": "1000:1000"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.executor, ExecutorKind::Mock);
+        assert_eq!(
+            s.allowed().unwrap(),
+            vec![ExecutorName::Process, ExecutorName::Docker]
+        );
+        assert_eq!(s.run_as().unwrap(), (1000, 1000));
+        let list: Settings = serde_json::from_str(r#"{"allowed_executors": ["mock"]}"#).unwrap();
+        assert_eq!(list.allowed().unwrap(), vec![ExecutorName::Mock]);
+        let bad = Settings {
+            allowed_executors: vec!["podman".into()],
+            ..Settings::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("allowed_executors")
+        );
+        let root = Settings {
+            run_as_user: "0:0".into(),
+            ..Settings::default()
+        };
+        assert!(
+            root.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("run_as_user")
+        );
+    }
+
+    #[test]
     fn executor_kind_parses_lowercase() {
         let k: ExecutorKind = serde_json::from_str("\"docker\"").unwrap();
         assert_eq!(k, ExecutorKind::Docker);
+        let k: ExecutorKind = serde_json::from_str("\"process\"").unwrap();
+        assert_eq!(k, ExecutorKind::Process);
         assert!(serde_json::from_str::<ExecutorKind>("\"podman\"").is_err());
     }
 }

@@ -98,17 +98,26 @@ pub async fn discard(ctx: &RunContext, execution: Execution<'_>) {
         .and_then(Result::ok)
         .and_then(|s| s.code);
     ctx.journal.ended(execution.entry(ctx), code);
-    remove(executor, handle).await;
+    remove(ctx, handle).await;
 }
 
-/// Removes an execution whose end is already journalled.
-pub async fn remove(executor: &dyn Executor, handle: &ExecHandle) {
+/// Removes an execution whose end is already journalled, and then its workspace (named like
+/// the execution). A workspace goes only with its execution: while the execution stays as
+/// the journal of an unreported result, so does its workspace.
+pub async fn remove(ctx: &RunContext, handle: &ExecHandle) {
+    if remove_execution(ctx.executor.as_ref(), handle).await {
+        ctx.workspaces.remove(&handle.name).await;
+    }
+}
+
+/// True when the execution is gone.
+async fn remove_execution(executor: &dyn Executor, handle: &ExecHandle) -> bool {
     // A short retry: the daemon may still be tearing the process down.
     for attempt in 0..3u32 {
         match executor.remove(handle).await {
             Ok(()) => {
                 tracing::info!(container = %handle.name, "container removed");
-                return;
+                return true;
             }
             Err(e) if attempt == 2 => {
                 tracing::warn!(error = %e, container = %handle.name, "could not remove the container");
@@ -116,4 +125,5 @@ pub async fn remove(executor: &dyn Executor, handle: &ExecHandle) {
             Err(_) => tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await,
         }
     }
+    false
 }

@@ -16,7 +16,7 @@ use drover_agent::running::LeaseSignals;
 use drover_agent::supervise::{Ending, Finished, Supervision, supervise};
 use drover_agent::{DockerExecutor, ExecError, Executor, Job};
 use drover_core::ids::{AgentId, DEFAULT_TENANT, LeaseEpoch, RunId};
-use drover_core::spec::RawSpec;
+use drover_core::spec::{PullPolicy, RawSpec};
 use drover_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -49,6 +49,9 @@ fn job(image: &str, command: &[&str], timeout_secs: u32) -> Job {
         agent_id: AgentId::parse("test-agent").unwrap(),
         spec,
         secret_env: Default::default(),
+        workspace: std::env::temp_dir()
+            .join("drover-workspaces-docker-executor-test")
+            .join(RunId::new().to_string()),
     }
 }
 
@@ -131,13 +134,27 @@ async fn env_is_passed_and_argv_is_not_a_shell_string() {
 }
 
 #[tokio::test]
-async fn missing_image_is_image_unavailable_without_pulling() {
+async fn missing_image_is_image_unavailable_whatever_the_pull_policy() {
     let exec = docker().await;
     let image = "drover/never-built-here:nope";
-    let job = job(image, &["true"], 60);
-    match exec.start(&job).await {
-        Err(ExecError::ImageUnavailable { image: got }) => assert_eq!(got, image),
-        other => panic!("expected image_unavailable, got {other:?}"),
+    for policy in [
+        PullPolicy::Never,
+        PullPolicy::IfNotPresent,
+        PullPolicy::Always,
+    ] {
+        let mut job = job(image, &["true"], 60);
+        job.spec.image_pull_policy = policy;
+        match exec.start(&job).await {
+            Err(ExecError::ImageUnavailable { image: got, reason }) => {
+                assert_eq!(got, image);
+                if policy == PullPolicy::Never {
+                    assert!(reason.contains("pull policy is never"), "{reason}");
+                } else {
+                    assert!(reason.contains("pull"), "{reason}");
+                }
+            }
+            other => panic!("expected image_unavailable with {policy:?}, got {other:?}"),
+        }
     }
     assert_eq!(
         Verdict::image_unavailable(image).reason,
@@ -197,4 +214,62 @@ async fn redelivery_adopts_the_same_container_and_never_reruns_it() {
     exec.remove(&second.handle).await.unwrap();
     // Removing twice is fine.
     exec.remove(&second.handle).await.unwrap();
+}
+
+/// The sandbox defaults as the program sees them: non-root user, no capabilities, read-only
+/// root filesystem, writable /tmp and /workspace (the working directory), no network but
+/// loopback.
+#[tokio::test]
+async fn the_sandbox_defaults_hold_inside_the_container() {
+    let exec = docker().await;
+    let script = "id -u; id -g; pwd; echo $DROVER_WORKSPACE; grep CapEff /proc/self/status; \
+        touch /rootfs-probe 2>/dev/null && echo rootfs-writable || echo rootfs-readonly; \
+        touch /tmp/probe && echo tmp-writable; \
+        touch /workspace/probe && echo workspace-writable; \
+        ls /sys/class/net";
+    let job = job(IMAGE, &["sh", "-c", script], 60);
+    let (finished, _) = run_to_end(&exec, &job).await;
+    assert_eq!(
+        finished.exit.unwrap().code,
+        Some(0),
+        "{:?}",
+        String::from_utf8_lossy(&finished.output)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&finished.output),
+        "65534\n65534\n/workspace\n/workspace\nCapEff:\t0000000000000000\nrootfs-readonly\n\
+         tmp-writable\nworkspace-writable\nlo\n"
+    );
+    assert!(
+        job.workspace.join("probe").exists(),
+        "written through the bind mount"
+    );
+    let _ = std::fs::remove_dir_all(&job.workspace);
+}
+
+/// A container killed by its memory limit is reported `oom_killed`.
+#[tokio::test]
+async fn the_memory_limit_is_enforced_and_reported_as_oom() {
+    let exec = docker().await;
+    // 64 MiB limit (see `job`); the shell tries to hold 256 MB in a variable.
+    let job = job(
+        IMAGE,
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 268435456 /dev/zero | tr '\\0' a); echo ${#x}",
+        ],
+        60,
+    );
+    let (finished, _) = run_to_end(&exec, &job).await;
+    let exit = finished.exit.unwrap();
+    assert!(exit.oom_killed, "{exit:?}");
+    let verdict = Verdict::of(&finished).unwrap();
+    assert_eq!(verdict.outcome, pb::Outcome::Failed);
+    assert!(
+        verdict.reason.starts_with("oom_killed: "),
+        "{}",
+        verdict.reason
+    );
+    let _ = std::fs::remove_dir_all(&job.workspace);
 }

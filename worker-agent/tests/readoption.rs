@@ -213,5 +213,14 @@ fn job_of(env: &TestEnv, rec: &RunRecord) -> Job {
         agent_id: AgentId::parse(&env.agent_id).unwrap(),
         spec: rec.spec.clone(),
         secret_env: Default::default(),
+        // Where the agent's default settings put it.
+        workspace: std::env::temp_dir()
+            .join("drover-workspaces")
+            .join(&env.agent_id)
+            .join(drover_agent::executor::execution_name(
+                rec.id,
+                u32::try_from(rec.attempt).unwrap(),
+                LeaseEpoch(rec.lease_epoch),
+            )),
     }
 }

@@ -1,4 +1,5 @@
-//! `drover submit --image IMG [--env K=V]... [retry, timeout and cancel flags] [--wait | --follow] -- CMD ARGS...`
+//! `drover submit --image IMG [--env K=V]... [--input LOCAL[=REMOTE]]... [--executor E]
+//! [retry, timeout and cancel flags] [--wait | --follow] -- CMD ARGS...`
 
 use std::process::ExitCode;
 
@@ -58,6 +59,19 @@ pub struct SubmitArgs {
     /// Network access: none (default) or bridge.
     #[arg(long, default_value = "")]
     pub network: String,
+    /// Executor that must run it: docker, process or mock (default: the agent's own).
+    #[arg(long, default_value = "")]
+    pub executor: String,
+    /// A local file put into the run's workspace, at REMOTE (a relative path; default: the
+    /// file's name). Repeatable; the server checks paths and sizes.
+    #[arg(long = "input", value_name = "LOCAL[=REMOTE]")]
+    pub inputs: Vec<String>,
+    /// Docker image pull policy: if-not-present (default), always or never.
+    #[arg(long, default_value = "")]
+    pub image_pull_policy: String,
+    /// Docker: a writable root filesystem (default read-only).
+    #[arg(long)]
+    pub writable_rootfs: bool,
     /// Submitting twice with one key returns the first run.
     #[arg(long, default_value = "")]
     pub idempotency_key: String,
@@ -87,8 +101,43 @@ fn parse_env(pairs: &[String]) -> anyhow::Result<std::collections::HashMap<Strin
     Ok(env)
 }
 
+/// Reads `LOCAL[=REMOTE]` files, keeping their permission bits.
+fn read_inputs(specs: &[String]) -> anyhow::Result<Vec<pb::InputFile>> {
+    use std::os::unix::fs::PermissionsExt;
+    specs
+        .iter()
+        .map(|s| {
+            let (local, remote) = match s.split_once('=') {
+                Some((l, r)) => (l, r.to_owned()),
+                None => {
+                    let name = std::path::Path::new(s)
+                        .file_name()
+                        .with_context(|| format!("--input {s:?} names no file"))?;
+                    (s.as_str(), name.to_string_lossy().into_owned())
+                }
+            };
+            let content =
+                std::fs::read(local).with_context(|| format!("--input: reading {local}"))?;
+            let mode = std::fs::metadata(local)
+                .with_context(|| format!("--input: reading {local}"))?
+                .permissions()
+                .mode()
+                & 0o777;
+            Ok(pb::InputFile {
+                path: remote,
+                content,
+                mode,
+            })
+        })
+        .collect()
+}
+
 pub async fn run(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let spec = pb::RunSpec {
+        executor: args.executor,
+        inputs: read_inputs(&args.inputs)?,
+        image_pull_policy: args.image_pull_policy,
+        writable_rootfs: args.writable_rootfs,
         image: args.image,
         command: args.command,
         env: parse_env(&args.env)?,

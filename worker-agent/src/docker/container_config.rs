@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
 
 use crate::executor::Job;
 
@@ -13,10 +13,17 @@ pub const LABEL_EPOCH: &str = "drover.epoch";
 pub const LABEL_TENANT: &str = "drover.tenant";
 pub const LABEL_AGENT: &str = "drover.agent";
 
+/// Where the attempt's workspace is mounted, and the working directory.
+pub const WORKSPACE_MOUNT: &str = "/workspace";
+/// `nobody:nogroup`: containers never run as root.
+pub const DEFAULT_USER: (u32, u32) = (65534, 65534);
+/// The writable `/tmp` every container gets (the root filesystem is read-only by default).
+const TMP_OPTIONS: &str = "rw,noexec,nosuid,size=64m,mode=1777";
+
 /// `drover-<run_id>-<attempt>-<epoch>`: the same command always names the same container, so a
 /// redelivery finds the container instead of creating a second one.
 pub fn container_name(job: &Job) -> String {
-    format!("drover-{}-{}-{}", job.run_id, job.attempt, job.lease_epoch)
+    job.name()
 }
 
 /// Labels that let the agent (and operators) find drover's containers and tell which lease
@@ -34,19 +41,24 @@ pub fn container_labels(job: &Job) -> HashMap<String, String> {
 /// The create request. `cmd` is the spec's argv as given (never wrapped in a shell); the
 /// image's ENTRYPOINT, if it has one, stays in force as Docker defines. Hardening is on by
 /// default: no new privileges, every capability dropped, no network unless the spec asks,
-/// and pids/memory/cpu limits from the (already defaulted) spec.
-pub fn container_body(job: &Job) -> ContainerCreateBody {
+/// pids/memory/cpu limits from the (already defaulted) spec, the non-root `user`, a
+/// read-only root filesystem unless the spec asks for a writable one; writable are the
+/// workspace (bind-mounted at `/workspace`, the working directory) and a small `/tmp`.
+pub fn container_body(job: &Job, user: (u32, u32)) -> ContainerCreateBody {
     let spec = &job.spec;
-    let env: Vec<String> = (spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    let mut env: Vec<String> = (spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .chain(job.secret_env.iter())
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    env.push(format!("DROVER_WORKSPACE={WORKSPACE_MOUNT}"));
     let memory = i64::try_from(spec.resources.memory_bytes).unwrap_or(i64::MAX);
     ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: Some(spec.command.clone()),
         env: Some(env),
         labels: Some(container_labels(job)),
+        user: Some(format!("{}:{}", user.0, user.1)),
+        working_dir: Some(WORKSPACE_MOUNT.to_owned()),
         tty: Some(false),
         attach_stdin: Some(false),
         open_stdin: Some(false),
@@ -63,6 +75,15 @@ pub fn container_body(job: &Job) -> ContainerCreateBody {
             // API has accepted the completion report.
             auto_remove: Some(false),
             log_config: Some(log_config()),
+            readonly_rootfs: Some(!spec.writable_rootfs),
+            mounts: Some(vec![Mount {
+                target: Some(WORKSPACE_MOUNT.to_owned()),
+                source: Some(job.workspace.to_string_lossy().into_owned()),
+                typ: Some(MountType::BIND),
+                read_only: Some(false),
+                ..Default::default()
+            }]),
+            tmpfs: Some(HashMap::from([("/tmp".to_owned(), TMP_OPTIONS.to_owned())])),
             ..Default::default()
         }),
         ..Default::default()
@@ -115,6 +136,7 @@ mod tests {
             agent_id: AgentId::parse("host-1").unwrap(),
             spec,
             secret_env: Default::default(),
+            workspace: "/var/tmp/ws/drover-x".into(),
         }
     }
 
@@ -143,14 +165,30 @@ mod tests {
 
     #[test]
     fn body_is_argv_env_and_hardened() {
-        let body = container_body(&job());
+        let body = container_body(&job(), DEFAULT_USER);
         assert_eq!(body.image.as_deref(), Some("drover/busybox:latest"));
         assert_eq!(
             body.cmd.unwrap(),
             vec!["sh".to_owned(), "-c".into(), "echo $GREETING".into()]
         );
-        assert_eq!(body.env.unwrap(), vec!["GREETING=hi there".to_owned()]);
+        assert_eq!(
+            body.env.unwrap(),
+            vec![
+                "GREETING=hi there".to_owned(),
+                "DROVER_WORKSPACE=/workspace".into()
+            ]
+        );
+        assert_eq!(body.user.as_deref(), Some("65534:65534"));
+        assert_eq!(body.working_dir.as_deref(), Some("/workspace"));
         let host = body.host_config.unwrap();
+        assert_eq!(host.readonly_rootfs, Some(true));
+        let mounts = host.mounts.clone().unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].target.as_deref(), Some("/workspace"));
+        assert_eq!(mounts[0].source.as_deref(), Some("/var/tmp/ws/drover-x"));
+        assert_eq!(mounts[0].typ, Some(MountType::BIND));
+        assert_eq!(mounts[0].read_only, Some(false));
+        assert!(host.tmpfs.clone().unwrap().contains_key("/tmp"));
         assert_eq!(
             host.security_opt.unwrap(),
             vec!["no-new-privileges".to_owned()]
@@ -169,7 +207,15 @@ mod tests {
     fn bridge_network_only_when_asked() {
         let mut j = job();
         j.spec.network = drover_core::spec::Network::Bridge;
-        let host = container_body(&j).host_config.unwrap();
+        let host = container_body(&j, DEFAULT_USER).host_config.unwrap();
         assert_eq!(host.network_mode.as_deref(), Some("bridge"));
+    }
+
+    #[test]
+    fn writable_rootfs_only_when_asked() {
+        let mut j = job();
+        j.spec.writable_rootfs = true;
+        let host = container_body(&j, (1000, 1000)).host_config.unwrap();
+        assert_eq!(host.readonly_rootfs, Some(false));
     }
 }

@@ -1,0 +1,565 @@
+//! The executor parity suite: one set of scenarios run end to end (API, dispatcher and an
+//! agent started with `DROVER_EXECUTOR=<executor>`, all real binaries) against the docker,
+//! process and mock executors. Each scenario is one test per executor
+//! (`docker::exit_codes`, `process::exit_codes`, `mock::exit_codes`, …), so a failure names
+//! the executor.
+//!
+//! The mock executor simulates: where a scenario checks what the program saw (env, inputs),
+//! the mock run is given the output the program would have printed, and the scenario checks
+//! what the agent made of it (output, exit code, result.json) — the same result shape.
+//!
+//! Workspaces are kept (`DROVER_KEEP_WORKSPACES`) under a per-test root so `result.json` and
+//! `request.json` can be read from the host directory.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_proto::v1 as pb;
+use drover_tests::fake_agent::{in_state, submit, wait_run};
+use drover_tests::{Stack, StackOptions};
+use serde_json::Value;
+
+const IMAGE: &str = "drover/busybox:latest";
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// One executor's stack and where its agent keeps workspaces.
+struct Parity {
+    executor: &'static str,
+    stack: Stack,
+    workspaces: PathBuf,
+}
+
+impl Parity {
+    async fn start(executor: &'static str) -> Parity {
+        Self::start_allowing(executor, "").await
+    }
+
+    async fn start_allowing(executor: &'static str, allowed: &str) -> Parity {
+        let workspaces =
+            std::env::temp_dir().join(format!("drover-parity-{}", uuid::Uuid::now_v7().simple()));
+        let stack = Stack::start_with(StackOptions {
+            agent_executor: executor.to_owned(),
+            agent_env: vec![
+                (
+                    "DROVER_WORKSPACE_ROOT".into(),
+                    workspaces.to_string_lossy().into_owned(),
+                ),
+                ("DROVER_KEEP_WORKSPACES".into(), "true".into()),
+                ("DROVER_ALLOWED_EXECUTORS".into(), allowed.into()),
+            ],
+            ..StackOptions::default()
+        })
+        .await;
+        Parity {
+            executor,
+            stack,
+            workspaces,
+        }
+    }
+
+    /// A spec for this executor: `script` under `sh -c` for docker and process, `mock` for
+    /// the mock executor.
+    fn spec(&self, script: &str, mock: pb::MockBehavior) -> pb::RunSpec {
+        pb::RunSpec {
+            image: IMAGE.into(),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            timeout_seconds: 60,
+            cancel_grace_seconds: 2,
+            mock: (self.executor == "mock").then_some(mock),
+            ..Default::default()
+        }
+    }
+
+    async fn run(&self, spec: pb::RunSpec, end: pb::RunState) -> pb::Run {
+        let id = submit(&self.stack, spec).await;
+        let run = wait_run(&self.stack, &id, LIMIT, |r| is_terminal(r.state)).await;
+        assert_eq!(
+            run.state,
+            end as i32,
+            "[{}] run {id} ended {:?} ({}), expected {end:?}",
+            self.executor,
+            pb::RunState::try_from(run.state),
+            run.reason
+        );
+        run
+    }
+
+    fn workspace(&self, run: &pb::Run) -> PathBuf {
+        self.workspaces.join(&self.stack.agent_id).join(format!(
+            "drover-{}-{}-{}",
+            run.id, run.attempt, run.lease_epoch
+        ))
+    }
+
+    /// `.drover/<file>` of the run's workspace, waiting a moment: the agent writes
+    /// result.json just before reporting, so it is there once the run is terminal.
+    fn drover_file(&self, run: &pb::Run, file: &str) -> Value {
+        let path = self.workspace(run).join(".drover").join(file);
+        let text = std::fs::read(&path).unwrap_or_else(|e| {
+            self.stack.dump_logs();
+            panic!("[{}] {}: {e}", self.executor, path.display())
+        });
+        serde_json::from_slice(&text).unwrap()
+    }
+
+    async fn finish(self) {
+        let workspaces = self.workspaces.clone();
+        self.stack.stop().await;
+        remove_tree(&workspaces);
+    }
+}
+
+/// Removes a kept workspace tree (the Docker executor hands workspaces to an unprivileged
+/// uid; the test runs as the agent's user, which can remove them).
+fn remove_tree(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("could not remove {}: {e}", dir.display());
+    }
+}
+
+fn is_terminal(state: i32) -> bool {
+    use pb::RunState as S;
+    [
+        S::Succeeded,
+        S::Failed,
+        S::Cancelled,
+        S::TimedOut,
+        S::Rejected,
+        S::DeadLettered,
+    ]
+    .iter()
+    .any(|s| *s as i32 == state)
+}
+
+fn lines(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The result.json every executor writes: same keys, same meaning.
+fn assert_result_shape(p: &Parity, run: &pb::Run, status: &str, exit_code: Option<i32>) -> Value {
+    let result = p.drover_file(run, "result.json");
+    let who = p.executor;
+    assert_eq!(result["status"], status, "[{who}] {result}");
+    assert_eq!(
+        result["exit_code"].as_i64().map(|c| c as i32),
+        exit_code,
+        "[{who}] {result}"
+    );
+    // The executor that ran it (the agent's own unless the spec named another).
+    assert_eq!(
+        result["executor"],
+        run.executor.as_str(),
+        "[{who}] {result}"
+    );
+    assert_eq!(result["summary"], run.reason.as_str(), "[{who}] {result}");
+    let errors = strings(&result["errors"]);
+    if status == "success" {
+        assert!(errors.is_empty(), "[{who}] {result}");
+    } else {
+        assert_eq!(errors, vec![run.reason.clone()], "[{who}] {result}");
+    }
+    for key in ["created_files", "modified_files", "deleted_files"] {
+        assert!(result[key].is_array(), "[{who}] {key} in {result}");
+    }
+    for key in ["started_at", "finished_at"] {
+        assert!(result[key].is_string(), "[{who}] {key} in {result}");
+    }
+    assert!(result["duration_ms"].is_u64(), "[{who}] {result}");
+    result
+}
+
+async fn env_reaches_the_program(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let mut spec = p.spec(
+        "echo \"greeting=$GREETING\"",
+        pb::MockBehavior {
+            stdout: lines(&["greeting=hello parity"]),
+            ..Default::default()
+        },
+    );
+    spec.env = [("GREETING".to_owned(), "hello parity".to_owned())].into();
+    let run = p.run(spec, pb::RunState::Succeeded).await;
+    assert_eq!(run.output, b"greeting=hello parity\n", "[{executor}]");
+    assert_eq!(run.executor, executor);
+    assert_eq!(run.exit_code, Some(0), "[{executor}]");
+    // request.json names the env, never its value.
+    let request = p.drover_file(&run, "request.json");
+    assert_eq!(
+        request["env"]["GREETING"], "present",
+        "[{executor}] {request}"
+    );
+    assert!(
+        !request.to_string().contains("hello parity"),
+        "[{executor}] {request}"
+    );
+    assert_eq!(request["executor"], executor, "[{executor}] {request}");
+    assert_result_shape(&p, &run, "success", Some(0));
+    p.finish().await;
+}
+
+async fn exit_codes(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let ok = p.spec("exit 0", pb::MockBehavior::default());
+    let run = p.run(ok, pb::RunState::Succeeded).await;
+    assert_eq!(run.exit_code, Some(0), "[{executor}]");
+    assert_eq!(run.executor, executor);
+    assert_result_shape(&p, &run, "success", Some(0));
+
+    let three = p.spec(
+        "exit 3",
+        pb::MockBehavior {
+            exit_code: 3,
+            ..Default::default()
+        },
+    );
+    let run = p.run(three, pb::RunState::Failed).await;
+    assert_eq!(run.exit_code, Some(3), "[{executor}]");
+    assert_eq!(run.reason, "exited with code 3", "[{executor}]");
+    assert_result_shape(&p, &run, "error", Some(3));
+    p.finish().await;
+}
+
+async fn stdout_and_stderr_are_captured(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let spec = p.spec(
+        "echo to-stdout; sleep 0.2; echo to-stderr >&2",
+        pb::MockBehavior {
+            duration_ms: 200,
+            stdout: lines(&["to-stdout"]),
+            stderr: lines(&["to-stderr"]),
+            ..Default::default()
+        },
+    );
+    let run = p.run(spec, pb::RunState::Succeeded).await;
+    assert_eq!(run.output, b"to-stdout\nto-stderr\n", "[{executor}]");
+    assert!(!run.output_truncated, "[{executor}]");
+    p.finish().await;
+}
+
+async fn inputs_are_visible_and_result_lists_files(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let mut spec = p.spec(
+        "cat data/in.txt; echo v2 > app.py; mkdir -p out; echo new > out/created.txt; rm gone.txt",
+        pb::MockBehavior {
+            stdout: lines(&["hello input"]),
+            files: vec![
+                pb::MockFile {
+                    path: "app.py".into(),
+                    content: b"v2\n".to_vec(),
+                },
+                pb::MockFile {
+                    path: "out/created.txt".into(),
+                    content: b"new\n".to_vec(),
+                },
+            ],
+            ..Default::default()
+        },
+    );
+    spec.inputs = vec![
+        pb::InputFile {
+            path: "data/in.txt".into(),
+            content: b"hello input\n".to_vec(),
+            mode: 0,
+        },
+        pb::InputFile {
+            path: "app.py".into(),
+            content: b"v1\n".to_vec(),
+            mode: 0o644,
+        },
+        pb::InputFile {
+            path: "README.md".into(),
+            content: b"# unchanged\n".to_vec(),
+            mode: 0,
+        },
+        pb::InputFile {
+            path: "gone.txt".into(),
+            content: b"bye\n".to_vec(),
+            mode: 0,
+        },
+    ];
+    let run = p.run(spec, pb::RunState::Succeeded).await;
+    assert_eq!(run.output, b"hello input\n", "[{executor}]");
+    let result = assert_result_shape(&p, &run, "success", Some(0));
+    assert_eq!(
+        strings(&result["created_files"]),
+        ["out/created.txt"],
+        "[{executor}] {result}"
+    );
+    assert_eq!(
+        strings(&result["modified_files"]),
+        ["app.py"],
+        "[{executor}] {result}"
+    );
+    if executor != "mock" {
+        // The mock simulates writes, not deletions.
+        assert_eq!(
+            strings(&result["deleted_files"]),
+            ["gone.txt"],
+            "[{executor}] {result}"
+        );
+    }
+    let ws = p.workspace(&run);
+    assert_eq!(
+        std::fs::read(ws.join("app.py")).unwrap(),
+        b"v2\n",
+        "[{executor}]"
+    );
+    assert_eq!(
+        std::fs::read(ws.join("README.md")).unwrap(),
+        b"# unchanged\n",
+        "[{executor}]"
+    );
+    let request = p.drover_file(&run, "request.json");
+    assert_eq!(
+        request["inputs"].as_array().unwrap().len(),
+        4,
+        "[{executor}]"
+    );
+    p.finish().await;
+}
+
+async fn timeout(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let mut spec = p.spec(
+        "echo started; sleep 60",
+        pb::MockBehavior {
+            duration_ms: 60_000,
+            stdout: lines(&["started"]),
+            ..Default::default()
+        },
+    );
+    spec.timeout_seconds = 2;
+    let run = p.run(spec, pb::RunState::TimedOut).await;
+    assert_eq!(run.reason, "timeout: exceeded 2 s", "[{executor}]");
+    assert_eq!(run.output, b"started\n", "[{executor}]");
+    let result = p.drover_file(&run, "result.json");
+    assert_eq!(result["status"], "error", "[{executor}] {result}");
+    p.finish().await;
+}
+
+async fn cancel(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let spec = p.spec(
+        "echo started; sleep 60",
+        pb::MockBehavior {
+            duration_ms: 60_000,
+            stdout: lines(&["started"]),
+            ..Default::default()
+        },
+    );
+    let id = submit(&p.stack, spec).await;
+    wait_run(&p.stack, &id, LIMIT, in_state(pb::RunState::Running)).await;
+    p.stack
+        .client()
+        .await
+        .cancel_run(pb::CancelRunRequest {
+            run_id: id.clone(),
+            reason: "parity".into(),
+        })
+        .await
+        .unwrap();
+    let run = wait_run(&p.stack, &id, LIMIT, |r| is_terminal(r.state)).await;
+    assert_eq!(
+        run.state,
+        pb::RunState::Cancelled as i32,
+        "[{executor}] {}",
+        run.reason
+    );
+    let result = p.drover_file(&run, "result.json");
+    assert_eq!(result["status"], "error", "[{executor}] {result}");
+    assert_eq!(result["executor"], executor, "[{executor}] {result}");
+    p.finish().await;
+}
+
+macro_rules! parity {
+    ($executor:ident: $($scenario:ident),* $(,)?) => {
+        mod $executor {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(stringify!($executor)).await;
+                }
+            )*
+        }
+    };
+}
+
+parity!(docker: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
+    inputs_are_visible_and_result_lists_files, timeout, cancel);
+parity!(process: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
+    inputs_are_visible_and_result_lists_files, timeout, cancel);
+parity!(mock: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
+    inputs_are_visible_and_result_lists_files, timeout, cancel);
+
+/// A spec may name another executor than the agent's own only if the agent allows it; the
+/// run records the executor that actually ran it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_runs_on_the_executor_it_names_only_where_allowed() {
+    let p = Parity::start_allowing("mock", "process").await;
+    let mut on_process = p.spec("echo from-process", pb::MockBehavior::default());
+    on_process.executor = "process".into();
+    let run = p.run(on_process, pb::RunState::Succeeded).await;
+    assert_eq!(run.executor, "process");
+    assert_eq!(run.output, b"from-process\n");
+    assert_result_shape(&p, &run, "success", Some(0));
+
+    let mut on_docker = p.spec("true", pb::MockBehavior::default());
+    on_docker.executor = "docker".into();
+    let run = p.run(on_docker, pb::RunState::Failed).await;
+    assert!(
+        run.reason
+            .starts_with("executor_unavailable: executor docker is not allowed on this agent"),
+        "{}",
+        run.reason
+    );
+    p.finish().await;
+}
+
+/// Inline inputs and the new spec fields are checked at submit: INVALID_ARGUMENT naming the
+/// field, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_and_executor_fields_are_refused_at_submit() {
+    let stack = Stack::start_with(StackOptions {
+        dispatcher: false,
+        agent: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let input = |path: &str, size: usize| pb::InputFile {
+        path: path.into(),
+        content: vec![b'x'; size],
+        mode: 0,
+    };
+    let valid = || pb::RunSpec {
+        image: IMAGE.into(),
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    let long = "a/".repeat(600) + "b";
+    let mut cases: Vec<(pb::RunSpec, &str)> = [
+        "../etc/passwd",
+        "a/../../etc/passwd",
+        "/etc/passwd",
+        "%2e%2e%2fetc%2fpasswd",
+        "..\\..\\windows",
+        "a\0b",
+        ".drover/result.json",
+        "./a",
+        "",
+        long.as_str(),
+    ]
+    .into_iter()
+    .map(|path| {
+        (
+            pb::RunSpec {
+                inputs: vec![input(path, 1)],
+                ..valid()
+            },
+            "spec.inputs",
+        )
+    })
+    .collect();
+    cases.push((
+        pb::RunSpec {
+            inputs: vec![
+                input("big.bin", 2 * 1024 * 1024),
+                input("big2.bin", 1024 * 1024 + 1),
+            ],
+            ..valid()
+        },
+        "spec.inputs",
+    ));
+    cases.push((
+        pb::RunSpec {
+            executor: "podman".into(),
+            ..valid()
+        },
+        "spec.executor",
+    ));
+    cases.push((
+        pb::RunSpec {
+            image_pull_policy: "sometimes".into(),
+            ..valid()
+        },
+        "spec.image_pull_policy",
+    ));
+    cases.push((
+        pb::RunSpec {
+            mock: Some(pb::MockBehavior {
+                files: vec![pb::MockFile {
+                    path: "../escape".into(),
+                    content: Vec::new(),
+                }],
+                ..Default::default()
+            }),
+            ..valid()
+        },
+        "spec.mock.files",
+    ));
+    for (spec, field) in cases {
+        let what = format!("{:?}", spec.inputs.first().map(|i| &i.path));
+        let err = client
+            .submit_run(pb::SubmitRunRequest {
+                spec: Some(spec),
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect_err("invalid spec must be refused");
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{field} {what}: {err:?}"
+        );
+        assert!(
+            err.message().contains(field),
+            "message {:?} names {field} ({what})",
+            err.message()
+        );
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing stored");
+    stack.stop().await;
+}
+
+/// An input at the size bound travels SubmitRun, GetAssignment and the workspace intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_at_the_size_bound_reaches_the_program() {
+    let p = Parity::start("process").await;
+    let size = 3 * 1024 * 1024;
+    let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let mut spec = p.spec("wc -c < big.bin", pb::MockBehavior::default());
+    spec.inputs = vec![pb::InputFile {
+        path: "big.bin".into(),
+        content: content.clone(),
+        mode: 0,
+    }];
+    let run = p.run(spec, pb::RunState::Succeeded).await;
+    assert_eq!(
+        String::from_utf8_lossy(&run.output).trim(),
+        size.to_string()
+    );
+    assert_eq!(
+        std::fs::read(p.workspace(&run).join("big.bin")).unwrap(),
+        content
+    );
+    p.finish().await;
+}
