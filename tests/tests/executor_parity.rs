@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use drover_proto::v1 as pb;
-use drover_tests::fake_agent::{in_state, submit, wait_run};
+use drover_tests::fake_agent::{collect_artifacts, in_state, sha256_hex, submit, wait_run};
 use drover_tests::{Stack, StackOptions};
 use serde_json::Value;
 
@@ -386,6 +386,138 @@ async fn cancel(executor: &'static str) {
     p.finish().await;
 }
 
+/// The artifacts of a run, path → (entry, content), through ListArtifacts and GetArtifact.
+async fn artifacts(
+    p: &Parity,
+    run: &pb::Run,
+) -> std::collections::BTreeMap<String, (pb::ArtifactEntry, Vec<u8>)> {
+    let mut client = p.stack.client().await;
+    let listed = client
+        .list_artifacts(pb::ListArtifactsRequest {
+            run_id: run.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in listed {
+        let stream = client
+            .get_artifact(pb::GetArtifactRequest {
+                run_id: run.id.clone(),
+                path: entry.path.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = collect_artifacts(stream).await.unwrap();
+        assert_eq!(got.len(), 1, "[{}] {}", p.executor, entry.path);
+        let (served, data) = got.remove(0);
+        assert_eq!(served.sha256, entry.sha256);
+        assert_eq!(
+            sha256_hex(&data),
+            entry.sha256,
+            "[{}] {}",
+            p.executor,
+            entry.path
+        );
+        out.insert(entry.path.clone(), (entry, data));
+    }
+    out
+}
+
+/// The "edit job": run 1 creates a small project; run 2 starts from run 1's artifacts
+/// (`inputs_from_run`), appends a line to `app.py`. Run 2's artifacts hold the edited
+/// `app.py` and the untouched files byte for byte, its result.json lists `app.py` as the only
+/// modified file, and each run's stored log is among its artifacts.
+async fn a_follow_up_run_edits_the_workspace_of_an_earlier_one(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let readme = b"# demo\n".to_vec();
+    let app = b"print('hello')\n".to_vec();
+    let test = b"def test_cli():\n    assert True\n".to_vec();
+    let first = p.spec(
+        "mkdir -p tests && printf '# demo\\n' > README.md && printf \"print('hello')\\n\" > app.py \
+         && printf 'def test_cli():\\n    assert True\\n' > tests/test_cli.py && echo run 1 done",
+        pb::MockBehavior {
+            stdout: lines(&["run 1 done"]),
+            files: vec![
+                pb::MockFile {
+                    path: "README.md".into(),
+                    content: readme.clone(),
+                },
+                pb::MockFile {
+                    path: "app.py".into(),
+                    content: app.clone(),
+                },
+                pb::MockFile {
+                    path: "tests/test_cli.py".into(),
+                    content: test.clone(),
+                },
+            ],
+            ..Default::default()
+        },
+    );
+    let run1 = p.run(first, pb::RunState::Succeeded).await;
+    let a1 = artifacts(&p, &run1).await;
+    let who = executor;
+    for (path, want) in [
+        ("README.md", &readme),
+        ("app.py", &app),
+        ("tests/test_cli.py", &test),
+    ] {
+        assert_eq!(&a1[path].1, want, "[{who}] run 1 {path}");
+    }
+    assert_eq!(a1[".drover/logs/stdout.log"].1, b"run 1 done\n", "[{who}]");
+    let r1: Value = serde_json::from_slice(&a1[".drover/result.json"].1).unwrap();
+    assert_eq!(
+        strings(&r1["created_files"]),
+        ["README.md", "app.py", "tests/test_cli.py"],
+        "[{who}] {r1}"
+    );
+
+    let mut edited = app.clone();
+    edited.extend_from_slice(b"# a comment\n");
+    let mut second = p.spec(
+        "echo '# a comment' >> app.py && echo run 2 done",
+        pb::MockBehavior {
+            stdout: lines(&["run 2 done"]),
+            files: vec![pb::MockFile {
+                path: "app.py".into(),
+                content: edited.clone(),
+            }],
+            ..Default::default()
+        },
+    );
+    second.inputs_from_run = run1.id.clone();
+    let run2 = p.run(second, pb::RunState::Succeeded).await;
+    let a2 = artifacts(&p, &run2).await;
+    assert_eq!(a2["app.py"].1, edited, "[{who}] the edit");
+    for path in ["README.md", "tests/test_cli.py"] {
+        assert_eq!(
+            a2[path].0.sha256, a1[path].0.sha256,
+            "[{who}] {path} unchanged"
+        );
+    }
+    assert_eq!(a2[".drover/logs/stdout.log"].1, b"run 2 done\n", "[{who}]");
+    let r2: Value = serde_json::from_slice(&a2[".drover/result.json"].1).unwrap();
+    assert_eq!(strings(&r2["modified_files"]), ["app.py"], "[{who}] {r2}");
+    assert!(strings(&r2["created_files"]).is_empty(), "[{who}] {r2}");
+    assert!(strings(&r2["deleted_files"]).is_empty(), "[{who}] {r2}");
+    let req: Value = serde_json::from_slice(&a2[".drover/request.json"].1).unwrap();
+    let given: Vec<&str> = req["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        given,
+        ["README.md", "app.py", "tests/test_cli.py"],
+        "[{who}] {req}"
+    );
+    p.finish().await;
+}
+
 macro_rules! parity {
     ($executor:ident: $($scenario:ident),* $(,)?) => {
         mod $executor {
@@ -400,11 +532,14 @@ macro_rules! parity {
 }
 
 parity!(docker: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
-    inputs_are_visible_and_result_lists_files, timeout, cancel);
+    inputs_are_visible_and_result_lists_files, timeout, cancel,
+    a_follow_up_run_edits_the_workspace_of_an_earlier_one);
 parity!(process: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
-    inputs_are_visible_and_result_lists_files, timeout, cancel);
+    inputs_are_visible_and_result_lists_files, timeout, cancel,
+    a_follow_up_run_edits_the_workspace_of_an_earlier_one);
 parity!(mock: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
-    inputs_are_visible_and_result_lists_files, timeout, cancel);
+    inputs_are_visible_and_result_lists_files, timeout, cancel,
+    a_follow_up_run_edits_the_workspace_of_an_earlier_one);
 
 /// A spec may name another executor than the agent's own only if the agent allows it; the
 /// run records the executor that actually ran it.

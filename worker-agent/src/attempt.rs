@@ -17,13 +17,15 @@ use drover_proto::v1 as pb;
 use crate::api::{ApiError, epoch_to_wire};
 use crate::execution::RunContext;
 use crate::executor::{Job, OutputChunk, OutputSource, Started};
+use crate::log_files::LogFiles;
 use crate::log_shipper::ship_logs;
 use crate::outcome::Verdict;
 use crate::redact::Redactor;
 use crate::running::RunClaim;
 use crate::settle::{self, Execution};
 use crate::supervise::{Ending, Supervision, supervise};
-use crate::workspace::Ended;
+use crate::transfer;
+use crate::workspace::{Ended, Workspaces};
 
 /// Output chunks buffered between the container and the log shipper.
 const LOG_CHANNEL_CAPACITY: usize = 256;
@@ -94,6 +96,13 @@ pub async fn follow(
         live_logs_from: started.adopted.then_some(adopted_at),
         redactor: redactor.clone(),
     };
+    let log_files = match LogFiles::open(&Workspaces::logs_dir(&job)).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot keep the stored log; live logs only");
+            None
+        }
+    };
     let (finished, ()) = tokio::join!(
         supervise(ctx.executor.as_ref(), &handle, limits, &signals, logs_tx),
         ship_logs(
@@ -101,7 +110,8 @@ pub async fn follow(
             run_id,
             epoch,
             logs_rx,
-            signals.stop.clone()
+            signals.stop.clone(),
+            log_files,
         ),
     );
     let finished = match finished {
@@ -148,20 +158,45 @@ pub async fn follow(
         ),
         Err(e) => tracing::warn!(error = %e, "could not write result.json"),
     }
+    let upload_id = if verdict.outcome == pb::Outcome::HandedBack {
+        // A hand-back re-queues the run: nothing of this attempt is kept.
+        String::new()
+    } else {
+        match upload_workspace(ctx, &job, &signals.stop).await {
+            Ok(id) => id,
+            Err(ApiError::Stale { code, message }) => {
+                tracing::warn!(?code, %message, "artifact upload refused as stale; the lease is gone");
+                settle::remove(ctx, &handle).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not upload the artifacts");
+                // Never SUCCEEDED without its artifacts; a failure stays what it was.
+                if verdict.outcome == pb::Outcome::Succeeded {
+                    verdict = Verdict::infrastructure(
+                        "artifact_upload_failed: the workspace could not be uploaded",
+                    );
+                }
+                String::new()
+            }
+        }
+    };
     tracing::info!(
         outcome = verdict.outcome.as_str_name(),
         exit_code = ?verdict.exit_code,
         reason = %verdict.reason,
         infrastructure_error = verdict.infrastructure_error,
         output_bytes = finished.output.len(),
+        artifact_upload_id = %upload_id,
         "execution finished; reporting"
     );
-    let request = verdict.into_request(
+    let mut request = verdict.into_request(
         run_id.to_string(),
         epoch_to_wire(epoch),
         finished.output,
         finished.output_truncated,
     );
+    request.artifact_upload_id = upload_id;
     if settle::report(ctx, request, &signals.stop).await {
         settle::remove(ctx, &handle).await;
     }
@@ -206,4 +241,35 @@ async fn redactor_of(
         }
     }
     Some(redactor)
+}
+
+/// Uploads the workspace's files (the spec's `outputs`, plus `.drover/`) and returns the
+/// upload id for the completion report; empty when the workspace is gone (an executor that
+/// keeps none, a re-adopted execution whose workspace was lost).
+async fn upload_workspace(
+    ctx: &RunContext,
+    job: &Job,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<String, ApiError> {
+    if tokio::fs::metadata(&job.workspace).await.is_err() {
+        tracing::warn!(workspace = %job.workspace.display(), "no workspace to upload");
+        return Ok(String::new());
+    }
+    let collected = transfer::collect(&job.workspace, &job.spec.outputs, &[])
+        .await
+        .map_err(|e| ApiError::Permanent {
+            code: tonic::Code::Internal,
+            message: e.to_string(),
+        })?;
+    for (path, why) in &collected.skipped {
+        tracing::warn!(%path, %why, "workspace file not uploaded");
+    }
+    let files = collected.files.len();
+    let bytes: u64 = collected.files.iter().map(|f| f.entry.size).sum();
+    let uploaded = ctx
+        .api
+        .upload_artifacts(job.run_id, job.lease_epoch, collected.files, stop)
+        .await?;
+    tracing::info!(files, bytes, upload_id = %uploaded.upload_id, "artifacts uploaded");
+    Ok(uploaded.upload_id)
 }

@@ -32,6 +32,7 @@ use crate::outcome::Verdict;
 use crate::running::{RunClaim, RunningRuns};
 use crate::secret_env::{SecretEnv, host_var};
 use crate::settle::{self, Execution};
+use crate::transfer;
 use crate::workspace::Workspaces;
 
 /// Retries of `GetAssignment` before the command goes back to the queue.
@@ -247,11 +248,7 @@ pub async fn proceed(
     // The workspace (inputs, request.json) is made before the start, on the backend's word
     // that it can run the job at all.
     let prepared = match ctx.executor.name_of_job(&job) {
-        Ok(executor) => ctx
-            .workspaces
-            .prepare(&job, executor)
-            .await
-            .map_err(|e| ExecError::Workspace(e.to_string())),
+        Ok(executor) => prepare_workspace(ctx, &job, executor, &signals.stop).await,
         Err(e) => Err(e),
     };
     let started = match prepared {
@@ -273,6 +270,13 @@ pub async fn proceed(
                 ExecError::ExecutorUnavailable { requested, allowed } => {
                     tracing::warn!(%requested, %allowed, "the spec asks for an executor this agent does not allow; failing the attempt");
                     Verdict::executor_unavailable(&requested, &allowed)
+                }
+                ExecError::InputsUnavailable {
+                    reason,
+                    infrastructure,
+                } => {
+                    tracing::warn!(%reason, "could not seed the workspace from inputs_from_run; failing the attempt");
+                    Verdict::inputs_unavailable(&reason, infrastructure)
                 }
                 ExecError::Workspace(e) => {
                     tracing::error!(error = %e, "could not prepare the workspace; failing the attempt");
@@ -309,4 +313,52 @@ pub async fn proceed(
     }
     tracing::info!(container = %started.handle.name, container_id = %started.handle.id, adopted = started.adopted, "execution started");
     follow(ctx, claim, job, started, started_at, state).await;
+}
+
+/// Makes the job's workspace: seeded from `inputs_from_run` when the spec names one (its
+/// `.drover/` records describe that run and are left out), then the inline inputs and
+/// `request.json`.
+async fn prepare_workspace(
+    ctx: &RunContext,
+    job: &Job,
+    executor: &str,
+    stop: &CancellationToken,
+) -> Result<(), ExecError> {
+    let workspace = |e: crate::workspace::WorkspaceError| ExecError::Workspace(e.to_string());
+    if job.spec.inputs_from_run.is_none() {
+        return ctx
+            .workspaces
+            .prepare(job, executor)
+            .await
+            .map_err(workspace);
+    }
+    ctx.workspaces.create(job).await.map_err(workspace)?;
+    let seeded = match ctx
+        .api
+        .download_inputs(job.run_id, job.lease_epoch, stop)
+        .await
+    {
+        Ok(stream) => transfer::seed(&job.workspace, stream).await,
+        Err(e) => Err(e.into()),
+    };
+    match seeded {
+        Ok(paths) => tracing::info!(files = paths.len(), "workspace seeded from inputs_from_run"),
+        Err(e) => {
+            // Transient API trouble is the host's problem (retried); anything else (the source
+            // run gone or unfinished, a corrupt or unsafe file) will not change on a retry.
+            let infrastructure = matches!(
+                e,
+                transfer::TransferError::Api(ApiError::Transient { .. })
+                    | transfer::TransferError::Io { .. }
+            );
+            return Err(ExecError::InputsUnavailable {
+                reason: e.to_string(),
+                infrastructure,
+            });
+        }
+    }
+    ctx.workspaces
+        .write_inputs(job, executor)
+        .await
+        .map_err(workspace)
 }

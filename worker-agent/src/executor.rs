@@ -171,6 +171,13 @@ pub enum ExecError {
     /// The workspace could not be prepared (inputs, request file, ownership).
     #[error("workspace: {0}")]
     Workspace(String),
+    /// `inputs_from_run` could not be seeded into the workspace. `infrastructure`: the API
+    /// or this host failed, so another attempt may do better.
+    #[error("inputs_from_run: {reason}")]
+    InputsUnavailable {
+        reason: String,
+        infrastructure: bool,
+    },
     /// The backend failed an operation; `message` is backend text, for logs only.
     #[error("{operation} failed: {message}")]
     Backend {

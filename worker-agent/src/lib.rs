@@ -31,6 +31,7 @@ pub mod executor;
 mod heartbeat;
 pub mod journal;
 pub mod log_batch;
+pub mod log_files;
 mod log_shipper;
 pub mod mock;
 pub mod outcome;

@@ -2,7 +2,8 @@
 //! [`crate::log_batch`]), flushed at least every 250 ms while output flows, and immediately
 //! when a full request is ready. Live logs are losable (the completion carries the tail), so a
 //! batch the API will not take after a few tries is dropped rather than stalling the run. A
-//! refusal as stale means the lease is gone: the run is stopped.
+//! refusal as stale means the lease is gone: the run is stopped. Every chunk is also
+//! written to the stored log ([`crate::log_files`]), which nothing drops.
 
 use std::time::Duration;
 
@@ -14,16 +15,19 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{ApiClient, ApiError};
 use crate::executor::OutputChunk;
 use crate::log_batch::LogBatch;
+use crate::log_files::LogFiles;
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Runs until `output` is closed and everything received has been pushed (or given up on).
+/// Runs until `output` is closed and everything received has been pushed (or given up on),
+/// and written to `files` (the stored log) when given.
 pub async fn ship_logs(
     api: ApiClient,
     run_id: RunId,
     epoch: LeaseEpoch,
     mut output: mpsc::Receiver<OutputChunk>,
     run_stop: CancellationToken,
+    mut files: Option<LogFiles>,
 ) {
     let mut shipper = Shipper {
         api,
@@ -39,6 +43,9 @@ pub async fn ship_logs(
         tokio::select! {
             chunk = output.recv() => match chunk {
                 Some(chunk) => {
+                    if let Some(f) = files.as_mut() {
+                        f.write(&chunk).await;
+                    }
                     shipper.batch.push(chunk);
                     while shipper.batch.has_full_request() {
                         shipper.flush_one().await;
@@ -55,6 +62,9 @@ pub async fn ship_logs(
     }
     while !shipper.batch.is_empty() {
         shipper.flush_one().await;
+    }
+    if let Some(f) = files.as_mut() {
+        f.flush().await;
     }
 }
 

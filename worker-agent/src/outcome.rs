@@ -72,6 +72,17 @@ impl Verdict {
         Self::infrastructure("workspace_error: the workspace could not be prepared on this host")
     }
 
+    /// The workspace could not be seeded from `inputs_from_run`; `detail` is the agent's
+    /// own text (paths and API refusals, never file contents).
+    pub fn inputs_unavailable(detail: &str, infrastructure: bool) -> Self {
+        let reason = format!("inputs_unavailable: {detail}");
+        if infrastructure {
+            Self::infrastructure(reason)
+        } else {
+            Self::failed(reason)
+        }
+    }
+
     pub fn start_failed() -> Self {
         Self::infrastructure("start_failed: the container could not be started on this host")
     }

@@ -239,32 +239,51 @@ pub fn upload_stream(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Writes the `DownloadInputs` stream below `root`; returns the paths written.
+/// Writes the `DownloadInputs` stream below `root`; returns the paths written. Entries under
+/// `.drover/` (the earlier run's request, result and logs) are skipped: they describe that
+/// run, and this run's `.drover/` is the agent's.
 pub async fn seed(
     root: &Path,
     mut stream: tonic::Streaming<pb::ArtifactChunk>,
 ) -> Result<Vec<String>, TransferError> {
     use pb::artifact_chunk::Item;
+    enum Current {
+        Nothing,
+        Skipping,
+        File(Incoming),
+    }
     let mut written = Vec::new();
-    let mut current: Option<Incoming> = None;
+    let mut current = Current::Nothing;
     loop {
         let msg = stream.message().await.map_err(crate::api::ApiError::from)?;
         let Some(msg) = msg else { break };
         match msg.item {
             Some(Item::Entry(entry)) => {
-                if let Some(done) = current.take() {
+                if let Current::File(done) = std::mem::replace(&mut current, Current::Nothing) {
                     written.push(done.finish().await?);
                 }
-                current = Incoming::begin(root, entry).await?;
+                current = if entry.path.starts_with(DROVER_DIR) {
+                    Current::Skipping
+                } else {
+                    let path = entry.path.clone();
+                    match Incoming::begin(root, entry).await? {
+                        Some(file) => Current::File(file),
+                        None => {
+                            written.push(path);
+                            Current::Skipping
+                        }
+                    }
+                };
             }
-            Some(Item::Data(data)) => match current.as_mut() {
-                Some(file) => file.write(&data).await?,
-                None => return Err(TransferError::Framing("data before any entry")),
+            Some(Item::Data(data)) => match &mut current {
+                Current::File(file) => file.write(&data).await?,
+                Current::Skipping => {}
+                Current::Nothing => return Err(TransferError::Framing("data before any entry")),
             },
             None => return Err(TransferError::Framing("empty message")),
         }
     }
-    if let Some(done) = current.take() {
+    if let Current::File(done) = current {
         written.push(done.finish().await?);
     }
     Ok(written)

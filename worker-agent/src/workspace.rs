@@ -144,9 +144,31 @@ impl Workspaces {
     /// Creates the job's workspace afresh (a leftover of a start that never happened is
     /// replaced), writes the inputs and `.drover/request.json`.
     pub async fn prepare(&self, job: &Job, executor: &str) -> Result<(), WorkspaceError> {
+        self.create(job).await?;
+        self.write_inputs(job, executor).await
+    }
+
+    /// Creates the job's workspace afresh and empty (with `.drover/`), e.g. to seed it from an
+    /// earlier run before [`Workspaces::write_inputs`].
+    pub async fn create(&self, job: &Job) -> Result<(), WorkspaceError> {
+        let dir = job.workspace.clone();
+        blocking(move || create_blocking(&dir)).await
+    }
+
+    /// Writes the spec's inline inputs (over any seeded file of the same path) and
+    /// `.drover/request.json`, whose inputs are every file then in the workspace: seeded and
+    /// inline alike, so `result.json` compares the run's work with all it was given.
+    pub async fn write_inputs(&self, job: &Job, executor: &str) -> Result<(), WorkspaceError> {
         let job = job.clone();
         let executor = executor.to_owned();
         blocking(move || prepare_blocking(&job, &executor)).await
+    }
+
+    /// `<workspace>/.drover/logs`: where the agent keeps the run's complete (redacted) stdout
+    /// and stderr while it runs, to upload as artifacts. The directory is the agent's (see the
+    /// module doc), so a run cannot plant links there.
+    pub fn logs_dir(job: &Job) -> PathBuf {
+        job.workspace.join(DROVER_DIR).join("logs")
     }
 
     /// Writes `.drover/result.json` after the run, comparing the workspace with the inputs
@@ -222,8 +244,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| WorkspaceError::Task(e.to_string()))?
 }
 
-fn prepare_blocking(job: &Job, executor: &str) -> Result<(), WorkspaceError> {
-    let dir = &job.workspace;
+fn create_blocking(dir: &Path) -> Result<(), WorkspaceError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -233,22 +254,35 @@ fn prepare_blocking(job: &Job, executor: &str) -> Result<(), WorkspaceError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
         .map_err(io_err("setting the mode of", dir))?;
     let drover = dir.join(DROVER_DIR);
-    std::fs::create_dir(&drover).map_err(io_err("creating", &drover))?;
+    std::fs::create_dir(&drover).map_err(io_err("creating", &drover))
+}
 
+fn prepare_blocking(job: &Job, executor: &str) -> Result<(), WorkspaceError> {
+    let dir = &job.workspace;
+    let drover = dir.join(DROVER_DIR);
     let spec = &job.spec;
-    let mut inputs = Vec::with_capacity(spec.inputs.len());
     for input in &spec.inputs {
-        // Paths were validated (relative, normalised, no `..`) with the spec.
+        // Paths were validated (relative, normalised, no `..`) with the spec. A seeded file
+        // of the same path is replaced (a seeded symlink is removed, never followed); a
+        // seeded directory there is an error.
         let path = dir.join(&input.path);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
         }
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(&path).map_err(io_err("replacing", &path))?;
+        }
         write_new(&path, &input.content, input.mode)?;
+    }
+    let mut inputs = Vec::new();
+    for (path, sha256) in scan(dir)? {
+        let meta = std::fs::symlink_metadata(dir.join(&path))
+            .map_err(io_err("reading", &dir.join(&path)))?;
         inputs.push(InputEntry {
-            path: input.path.clone(),
-            size: input.content.len() as u64,
-            mode: input.mode,
-            sha256: hex::encode(Sha256::digest(&input.content)),
+            path,
+            size: meta.len(),
+            mode: meta.permissions().mode() & 0o777,
+            sha256,
         });
     }
     let request = RequestFile {
