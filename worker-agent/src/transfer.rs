@@ -250,7 +250,7 @@ pub async fn seed(
     enum Current {
         Nothing,
         Skipping,
-        File(Incoming),
+        File(Box<Incoming>),
     }
     let mut written = Vec::new();
     let mut current = Current::Nothing;
@@ -267,7 +267,7 @@ pub async fn seed(
                 } else {
                     let path = entry.path.clone();
                     match Incoming::begin(root, entry).await? {
-                        Some(file) => Current::File(file),
+                        Some(file) => Current::File(Box::new(file)),
                         None => {
                             written.push(path);
                             Current::Skipping
