@@ -107,7 +107,10 @@ mod tests {
         for p in ["%2e%2e%2fetc", "..%2fetc", "100%.txt"] {
             assert!(validate_relative(p).is_err(), "{p:?}");
         }
-        assert_eq!(validate_relative("100%.txt"), Err(PathError::PercentEncoded));
+        assert_eq!(
+            validate_relative("100%.txt"),
+            Err(PathError::PercentEncoded)
+        );
     }
 
     #[test]

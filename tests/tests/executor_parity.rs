@@ -26,6 +26,9 @@ use serde_json::Value;
 
 const IMAGE: &str = "drover/busybox:latest";
 const LIMIT: Duration = Duration::from_secs(120);
+const HOST_VAR: &str = "PARITY_HOST_TOKEN";
+const HOST_VALUE: &str = "host-token-4f9a2c7e1b";
+const SECRET_VALUE: &str = "sk-live-parity-8d3f61a0c2e94b57";
 
 /// One executor's stack and where its agent keeps workspaces.
 struct Parity {
@@ -51,6 +54,8 @@ impl Parity {
                 ),
                 ("DROVER_KEEP_WORKSPACES".into(), "true".into()),
                 ("DROVER_ALLOWED_EXECUTORS".into(), allowed.into()),
+                // For the secrets scenario: a host pass-through value on this agent's host.
+                (HOST_VAR.into(), HOST_VALUE.into()),
             ],
             ..StackOptions::default()
         })
@@ -518,6 +523,72 @@ async fn a_follow_up_run_edits_the_workspace_of_an_earlier_one(executor: &'stati
     p.finish().await;
 }
 
+/// A tenant secret and a host pass-through variable reach the program's environment (the
+/// mock, which runs nothing, prints the values as a program would); every place the values
+/// could leak to — the output tail, the live log in Postgres, the stored log artifact,
+/// request.json — has them masked or names them only (`present` / `absent`).
+async fn secrets_reach_the_program_and_never_its_logs(executor: &'static str) {
+    let p = Parity::start(executor).await;
+    let who = executor;
+    p.stack
+        .admin()
+        .await
+        .put_secret(pb::PutSecretRequest {
+            name: "API_TOKEN".into(),
+            value: SECRET_VALUE.into(),
+        })
+        .await
+        .unwrap();
+    let mut spec = p.spec(
+        "echo \"token=$API_TOKEN\"; echo \"host=$PARITY_HOST_TOKEN\"; echo \"missing=${PARITY_ABSENT:-unset}\"",
+        pb::MockBehavior {
+            stdout: vec![
+                format!("token={SECRET_VALUE}"),
+                format!("host={HOST_VALUE}"),
+                "missing=unset".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    spec.secrets = vec!["API_TOKEN".into()];
+    spec.host_env = vec![HOST_VAR.into(), "PARITY_ABSENT".into()];
+    let run = p.run(spec, pb::RunState::Succeeded).await;
+    let want = "token=[REDACTED]\nhost=[REDACTED]\nmissing=unset\n";
+    assert_eq!(String::from_utf8_lossy(&run.output), want, "[{who}]");
+
+    let logged: Vec<Vec<u8>> = sqlx::query_scalar("SELECT data FROM run_logs ORDER BY id")
+        .fetch_all(&p.stack.db)
+        .await
+        .unwrap();
+    let logged = String::from_utf8_lossy(&logged.concat()).into_owned();
+    assert!(logged.contains(want), "[{who}] live log: {logged}");
+    assert!(
+        logged.contains(
+            "secrets: API_TOKEN=present; host_env: PARITY_ABSENT=absent, PARITY_HOST_TOKEN=present"
+        ),
+        "[{who}] presence line: {logged}"
+    );
+    let files = artifacts(&p, &run).await;
+    let stored = String::from_utf8_lossy(&files[".drover/logs/stdout.log"].1).into_owned();
+    assert_eq!(stored, want, "[{who}] stored log");
+    let req: Value = serde_json::from_slice(&files[".drover/request.json"].1).unwrap();
+    assert_eq!(req["secrets"]["API_TOKEN"], "present", "[{who}] {req}");
+    assert_eq!(req["host_env"][HOST_VAR], "present", "[{who}] {req}");
+    assert_eq!(req["host_env"]["PARITY_ABSENT"], "absent", "[{who}] {req}");
+    for (path, (_, data)) in &files {
+        let text = String::from_utf8_lossy(data);
+        assert!(
+            !text.contains(SECRET_VALUE) && !text.contains(HOST_VALUE),
+            "[{who}] a value leaked into artifact {path}"
+        );
+    }
+    assert!(
+        !logged.contains(SECRET_VALUE) && !logged.contains(HOST_VALUE),
+        "[{who}]"
+    );
+    p.finish().await;
+}
+
 macro_rules! parity {
     ($executor:ident: $($scenario:ident),* $(,)?) => {
         mod $executor {
@@ -533,13 +604,16 @@ macro_rules! parity {
 
 parity!(docker: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
     inputs_are_visible_and_result_lists_files, timeout, cancel,
-    a_follow_up_run_edits_the_workspace_of_an_earlier_one);
+    a_follow_up_run_edits_the_workspace_of_an_earlier_one,
+    secrets_reach_the_program_and_never_its_logs);
 parity!(process: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
     inputs_are_visible_and_result_lists_files, timeout, cancel,
-    a_follow_up_run_edits_the_workspace_of_an_earlier_one);
+    a_follow_up_run_edits_the_workspace_of_an_earlier_one,
+    secrets_reach_the_program_and_never_its_logs);
 parity!(mock: env_reaches_the_program, exit_codes, stdout_and_stderr_are_captured,
     inputs_are_visible_and_result_lists_files, timeout, cancel,
-    a_follow_up_run_edits_the_workspace_of_an_earlier_one);
+    a_follow_up_run_edits_the_workspace_of_an_earlier_one,
+    secrets_reach_the_program_and_never_its_logs);
 
 /// A spec may name another executor than the agent's own only if the agent allows it; the
 /// run records the executor that actually ran it.

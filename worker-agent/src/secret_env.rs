@@ -119,6 +119,18 @@ impl SecretEnv {
         self.presence.is_empty()
     }
 
+    /// Name → `"present"` / `"absent"` for the names of one origin, for `request.json`.
+    pub fn presence_of(&self, origin: Origin) -> BTreeMap<String, String> {
+        self.presence
+            .iter()
+            .filter(|(_, o, _)| *o == origin)
+            .map(|(n, _, present)| {
+                let word = if *present { "present" } else { "absent" };
+                (n.clone(), word.to_owned())
+            })
+            .collect()
+    }
+
     /// Host variables the spec names that this host does not have.
     pub fn absent(&self) -> impl Iterator<Item = &str> {
         self.presence

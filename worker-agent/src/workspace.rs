@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::executor::Job;
+use crate::secret_env::Origin;
 
 pub const REQUEST_FILE: &str = "request.json";
 pub const RESULT_FILE: &str = "result.json";
@@ -80,6 +81,12 @@ pub struct RequestFile {
     pub command: Vec<String>,
     /// Name → `"present"`.
     pub env: BTreeMap<String, String>,
+    /// Tenant secret name → `"present"` / `"absent"`; never a value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+    /// Host pass-through name → `"present"` / `"absent"`; never a value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_env: BTreeMap<String, String>,
     pub network: String,
     pub writable_rootfs: bool,
     pub image_pull_policy: String,
@@ -297,6 +304,8 @@ fn prepare_blocking(job: &Job, executor: &str) -> Result<(), WorkspaceError> {
             .keys()
             .map(|k| (k.clone(), "present".to_owned()))
             .collect(),
+        secrets: job.secret_env.presence_of(Origin::Secret),
+        host_env: job.secret_env.presence_of(Origin::Host),
         network: spec.network.as_str().to_owned(),
         writable_rootfs: spec.writable_rootfs,
         image_pull_policy: spec.image_pull_policy.as_str().to_owned(),
