@@ -144,6 +144,19 @@ pub async fn commit_upload(
     if row.try_get::<bool, _>("committed")? || !terminal {
         return Ok(());
     }
+    // A redriven run ends again: the attempt that ends it now replaces the manifest of the
+    // one that ended it before, whose upload becomes garbage for the collector.
+    sqlx::query("DELETE FROM artifacts WHERE run_id = $1")
+        .bind(run_id.0)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE artifact_uploads SET committed_at = NULL \
+         WHERE run_id = $1 AND committed_at IS NOT NULL",
+    )
+    .bind(run_id.0)
+    .execute(&mut *conn)
+    .await?;
     sqlx::query(
         "INSERT INTO artifacts (run_id, path, tenant_id, attempt, upload_id, blob, size, sha256, \
          mode, is_symlink, link_target) \
