@@ -18,6 +18,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod messages;
+pub mod observe;
 pub mod outbox_relay;
 pub mod pg_wakeup;
 pub mod redis_keys;

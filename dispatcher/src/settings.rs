@@ -1,6 +1,7 @@
 //! `drover-dispatcher` settings: defaults, optional TOML file, then `DROVER_…` variables
 //! (`DROVER_POOLS` as a TOML array, e.g. `DROVER_POOLS='["default","gpu"]'`).
 
+use drover_core::observe::MetricsSettings;
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
@@ -21,6 +22,8 @@ pub struct Settings {
     /// Longest a run waiting for capacity sleeps before looking again if no wake-up came.
     pub capacity_recheck_ms: u64,
     pub reaper: ReaperSettings,
+    /// `/metrics`, `/healthz`, `/readyz` (`DROVER_METRICS__LISTEN_ADDR`; empty = off).
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Settings {
@@ -34,6 +37,7 @@ impl Default for Settings {
             relay: RelaySettings::default(),
             capacity_recheck_ms: 5_000,
             reaper: ReaperSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }

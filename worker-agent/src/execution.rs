@@ -19,6 +19,7 @@ use drover_core::ids::{AgentId, LeaseEpoch, RunId, TenantId};
 use drover_core::spec::RunSpec;
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
+use drover_core::observe::names;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -238,6 +239,7 @@ pub async fn proceed(
         return;
     }
 
+    let start_call = Instant::now();
     let started = match ctx.executor.start(&job).await {
         Ok(s) => s,
         Err(e) => {
@@ -259,6 +261,8 @@ pub async fn proceed(
         }
     };
     let started_at = Instant::now();
+    metrics::histogram!(names::CONTAINER_START).record((started_at - start_call).as_secs_f64());
+    metrics::counter!(names::EXECUTIONS_STARTED).increment(1);
     let execution = Execution {
         run_id,
         attempt: job.attempt,
@@ -275,4 +279,5 @@ pub async fn proceed(
     }
     tracing::info!(container = %started.handle.name, container_id = %started.handle.id, adopted = started.adopted, "execution started");
     follow(ctx, claim, job, started, started_at, state).await;
+    metrics::histogram!(names::EXECUTION_DURATION).record(started_at.elapsed().as_secs_f64());
 }
