@@ -5,8 +5,8 @@
 use drover_core::CoreError;
 use drover_core::convert;
 use drover_core::error::Refusal;
-use drover_core::observe;
 use drover_core::ids::{AgentId, RunId};
+use drover_core::observe;
 use drover_core::repo::agents::{self, AgentRegistration};
 use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
 use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs, secrets};

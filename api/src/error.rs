@@ -62,8 +62,7 @@ impl From<ApiError> for Status {
                 CoreError::Refused(r) => {
                     if matches!(r, Refusal::StaleEpoch { .. }) {
                         // An agent reporting under a lease that was taken from it.
-                        metrics::counter!(drover_core::observe::names::FENCED_REPORTS)
-                            .increment(1);
+                        metrics::counter!(drover_core::observe::names::FENCED_REPORTS).increment(1);
                     }
                     Status::failed_precondition(r.to_string())
                 }

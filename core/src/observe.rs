@@ -68,8 +68,7 @@ pub mod names {
 /// Latency buckets (seconds): 5 ms to 10 min, for waits that span scheduling and container
 /// runs alike.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-    600.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -111,14 +110,23 @@ pub fn recorder() -> Result<PrometheusHandle, ObserveError> {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     use names::*;
-    describe_counter!(RUNS_SUBMITTED, "Runs accepted by SubmitRun (not deduplicated)");
+    describe_counter!(
+        RUNS_SUBMITTED,
+        "Runs accepted by SubmitRun (not deduplicated)"
+    );
     describe_counter!(RUNS_ENDED, "Runs that reached a terminal state, by state");
-    describe_counter!(RUN_TRANSITIONS, "Committed run state changes, by from/to state");
+    describe_counter!(
+        RUN_TRANSITIONS,
+        "Committed run state changes, by from/to state"
+    );
     describe_counter!(RETRIES, "Failed attempts re-queued as a new attempt");
     describe_counter!(DEAD_LETTERS, "Messages archived from drover.dead");
     describe_counter!(LEASE_EXPIRIES, "Attempts lost because their lease expired");
     describe_counter!(FENCED_REPORTS, "Agent reports refused as stale (old epoch)");
-    describe_gauge!(OUTBOX_BACKLOG, "Due outbox rows not yet published (sampled)");
+    describe_gauge!(
+        OUTBOX_BACKLOG,
+        "Due outbox rows not yet published (sampled)"
+    );
     describe_gauge!(
         OUTBOX_OLDEST_AGE,
         Unit::Seconds,
@@ -154,7 +162,11 @@ fn describe() {
     describe_counter!(EXECUTIONS_STARTED, "Executions this agent started");
     describe_gauge!(AGENT_CAPACITY, "Slots this agent offers");
     describe_gauge!(AGENT_RUNNING, "Executions this agent holds");
-    describe_counter!(LOG_BYTES, Unit::Bytes, "Run output bytes received by PushLogs");
+    describe_counter!(
+        LOG_BYTES,
+        Unit::Bytes,
+        "Run output bytes received by PushLogs"
+    );
     describe_counter!(
         ARTIFACT_BYTES,
         Unit::Bytes,
@@ -284,7 +296,10 @@ impl Endpoint {
 
 async fn metrics_page(State(s): State<Served>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.handle.render(),
     )
 }

@@ -203,7 +203,8 @@ impl OutboxRelay {
             .record(sent_at.elapsed().as_secs_f64());
         outbox::mark_published(&mut tx, &published).await?;
         tx.commit().await?;
-        metrics::counter!(crate::observe::names::OUTBOX_PUBLISHED).increment(published.len() as u64);
+        metrics::counter!(crate::observe::names::OUTBOX_PUBLISHED)
+            .increment(published.len() as u64);
         if let Some(e) = broken {
             return Err(e.into());
         }

@@ -1,10 +1,10 @@
 //! `drover-dispatcher` settings: defaults, optional TOML file, then `DROVER_…` variables
 //! (`DROVER_POOLS` as a TOML array, e.g. `DROVER_POOLS='["default","gpu"]'`).
 
-use drover_core::observe::MetricsSettings;
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
+use drover_core::observe::MetricsSettings;
 use serde::Deserialize;
 
 use crate::reaper::ReaperSettings;

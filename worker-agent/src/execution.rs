@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use drover_core::convert::{raw_spec_from_proto, state_from_proto};
 use drover_core::ids::{AgentId, LeaseEpoch, RunId, TenantId};
+use drover_core::observe::names;
 use drover_core::spec::RunSpec;
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
-use drover_core::observe::names;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
