@@ -367,3 +367,69 @@ async fn health_follows_postgres() {
     wait_run(&stack, &run, LIMIT, in_state(pb::RunState::Queued)).await;
     stack.stop().await;
 }
+
+/// `drover stats --json` through the CLI binary.
+async fn stats_json(stack: &Stack) -> serde_json::Value {
+    let out = tokio::process::Command::new(drover_tests::stack::bin_path("drover"))
+        .args(["stats", "--json"])
+        .env("DROVER_ENDPOINT", &stack.endpoint)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "drover stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drover_stats_shows_queued_runs_and_queue_depth() {
+    // No dispatcher and no agent: submitted runs stay QUEUED, their messages ready in the
+    // pool's queue.
+    let stack = Stack::start_with(StackOptions {
+        dispatcher: false,
+        agent: false,
+        ..Default::default()
+    })
+    .await;
+    let first = submit(&stack, spec(&["true"])).await;
+    let _second = submit(&stack, spec(&["true"])).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let s = loop {
+        let s = stats_json(&stack).await;
+        if s["queues"][0]["messages"] == 2 {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue depth never reached 2: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(s["runs"]["QUEUED"], 2, "{s}");
+    assert_eq!(s["runs"]["SUCCEEDED"], 0, "{s}");
+    assert_eq!(s["oldest_queued"]["run_id"], first.as_str(), "{s}");
+    assert!(s["oldest_queued"]["age_seconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(s["dead_letters"], 0);
+    assert_eq!(s["agents"]["live"], 0);
+    assert_eq!(s["agents"]["capacity"], 0);
+    assert_eq!(s["queues"][0]["pool"], "default");
+    assert_eq!(s["queues"][0]["queue"], "drover.runs.default");
+    assert_eq!(s["queues"][0]["consumers"], 0);
+    assert_eq!(s["queues_error"], serde_json::Value::Null, "{s}");
+
+    // The table form says the same for people.
+    let out = tokio::process::Command::new(drover_tests::stack::bin_path("drover"))
+        .arg("stats")
+        .env("DROVER_ENDPOINT", &stack.endpoint)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("oldest queued: {first}")), "{text}");
+    assert!(text.contains("drover.runs.default"), "{text}");
+    stack.stop().await;
+}
