@@ -433,3 +433,59 @@ async fn drover_stats_shows_queued_runs_and_queue_depth() {
     assert!(text.contains("drover.runs.default"), "{text}");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_expiry_and_fenced_reports_are_counted() {
+    // A scripted agent that starts a run and goes silent: the reaper (dispatcher) expires
+    // its lease and retries the run; the old holder's late reports are refused (API).
+    let stack = Stack::start_with(
+        StackOptions {
+            agent: false,
+            ..Default::default()
+        }
+        .short_leases(2_000),
+    )
+    .await;
+    let api = stack.metrics_url("api").await;
+    let dispatcher = stack.metrics_url("dispatcher").await;
+    let (api0, disp0) = (scrape(&api).await, scrape(&dispatcher).await);
+    let mut agent =
+        drover_tests::fake_agent::FakeAgent::register(&stack, "fake-metrics", 1, &[]).await;
+    let mut s = spec(&["true"]);
+    s.max_attempts = 2;
+    let run = submit(&stack, s).await;
+    let assigned = wait_run(&stack, &run, LIMIT, in_state(pb::RunState::Assigned)).await;
+    let old = assigned.lease_epoch;
+    agent.started(&run, old).await.unwrap();
+    wait_run(&stack, &run, LIMIT, |r| r.attempt == 2).await;
+
+    let late = agent
+        .complete(&run, old, pb::Outcome::Succeeded, Some(0))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition);
+    let started = agent.started(&run, old).await.unwrap_err();
+    assert_eq!(started.code(), tonic::Code::FailedPrecondition);
+
+    let disp1 = scrape_until(&stack, &dispatcher, "lease expiry counted", |m| {
+        delta(&disp0, m, "drover_lease_expiries_total", &[]) >= 1.0
+    })
+    .await;
+    assert!(delta(&disp0, &disp1, "drover_run_retries_total", &[]) >= 1.0);
+    assert!(
+        delta(
+            &disp0,
+            &disp1,
+            "drover_run_transitions_total",
+            &[("from", "RUNNING"), ("to", "QUEUED")]
+        ) >= 1.0
+    );
+    let api1 = scrape(&api).await;
+    assert_eq!(
+        delta(&api0, &api1, "drover_fenced_reports_total", &[]),
+        2.0,
+        "{}",
+        api1.text
+    );
+    stack.stop().await;
+}
