@@ -12,7 +12,7 @@ use drover_core::error::Refusal;
 use drover_core::ids::{AgentId, DEFAULT_TENANT, TenantId};
 use drover_core::messages::{self, AgentCommand};
 use drover_core::repo::secrets::{self, SecretsError};
-use drover_core::repo::{agents, dead_letters, outbox};
+use drover_core::repo::{agents, dead_letters, outbox, stats};
 use drover_core::secrets_crypto::SecretKeys;
 use drover_core::spec::{
     MAX_ENV_NAME_BYTES, MAX_SECRET_VALUE_BYTES, MIN_SECRET_VALUE_BYTES, is_env_name,
@@ -174,6 +174,45 @@ impl AdminApi {
         })
     }
 
+    async fn get_stats(&self, tenant: TenantId) -> ApiResult<pb::GetStatsResponse> {
+        let s = stats::read(&self.state.pool, tenant).await?;
+        let fleet = agents::list(&self.state.pool, self.liveness_ms()).await?;
+        let live: Vec<_> = fleet.iter().filter(|a| a.live).collect();
+        let serving = live.iter().filter(|a| !a.draining);
+        let (capacity, running) = serving.fold((0u32, 0u32), |(c, r), a| {
+            (
+                c + u32::try_from(a.capacity).unwrap_or(0),
+                r + u32::try_from(a.running).unwrap_or(0),
+            )
+        });
+        let (queues, queues_error) = queue_depths(&self.state.settings.amqp.url, &s.pools).await;
+        Ok(pb::GetStatsResponse {
+            runs_by_state: s
+                .runs_by_state
+                .iter()
+                .map(|(state, count)| pb::StateCount {
+                    state: convert::state_to_proto(*state).into(),
+                    count: *count,
+                })
+                .collect(),
+            oldest_queued_run_id: s
+                .oldest_queued
+                .map(|(id, _)| id.to_string())
+                .unwrap_or_default(),
+            oldest_queued_age_seconds: s.oldest_queued.map_or(0.0, |(_, age)| age),
+            dead_letters: s.dead_letters,
+            agents_live: u32::try_from(live.len()).unwrap_or(u32::MAX),
+            agents_draining: u32::try_from(live.iter().filter(|a| a.draining).count())
+                .unwrap_or(u32::MAX),
+            capacity,
+            running,
+            outbox_backlog: s.outbox_backlog,
+            outbox_oldest_age_seconds: s.outbox_oldest_age_secs,
+            queues,
+            queues_error,
+        })
+    }
+
     async fn list_agents(&self) -> ApiResult<pb::ListAgentsResponse> {
         let rows = agents::list(&self.state.pool, self.liveness_ms()).await?;
         Ok(pb::ListAgentsResponse {
@@ -277,6 +316,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(AdminApi::list_agents(self).await?))
     }
 
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let tenant = self.tenant(&request);
+        Ok(Response::new(AdminApi::get_stats(self, tenant).await?))
+    }
+
     async fn drain_agent(
         &self,
         request: Request<pb::DrainAgentRequest>,
@@ -286,4 +333,59 @@ impl pb::admin_service_server::AdminService for AdminApi {
             AdminApi::drain_agent(self, tenant, request.into_inner()).await?,
         ))
     }
+}
+
+/// Longest GetStats waits for RabbitMQ before it answers without queue depths.
+const QUEUE_DEPTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Ready messages and consumers of each pool's run queue, by passive declare (which creates
+/// nothing); a queue not declared yet counts as empty. On failure: what was read, and why the
+/// rest is missing.
+async fn queue_depths(
+    url: &secrecy::SecretString,
+    pools: &[String],
+) -> (Vec<pb::QueueDepth>, String) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let mut out = Vec::new();
+    let read = async {
+        let conn = drover_core::amqp::connect(url, "drover-api-stats").await?;
+        for pool in pools {
+            let queue = topology::run_queue(pool);
+            // A passive declare of a missing queue closes its channel: one channel each.
+            let ch = conn.create_channel().await?;
+            let declared = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let (messages, consumers) = match declared {
+                Ok(q) => (u64::from(q.message_count()), q.consumer_count()),
+                Err(e) => {
+                    tracing::debug!(%queue, error = %e, "queue not declared yet; counted as empty");
+                    (0, 0)
+                }
+            };
+            out.push(pb::QueueDepth {
+                pool: pool.clone(),
+                queue,
+                messages,
+                consumers,
+            });
+            let _ = ch.close(200, "stats read".into()).await;
+        }
+        let _ = conn.close(200, "stats read".into()).await;
+        Ok::<_, CoreError>(())
+    };
+    let error = match tokio::time::timeout(QUEUE_DEPTH_TIMEOUT, read).await {
+        Ok(Ok(())) => String::new(),
+        Ok(Err(e)) => format!("rabbitmq unreachable: {e}"),
+        Err(_) => "rabbitmq did not answer within 3 s".to_owned(),
+    };
+    (out, error)
 }

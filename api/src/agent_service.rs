@@ -6,6 +6,7 @@ use drover_core::CoreError;
 use drover_core::convert;
 use drover_core::error::Refusal;
 use drover_core::ids::{AgentId, RunId};
+use drover_core::observe;
 use drover_core::repo::agents::{self, AgentRegistration};
 use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
 use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs, secrets};
@@ -53,6 +54,7 @@ impl AgentApi {
             ));
         }
         if rec.lease_epoch != epoch {
+            metrics::counter!(observe::names::FENCED_REPORTS).increment(1);
             tracing::info!(run_id = %run, agent_id = %agent, given = epoch, current = rec.lease_epoch, "stale lease epoch refused");
             return Err(ApiError::Precondition(format!(
                 "stale lease epoch {epoch}; current epoch is {}",
@@ -69,6 +71,7 @@ impl AgentApi {
             runs::notify_capacity(&mut tx).await?;
         }
         tx.commit().await?;
+        observe::record_transition(&event);
         self.state.bus.run_event(run.id, event.seq);
         Ok(run)
     }
@@ -226,6 +229,8 @@ impl AgentApi {
             .map(|c| (i16::try_from(c.stream).unwrap_or(1), c.data))
             .collect();
         logs::append(&self.state.pool, rec.tenant_id, run, rec.attempt, &chunks).await?;
+        let bytes: usize = chunks.iter().map(|(_, d)| d.len()).sum();
+        metrics::counter!(observe::names::LOG_BYTES).increment(bytes as u64);
         for (_, data) in chunks {
             self.state.bus.run_log(run, data);
         }
@@ -297,6 +302,7 @@ impl AgentApi {
         };
         match ended.await {
             Ok((rec, event)) => {
+                observe::record_transition(&event);
                 self.state.bus.run_event(rec.id, event.seq);
                 tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, attempt = event.attempt, state = %rec.state, exit_code = ?rec.exit_code, reason = rec.reason.as_deref().unwrap_or(""), "attempt ended");
                 Ok(pb::ReportCompletionResponse {

@@ -252,6 +252,7 @@ impl Staging<'_> {
         cur.hasher.update(&data);
         cur.written += len;
         cur.sink.write(&data).await?;
+        metrics::counter!(drover_core::observe::names::ARTIFACT_BYTES).increment(len);
         Ok(())
     }
 }

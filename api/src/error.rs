@@ -59,7 +59,13 @@ impl From<ApiError> for Status {
                     "idempotency key already used by run {existing} with a different spec"
                 )),
                 CoreError::Refused(Refusal::NotFound) => Status::not_found("run not found"),
-                CoreError::Refused(r) => Status::failed_precondition(r.to_string()),
+                CoreError::Refused(r) => {
+                    if matches!(r, Refusal::StaleEpoch { .. }) {
+                        // An agent reporting under a lease that was taken from it.
+                        metrics::counter!(drover_core::observe::names::FENCED_REPORTS).increment(1);
+                    }
+                    Status::failed_precondition(r.to_string())
+                }
                 CoreError::Database(ref e) if is_unavailable(e) => {
                     tracing::warn!(error = %core, "database unavailable");
                     Status::unavailable("database unavailable; retry")

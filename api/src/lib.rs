@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use drover_core::artifacts::LocalStore;
 use drover_core::events::EventBus;
+use drover_core::observe::{self, Health};
 use drover_core::outbox_relay::OutboxRelay;
 use drover_core::secrets_crypto::SecretKeys;
 use drover_core::{CoreError, db};
@@ -53,6 +54,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("artifact store: {0}")]
     Artifacts(#[from] drover_core::artifacts::StoreError),
+    #[error(transparent)]
+    Observe(#[from] observe::ObserveError),
 }
 
 /// A built API: database migrated and listener bound, not yet serving.
@@ -60,6 +63,7 @@ pub struct Application {
     state: AppState,
     listener: TcpListener,
     addr: SocketAddr,
+    metrics: Option<observe::Endpoint>,
 }
 
 impl Application {
@@ -86,6 +90,7 @@ impl Application {
             addr: settings.listen_addr.clone(),
             source,
         })?;
+        let metrics = observe::bind(&settings.metrics).await?;
         Ok(Self {
             state: AppState {
                 pool,
@@ -96,7 +101,13 @@ impl Application {
             },
             listener,
             addr,
+            metrics,
         })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -105,8 +116,12 @@ impl Application {
 
     /// Serves until `cancel` fires, then stops intake, lets in-flight calls finish and stops
     /// the relay.
-    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), StartError> {
+    pub async fn run_until_stopped(mut self, cancel: CancellationToken) -> Result<(), StartError> {
         let tasks = TaskTracker::new();
+        let health = Health::new(&["postgres", "migrations"]);
+        if let Some(endpoint) = self.metrics.take() {
+            endpoint.spawn(health.clone(), cancel.child_token())?;
+        }
         let settings = &self.state.settings;
         let relay = OutboxRelay::new(
             self.state.pool.clone(),
@@ -121,16 +136,34 @@ impl Application {
             cancel.child_token(),
         ));
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<pb::run_service_server::RunServiceServer<run_service::RunApi>>()
-            .await;
-        health
-            .set_serving::<pb::agent_service_server::AgentServiceServer<agent_service::AgentApi>>()
-            .await;
-        health
-            .set_serving::<pb::admin_service_server::AdminServiceServer<admin_service::AdminApi>>()
-            .await;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        set_grpc_health(&reporter, true).await;
+        // Postgres checked every 2 s: gRPC health and /readyz follow it.
+        let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(true);
+        tasks.spawn(observe::watch_postgres(
+            self.state.pool.clone(),
+            health,
+            cancel.child_token(),
+            move |ready| {
+                let _ = ready_tx.send(ready);
+            },
+        ));
+        let health_stop = cancel.child_token();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = health_stop.cancelled() => return,
+                    changed = ready_rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let ready = *ready_rx.borrow_and_update();
+                tracing::info!(serving = ready, "grpc health follows postgres");
+                set_grpc_health(&reporter, ready).await;
+            }
+        });
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -166,4 +199,33 @@ impl Application {
         tracing::info!("drover-api stopped");
         Ok(())
     }
+}
+
+/// SERVING or NOT_SERVING for the whole server ("") and each service.
+async fn set_grpc_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <pb::run_service_server::RunServiceServer<run_service::RunApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <pb::agent_service_server::AgentServiceServer<agent_service::AgentApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <pb::admin_service_server::AdminServiceServer<admin_service::AdminApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }

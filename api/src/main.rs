@@ -42,6 +42,9 @@ async fn main() -> anyhow::Result<()> {
             let token = CancellationToken::new();
             shutdown::cancel_on_signals(token.clone())?;
             let app = Application::build(settings).await?;
+            if let Some(addr) = app.metrics_addr() {
+                writeln!(std::io::stdout(), "drover-api metrics listening on {addr}")?;
+            }
             // One machine-readable line so supervisors and tests learn the bound port.
             writeln!(
                 std::io::stdout(),

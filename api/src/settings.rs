@@ -6,6 +6,7 @@
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
+use drover_core::observe::MetricsSettings;
 use drover_core::secrets_crypto::SecretsSettings;
 use serde::Deserialize;
 
@@ -25,6 +26,8 @@ pub struct Settings {
     /// FAILED_PRECONDITION and runs naming secrets cannot get them.
     pub secrets: SecretsSettings,
     pub artifacts: ArtifactSettings,
+    /// `/metrics`, `/healthz`, `/readyz` (`DROVER_METRICS__LISTEN_ADDR`; empty = off).
+    pub metrics: MetricsSettings,
 }
 
 /// The artifact store and the limits of UploadArtifacts (`DROVER_ARTIFACTS__…`).
@@ -84,6 +87,7 @@ impl Default for Settings {
             watch_poll_ms: 1_000,
             secrets: SecretsSettings::default(),
             artifacts: ArtifactSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }

@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_cli::client;
-use drover_cli::commands::{agents, artifacts, cancel, dev, dlq, get, list, logs, submit, watch};
+use drover_cli::commands::{
+    agents, artifacts, cancel, dev, dlq, get, list, logs, stats, submit, watch,
+};
 
 #[derive(Parser)]
 #[command(name = "drover", version, about = "Run containers on a drover cluster")]
@@ -79,6 +81,12 @@ enum Command {
         #[command(subcommand)]
         command: agents::AgentsCommand,
     },
+    /// Runs by state, oldest queued run, dead letters, agents and slots, outbox, queue depths.
+    Stats {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run API, dispatcher and one agent in this process against local services.
     Dev {
         /// gRPC listen address of the API.
@@ -136,6 +144,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Agents { command } => agents::run(&mut conn.admin(), command)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Stats { json } => stats::run(&mut conn.admin(), json)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Dev { .. } => Ok(ExitCode::SUCCESS),

@@ -20,6 +20,7 @@ pub mod events;
 pub mod ids;
 pub mod inputs;
 pub mod messages;
+pub mod observe;
 pub mod outbox_relay;
 pub mod paths;
 pub mod pg_wakeup;

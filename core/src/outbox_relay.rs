@@ -154,6 +154,7 @@ impl OutboxRelay {
             }
         }
         // Pipeline the publishes, then collect the confirms.
+        let sent_at = std::time::Instant::now();
         let mut pending = Vec::with_capacity(rows.len());
         for row in &rows {
             let props = BasicProperties::default()
@@ -198,8 +199,12 @@ impl OutboxRelay {
                 }
             }
         }
+        metrics::histogram!(crate::observe::names::PUBLISH_CONFIRM)
+            .record(sent_at.elapsed().as_secs_f64());
         outbox::mark_published(&mut tx, &published).await?;
         tx.commit().await?;
+        metrics::counter!(crate::observe::names::OUTBOX_PUBLISHED)
+            .increment(published.len() as u64);
         if let Some(e) = broken {
             return Err(e.into());
         }

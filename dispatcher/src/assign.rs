@@ -6,6 +6,7 @@
 use drover_core::CoreError;
 use drover_core::ids::LeaseEpoch;
 use drover_core::messages::{self, AgentCommand, RunMessage};
+use drover_core::observe;
 use drover_core::repo::{Transition, TransitionPatch, agents, outbox, runs};
 use drover_core::state::RunState;
 use drover_core::topology;
@@ -39,9 +40,15 @@ pub async fn try_assign(
     if run.state != RunState::Queued || run.attempt != msg.attempt {
         return Ok(Outcome::Obsolete);
     }
+    let queued = run;
     let mut tx = pool.begin().await?;
-    let Some(agent_id) =
-        agents::pick_and_lock(&mut tx, &run.spec.pool, &run.spec.labels, lease_ttl_ms).await?
+    let Some(agent_id) = agents::pick_and_lock(
+        &mut tx,
+        &queued.spec.pool,
+        &queued.spec.labels,
+        lease_ttl_ms,
+    )
+    .await?
     else {
         return Ok(Outcome::NoCapacity);
     };
@@ -76,6 +83,18 @@ pub async fn try_assign(
     )
     .await?;
     tx.commit().await?;
+    observe::record_transition(&event);
+    metrics::counter!(observe::names::ASSIGNMENTS).increment(1);
+    // Queue wait: from when the attempt became dispatchable (entered QUEUED, or its retry
+    // backoff ended) to this commit. `queued` is the pre-check read of the same QUEUED row.
+    let dispatchable = queued
+        .not_before
+        .map_or(queued.updated_at, |nb| nb.max(queued.updated_at));
+    let waited = (chrono::Utc::now() - dispatchable)
+        .num_milliseconds()
+        .max(0) as f64
+        / 1000.0;
+    metrics::histogram!(observe::names::QUEUE_WAIT).record(waited);
     Ok(Outcome::Assigned {
         agent_id,
         epoch: run.lease_epoch,

@@ -30,6 +30,8 @@ pub struct PoolConsumer {
     pub bus: Arc<EventBus>,
     pub settings: Arc<Settings>,
     pub capacity: Arc<Notify>,
+    /// Its `rabbitmq` check: ok while consuming, failing while (re)connecting.
+    pub health: drover_core::observe::Health,
 }
 
 impl PoolConsumer {
@@ -48,6 +50,8 @@ impl PoolConsumer {
             match self.consume(&conn, &cancel, &in_flight).await {
                 Ok(()) => break,
                 Err(e) => {
+                    self.health
+                        .set("rabbitmq", Err(format!("pool {}: {e}", self.pool_name)));
                     tracing::warn!(pool = %self.pool_name, error = %e, "consumer ended; reconnecting");
                     tokio::select! {
                         _ = cancel.cancelled() => break,
@@ -83,6 +87,7 @@ impl PoolConsumer {
             )
             .await?;
         tracing::info!(pool = %self.pool_name, queue = %queue, "dispatcher consuming");
+        self.health.set("rabbitmq", Ok(()));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
@@ -119,6 +124,7 @@ impl PoolConsumer {
                 return;
             }
         };
+        let received = std::time::Instant::now();
         let ttl = i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
         let recheck = Duration::from_millis(self.settings.capacity_recheck_ms);
         let mut db_backoff = Duration::from_millis(200);
@@ -135,6 +141,8 @@ impl PoolConsumer {
                 }) => {
                     tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
                     amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
+                    metrics::histogram!(drover_core::observe::names::DISPATCH_LATENCY)
+                        .record(received.elapsed().as_secs_f64());
                     self.bus.run_event(msg.run_id, seq);
                     return;
                 }

@@ -111,6 +111,8 @@ impl Archiver {
             .unwrap_or_else(|| topology::DEAD_LETTER_EXCHANGE.to_owned());
         let body = &delivery.data;
         let mut tx = self.db.begin().await?;
+        // A run this dead letter ended, counted once committed.
+        let mut ended = None;
         let mut letter = NewDeadLetter {
             tenant_id: None,
             run_id: None,
@@ -174,14 +176,20 @@ impl Archiver {
                     ..Transition::new(run.id, RunState::DeadLettered)
                 };
                 match runs::transition(&mut tx, &t).await {
-                    Ok(_) | Err(CoreError::Refused(_)) => {}
+                    Ok((_, event)) => ended = Some(event),
+                    Err(CoreError::Refused(_)) => {}
                     Err(e) => return Err(e),
                 }
             }
         }
         let new = dead_letters::record(&mut tx, &letter).await?;
         tx.commit().await?;
+        if let Some(event) = &ended {
+            drover_core::observe::record_transition(event);
+        }
         if new {
+            metrics::counter!(drover_core::observe::names::DEAD_LETTERS, "kind" => letter.kind.as_str())
+                .increment(1);
             tracing::warn!(kind = letter.kind.as_str(), run_id = ?letter.run_id.map(|r| r.to_string()), source = %letter.source_queue, "dead letter archived");
         }
         Ok(())

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_core::events::EventBus;
+use drover_core::observe::{self, Health};
 use drover_core::outbox_relay::OutboxRelay;
 use drover_core::spec::validate_pool;
 use drover_core::{CoreError, db, pg_wakeup, repo};
@@ -34,12 +35,18 @@ pub enum DispatcherError {
     Pool(String, String),
     #[error("redis url is invalid: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Observe(#[from] observe::ObserveError),
 }
 
 pub struct Dispatcher {
     settings: Arc<Settings>,
     db: PgPool,
     bus: Arc<EventBus>,
+    metrics: Option<observe::Endpoint>,
+    /// Postgres and migrations (checked every 2 s) and RabbitMQ (the pool consumers say
+    /// whether they are consuming).
+    health: Health,
 }
 
 impl Dispatcher {
@@ -50,15 +57,35 @@ impl Dispatcher {
         let db = db::connect(&settings.database).await?;
         db::migrate(&db).await?;
         let bus = Arc::new(EventBus::new(&settings.redis.url, &settings.redis.prefix)?);
+        let metrics = observe::bind(&settings.metrics).await?;
         Ok(Self {
             settings: Arc::new(settings),
             db,
             bus,
+            metrics,
+            health: Health::new(&["postgres", "migrations", "rabbitmq"]),
         })
     }
 
-    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), DispatcherError> {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr)
+    }
+
+    pub async fn run_until_stopped(
+        mut self,
+        cancel: CancellationToken,
+    ) -> Result<(), DispatcherError> {
         let tasks = TaskTracker::new();
+        if let Some(endpoint) = self.metrics.take() {
+            endpoint.spawn(self.health.clone(), cancel.child_token())?;
+        }
+        tasks.spawn(observe::watch_postgres(
+            self.db.clone(),
+            self.health.clone(),
+            cancel.child_token(),
+            |_| {},
+        ));
         let capacity = pg_wakeup::spawn(self.db.clone(), repo::CAPACITY_CHANNEL, cancel.clone());
         for pool in &self.settings.pools {
             let consumer = consumer::PoolConsumer {
@@ -67,6 +94,7 @@ impl Dispatcher {
                 bus: self.bus.clone(),
                 settings: self.settings.clone(),
                 capacity: capacity.clone(),
+                health: self.health.clone(),
             };
             tasks.spawn(consumer.run(cancel.child_token()));
         }

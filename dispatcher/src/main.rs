@@ -1,5 +1,6 @@
 //! `drover-dispatcher [--config FILE]`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -27,9 +28,14 @@ async fn main() -> anyhow::Result<()> {
     let settings: Settings = config::load(cli.config.as_deref()).context("loading settings")?;
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone())?;
-    Dispatcher::build(settings)
-        .await?
-        .run_until_stopped(token)
-        .await?;
+    let dispatcher = Dispatcher::build(settings).await?;
+    if let Some(addr) = dispatcher.metrics_addr() {
+        // One machine-readable line so supervisors and tests learn the bound port.
+        writeln!(
+            std::io::stdout(),
+            "drover-dispatcher metrics listening on {addr}"
+        )?;
+    }
+    dispatcher.run_until_stopped(token).await?;
     Ok(())
 }

@@ -147,6 +147,7 @@ impl Reaper {
 
     /// Ends the attempt found under `found.epoch`; false when someone else got there first.
     async fn end(&self, found: Found, end: AttemptEnd) -> Result<bool, CoreError> {
+        let lost_lease = end.kind == EndKind::Failed(Failure::LostLease);
         let holder = Holder {
             agent: None,
             epoch: found.epoch,
@@ -156,6 +157,10 @@ impl Reaper {
         match attempts::end_attempt(&mut tx, found.run_id, &holder, end).await {
             Ok((run, event)) => {
                 tx.commit().await?;
+                drover_core::observe::record_transition(&event);
+                if lost_lease {
+                    metrics::counter!(drover_core::observe::names::LEASE_EXPIRIES).increment(1);
+                }
                 tracing::warn!(run_id = %run.id, epoch = found.epoch, attempt = event.attempt, state = %run.state, reason = run.reason.as_deref().unwrap_or(""), "reaped");
                 self.bus.run_event(run.id, event.seq);
                 Ok(true)
@@ -187,6 +192,7 @@ impl Reaper {
         match runs::transition(&mut tx, &t).await {
             Ok((run, event)) => {
                 tx.commit().await?;
+                drover_core::observe::record_transition(&event);
                 tracing::warn!(run_id = %run.id, attempt = run.attempt, "queued run timed out");
                 self.bus.run_event(run.id, event.seq);
                 Ok(true)

@@ -4,6 +4,7 @@
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
+use drover_core::observe::MetricsSettings;
 use serde::Deserialize;
 
 use crate::reaper::ReaperSettings;
@@ -21,6 +22,8 @@ pub struct Settings {
     /// Longest a run waiting for capacity sleeps before looking again if no wake-up came.
     pub capacity_recheck_ms: u64,
     pub reaper: ReaperSettings,
+    /// `/metrics`, `/healthz`, `/readyz` (`DROVER_METRICS__LISTEN_ADDR`; empty = off).
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Settings {
@@ -34,6 +37,7 @@ impl Default for Settings {
             relay: RelaySettings::default(),
             capacity_recheck_ms: 5_000,
             reaper: ReaperSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod fake_agent;
 pub mod private;
+pub mod scrape;
 pub mod services;
 pub mod stack;
 

@@ -90,6 +90,8 @@ pub struct Stack {
     pub redis_prefix: String,
     pub agent_id: String,
     pub log_dir: PathBuf,
+    /// `http://ADDR` of the API's `/metrics`, `/healthz` and `/readyz`.
+    pub api_metrics: String,
     procs: Vec<Proc>,
     opts: StackOptions,
 }
@@ -136,6 +138,7 @@ impl Stack {
             redis_prefix: format!("t{tag}:"),
             agent_id: format!("agent-{tag}"),
             endpoint: String::new(),
+            api_metrics: String::new(),
             db: PgPool::connect_lazy(&database_url).expect("pool"),
             tag,
             db_name,
@@ -169,6 +172,7 @@ impl Stack {
             .env("DROVER_SECRETS__ACTIVE_KEY_ID", "test1")
             .env("DROVER_LOG_FORMAT", "text")
             .env("RUST_LOG", "info,drover=debug")
+            .env("DROVER_METRICS__LISTEN_ADDR", "127.0.0.1:0")
             .kill_on_drop(true);
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
@@ -206,8 +210,12 @@ impl Stack {
         let idx = self.spawn("api", cmd, true);
         let stdout = self.procs[idx].child.stdout.take().expect("api stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics = String::new();
         let addr = tokio::time::timeout(Duration::from_secs(60), async {
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("drover-api metrics listening on ") {
+                    metrics = format!("http://{}", addr.trim());
+                }
                 if let Some(addr) = line.strip_prefix("drover-api listening on ") {
                     return Some(addr.trim().to_owned());
                 }
@@ -222,6 +230,38 @@ impl Stack {
             panic!("drover-api did not report its address");
         };
         self.endpoint = format!("http://{addr}");
+        self.api_metrics = metrics;
+    }
+
+    /// `http://ADDR` of the metrics endpoint of a process of this stack ("api",
+    /// "dispatcher", an agent id), from the line it printed when it bound it (the latest
+    /// life's, for a restarted process). Waits up to 60 s for the line.
+    pub async fn metrics_url(&self, name: &str) -> String {
+        if name == "api" && !self.api_metrics.is_empty() {
+            return self.api_metrics.clone();
+        }
+        let log = self
+            .procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.log.clone())
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let found = text.lines().rev().find_map(|l| {
+                l.split_once(" metrics listening on ")
+                    .map(|(_, a)| a.trim().to_owned())
+            });
+            if let Some(addr) = found {
+                return format!("http://{addr}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.dump_logs();
+                panic!("{name} did not report its metrics address");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn start_dispatcher(&mut self) {

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_core::ids::AgentId;
+use drover_core::observe::{self, Health};
 use drover_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,6 +66,8 @@ pub struct Agent {
     executor: Arc<dyn Executor>,
     journal: ExecutionJournal,
     workspaces: Workspaces,
+    /// `api` (the last heartbeat got an answer) and `draining` (not draining): `/readyz`.
+    health: Health,
 }
 
 impl Agent {
@@ -154,7 +157,14 @@ impl Agent {
             executor,
             journal,
             workspaces,
+            health: Health::new(&["api", "draining"]),
         })
+    }
+
+    /// Readiness: failing before registration, while the API does not answer heartbeats,
+    /// and from the start of a drain.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     pub fn agent_id(&self) -> &AgentId {
@@ -181,7 +191,9 @@ impl Agent {
             executor,
             journal,
             workspaces,
+            health,
         } = self;
+        health.set("draining", Ok(()));
         let Some(api) =
             ApiClient::connect(&settings.api_endpoint, agent_id.clone(), &cancel).await?
         else {
@@ -222,6 +234,8 @@ impl Agent {
             }
         };
         let every = heartbeat::interval_from(&registered);
+        health.set("api", Ok(()));
+        metrics::gauge!(observe::names::AGENT_CAPACITY).set(f64::from(settings.capacity));
         tracing::info!(
             pool = %settings.pool,
             capacity = settings.capacity,
@@ -257,6 +271,7 @@ impl Agent {
                 runs.clone(),
                 drain.clone(),
                 heartbeat_stop.clone(),
+                health.clone(),
             )
             .in_current_span(),
         );
@@ -277,6 +292,7 @@ impl Agent {
         });
 
         drain.cancelled().await;
+        health.set("draining", Err("draining: taking no new work".into()));
         let session = drain_agent(
             &ctx,
             &consumer,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use drover_core::convert::{raw_spec_from_proto, state_from_proto};
 use drover_core::ids::{AgentId, LeaseEpoch, RunId, TenantId};
+use drover_core::observe::names;
 use drover_core::spec::{PullPolicy, RunSpec};
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
@@ -251,6 +252,7 @@ pub async fn proceed(
         Ok(executor) => prepare_workspace(ctx, &job, executor, &signals.stop).await,
         Err(e) => Err(e),
     };
+    let start_call = Instant::now();
     let started = match prepared {
         Ok(()) => ctx.executor.start(&job).await,
         Err(e) => Err(e),
@@ -297,6 +299,8 @@ pub async fn proceed(
         }
     };
     let started_at = Instant::now();
+    metrics::histogram!(names::CONTAINER_START).record((started_at - start_call).as_secs_f64());
+    metrics::counter!(names::EXECUTIONS_STARTED).increment(1);
     let execution = Execution {
         run_id,
         attempt: job.attempt,
@@ -313,6 +317,7 @@ pub async fn proceed(
     }
     tracing::info!(container = %started.handle.name, container_id = %started.handle.id, adopted = started.adopted, "execution started");
     follow(ctx, claim, job, started, started_at, state).await;
+    metrics::histogram!(names::EXECUTION_DURATION).record(started_at.elapsed().as_secs_f64());
 }
 
 /// Makes the job's workspace: seeded from `inputs_from_run` when the spec names one (its

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use drover_core::ids::{LeaseEpoch, RunId};
+use drover_core::observe::{Health, names};
 use drover_proto::v1 as pb;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,7 @@ pub async fn run(
     runs: RunningRuns,
     drain: CancellationToken,
     stop: CancellationToken,
+    health: Health,
 ) {
     let mut every = every;
     let mut tick = ticker(every);
@@ -52,8 +54,10 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        metrics::gauge!(names::AGENT_RUNNING).set(runs.len() as f64);
         match api.heartbeat(runs.leases(), &stop).await {
             Ok(resp) => {
+                health.set("api", Ok(()));
                 stop_revoked(&runs, &resp.revoked);
                 cancel_requested(&runs, &resp.cancel);
                 if resp.drain && !drain.is_cancelled() {
@@ -79,7 +83,10 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "registering again failed; will retry"),
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            Err(e) => {
+                health.set("api", Err(format!("heartbeat failed: {e}")));
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
         }
     }
 }

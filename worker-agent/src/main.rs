@@ -7,6 +7,7 @@
 //! return from `main` with an [`ExitCode`], not `std::process::exit`, and the runtime is shut
 //! down without waiting for its tasks.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -76,7 +77,19 @@ async fn run(cli: Cli) -> ExitCode {
 async fn serve(cli: Cli, drain: CancellationToken) -> anyhow::Result<()> {
     let settings: Settings =
         config::load(cli.config.as_deref()).context("loading agent settings")?;
+    let endpoint = drover_core::observe::bind(&settings.metrics).await?;
     let agent = Agent::build(settings).await?;
+    if let Some(endpoint) = endpoint {
+        // One machine-readable line so supervisors and tests learn the bound port.
+        // A closed stdout must not stop the agent: the line is informational here.
+        let _ = writeln!(
+            std::io::stdout(),
+            "drover-agent metrics listening on {}",
+            endpoint.addr
+        );
+        // Served until the process exits: `/readyz` answers 503 throughout the drain.
+        endpoint.spawn(agent.health(), CancellationToken::new())?;
+    }
     agent.run_until_stopped(drain).await?;
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use drover_core::config::AmqpSettings;
 use drover_core::ids::AgentId;
+use drover_core::observe::MetricsSettings;
 use drover_core::spec::{ExecutorName, validate_pool};
 use serde::Deserialize;
 
@@ -57,6 +58,8 @@ pub struct Settings {
     /// Where to append the execution journal (one JSON line per started, adopted or ended
     /// process; see [`crate::journal`]), for test oracles. None: no journal.
     pub execution_journal: Option<PathBuf>,
+    /// `/metrics`, `/healthz`, `/readyz` (`DROVER_METRICS__LISTEN_ADDR`; empty = off).
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Settings {
@@ -75,6 +78,7 @@ impl Default for Settings {
             amqp: AmqpSettings::default(),
             drain_timeout_secs: 30,
             execution_journal: None,
+            metrics: MetricsSettings::default(),
         }
     }
 }

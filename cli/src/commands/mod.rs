@@ -8,5 +8,6 @@ pub mod dlq;
 pub mod get;
 pub mod list;
 pub mod logs;
+pub mod stats;
 pub mod submit;
 pub mod watch;

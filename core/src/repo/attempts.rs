@@ -99,6 +99,17 @@ pub async fn end_attempt_with_artifacts(
     if run.state.is_terminal() || run.state == RunState::Queued {
         runs::notify_capacity(conn).await?;
     }
+    // Counted once the end's last statement succeeded, before the caller's commit: a commit
+    // that fails after this (connection lost at that instant) over-counts one retry.
+    if matches!(
+        t.patch,
+        TransitionPatch::Requeue {
+            next_attempt: true,
+            ..
+        }
+    ) {
+        metrics::counter!(crate::observe::names::RETRIES).increment(1);
+    }
     Ok((run, event))
 }
 

@@ -42,6 +42,7 @@ pub async fn cancel(
             let (run, event) = runs::transition(&mut tx, &t).await?;
             runs::notify_capacity(&mut tx).await?;
             tx.commit().await?;
+            crate::observe::record_transition(&event);
             Ok(Cancelled::Now(run, event))
         }
         RunState::Assigned | RunState::Running => {

@@ -147,5 +147,6 @@ pub async fn redrive(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    crate::observe::record_transition(&event);
     Ok((run, event))
 }

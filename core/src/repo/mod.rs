@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod overdue;
 pub mod runs;
 pub mod secrets;
+pub mod stats;
 pub mod waiting;
 
 pub use runs::{EventRecord, RunRecord, Transition, TransitionPatch};

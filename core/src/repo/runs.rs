@@ -178,6 +178,7 @@ pub async fn submit(
     insert_event(&mut tx, &run, None, Some("submitted")).await?;
     enqueue_run_message(&mut tx, &run).await?;
     tx.commit().await?;
+    metrics::counter!(crate::observe::names::RUNS_SUBMITTED).increment(1);
     Ok(Submitted {
         run,
         deduplicated: false,
