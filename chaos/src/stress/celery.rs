@@ -69,6 +69,20 @@ pub enum CeleryError {
     Driver(String),
 }
 
+impl Default for CeleryConfig {
+    /// The local services as `deploy/local-services.sh` starts them, Redis database 13.
+    fn default() -> Self {
+        Self {
+            task: CeleryTask::Docker,
+            venv: default_venv(),
+            python: "python3".to_owned(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            redis_db: 13,
+            rabbit_host: "127.0.0.1:5672".to_owned(),
+        }
+    }
+}
+
 /// `$XDG_CACHE_HOME/drover-chaos/celery-venv`, else `~/.cache/…`.
 pub fn default_venv() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
