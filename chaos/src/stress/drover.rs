@@ -3,7 +3,8 @@
 //! Queue wait and dispatch latency come from the run's own events as WatchRun streams them
 //! (their `at` timestamps, stamped by drover on this machine's clock): queue wait is
 //! QUEUED → ASSIGNED, dispatch is ASSIGNED → RUNNING (the agent fetched the assignment and
-//! the container started). Submit latency and submit→terminal are timed by the client. A run
+//! the container started), execution is RUNNING → terminal (the process ran and exited, and the
+//! agent's report was accepted). Submit latency and submit→terminal are timed by the client. A run
 //! ending in any state but SUCCEEDED counts as an error named `run_<STATE>`.
 
 use std::time::Duration;
@@ -89,6 +90,7 @@ pub async fn one(
             submit: Some(submit),
             queue_wait: between(&events, pb::RunState::Queued, pb::RunState::Assigned),
             dispatch: between(&events, pb::RunState::Assigned, pb::RunState::Running),
+            execution: between(&events, pb::RunState::Running, pb::RunState::Succeeded),
             end_to_end,
         }),
         Some(other) => Err(format!("run_{other:?}")),

@@ -32,6 +32,8 @@ pub struct Sample {
     pub queue_wait: Option<Duration>,
     /// ASSIGNED → RUNNING (the agent fetched the assignment and started the container).
     pub dispatch: Option<Duration>,
+    /// RUNNING → terminal (the process ran, exited, and the agent's report was accepted).
+    pub execution: Option<Duration>,
     /// From the operation's start (its scheduled start in open loop) to its terminal state
     /// as the client saw it.
     pub end_to_end: Duration,
@@ -53,6 +55,7 @@ pub struct Recorder {
     submit: Histogram<u64>,
     queue_wait: Histogram<u64>,
     dispatch: Histogram<u64>,
+    execution: Histogram<u64>,
     e2e: Histogram<u64>,
     seconds: Vec<Second>,
     errors: BTreeMap<String, u64>,
@@ -65,6 +68,7 @@ impl Default for Recorder {
             submit: histogram(),
             queue_wait: histogram(),
             dispatch: histogram(),
+            execution: histogram(),
             e2e: histogram(),
             seconds: Vec::new(),
             errors: BTreeMap::new(),
@@ -95,6 +99,7 @@ impl Recorder {
                     (&mut self.submit, s.submit),
                     (&mut self.queue_wait, s.queue_wait),
                     (&mut self.dispatch, s.dispatch),
+                    (&mut self.execution, s.execution),
                 ] {
                     if let Some(v) = v {
                         let _ = h.record(us(v));
@@ -127,6 +132,7 @@ impl Recorder {
             submit: Percentiles::of(&self.submit),
             queue_wait: Percentiles::of(&self.queue_wait),
             dispatch: Percentiles::of(&self.dispatch),
+            execution: Percentiles::of(&self.execution),
             end_to_end: Percentiles::of(&self.e2e),
             timeline: self
                 .seconds
@@ -198,6 +204,7 @@ pub struct SystemReport {
     pub submit: Percentiles,
     pub queue_wait: Percentiles,
     pub dispatch: Percentiles,
+    pub execution: Percentiles,
     pub end_to_end: Percentiles,
     pub timeline: Vec<SecondReport>,
 }
@@ -211,6 +218,7 @@ mod tests {
             submit: Some(Duration::from_millis(1)),
             queue_wait: None,
             dispatch: None,
+            execution: None,
             end_to_end: Duration::from_millis(e2e_ms),
         })
     }

@@ -61,8 +61,8 @@ pub enum StressError {
     Workload(#[from] workload::WorkloadError),
     #[error("spawning the stack: {0}")]
     Spawn(#[from] spawn::SpawnError),
-    #[error("connecting to {0}: {1}")]
-    Connect(String, tonic::transport::Error),
+    #[error("connecting to {0}")]
+    Connect(String, #[source] tonic::transport::Error),
     #[error("warm-up run failed: {0}")]
     Warmup(String),
     #[error("celery baseline: {0}")]

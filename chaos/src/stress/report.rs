@@ -109,6 +109,7 @@ impl Report {
                 ("submit", &sys.submit),
                 ("queue wait", &sys.queue_wait),
                 ("dispatch", &sys.dispatch),
+                ("execution", &sys.execution),
                 ("submit→terminal", &sys.end_to_end),
             ] {
                 if p.count == 0 {
@@ -275,6 +276,7 @@ mod tests {
                     submit: Some(Duration::from_millis(2)),
                     queue_wait: Some(Duration::from_millis(5)),
                     dispatch: Some(Duration::from_millis(7)),
+                    execution: None,
                     end_to_end: Duration::from_millis(*ms),
                 }),
             );
