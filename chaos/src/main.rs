@@ -46,7 +46,7 @@ enum Command {
     },
     /// Load with latency histograms, process RSS/CPU and side-by-side baselines; writes
     /// report.json, summary.md, latency.svg and throughput.svg to --out. Exit code 1 if the
-    /// oracle found a violation.
+    /// oracle found a violation or a baseline could not be measured.
     Stress(Box<StressArgs>),
 }
 
@@ -194,13 +194,18 @@ async fn stress(endpoint: String, a: StressArgs) -> anyhow::Result<ExitCode> {
     for v in &report.violations {
         eprintln!("VIOLATION: {v}");
     }
+    for f in &report.failed_baselines {
+        eprintln!("BASELINE FAILED: {f}");
+    }
     println!("{}", report.one_line());
     eprintln!("report: {}", a.out.display());
-    Ok(if report.violations.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if report.violations.is_empty() && report.failed_baselines.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 #[tokio::main]

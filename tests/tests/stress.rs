@@ -52,6 +52,11 @@ fn check_files(out: &Path, report: &Report) {
     assert_eq!(on_disk.one_line(), report.one_line());
     assert_eq!(on_disk.summary_markdown(), report.summary_markdown());
     assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(
+        report.failed_baselines.is_empty(),
+        "{:?}",
+        report.failed_baselines
+    );
     let drover = &report.systems[0];
     assert_eq!(drover.name, "drover");
     assert_eq!(drover.ok, 20, "errors: {:?}", drover.errors);

@@ -210,10 +210,12 @@ async fn run_in(
         .await?;
     let size = String::from_utf8_lossy(&probe.stdout).trim().to_owned();
     if !probe.status.success() || size != "0" {
+        // The last line of a Python traceback is the error itself.
+        let stderr = String::from_utf8_lossy(&probe.stderr);
+        let why = stderr.lines().last().unwrap_or_default();
         return Err(CeleryError::Setup(format!(
-            "redis result database {backend} must exist and be empty (dbsize {size:?}{}); pick \
-             another with --celery-redis-db",
-            String::from_utf8_lossy(&probe.stderr)
+            "redis result database {backend} must exist and be empty (dbsize {size:?} {why}); \
+             pick another with --celery-redis-db"
         )));
     }
     let env = |cmd: &mut Command| {

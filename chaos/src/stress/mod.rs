@@ -65,8 +65,6 @@ pub enum StressError {
     Connect(String, #[source] tonic::transport::Error),
     #[error("warm-up run failed: {0}")]
     Warmup(String),
-    #[error("celery baseline: {0}")]
-    Celery(#[from] celery::CeleryError),
     #[error("writing the report: {0}")]
     Write(#[from] std::io::Error),
 }
@@ -130,13 +128,21 @@ pub async fn run(cfg: StressConfig) -> Result<Report, StressError> {
     let (drover_sys, processes, violations) = drover_result?;
 
     let mut systems = vec![drover_sys];
+    let mut failed_baselines = Vec::new();
     for b in &cfg.baselines {
         match b {
             Baseline::Docker => {
+                let mut warm = Ok(());
                 for _ in 0..cfg.warmup {
-                    docker_baseline::one(tokio::time::Instant::now())
-                        .await
-                        .map_err(StressError::Warmup)?;
+                    if warm.is_ok() {
+                        warm = docker_baseline::one(tokio::time::Instant::now())
+                            .await
+                            .map(drop);
+                    }
+                }
+                if let Err(e) = warm {
+                    failed_baselines.push(format!("docker: warm-up run failed: {e}"));
+                    continue;
                 }
                 let pb = bar(&cfg, "docker");
                 let (rec, elapsed) =
@@ -146,10 +152,18 @@ pub async fn run(cfg: StressConfig) -> Result<Report, StressError> {
             }
             Baseline::Celery => {
                 let pb = bar(&cfg, "celery");
-                let (rec, elapsed) = celery::run(&cfg.celery, cfg.mode, cfg.stop, &pb).await?;
-                pb.finish();
-                let name = format!("celery-{}", celery_task_name(cfg.celery.task));
-                systems.push(rec.summarize(&name, elapsed));
+                match celery::run(&cfg.celery, cfg.mode, cfg.stop, &pb).await {
+                    Ok((rec, elapsed)) => {
+                        pb.finish();
+                        let name = format!("celery-{}", celery_task_name(cfg.celery.task));
+                        systems.push(rec.summarize(&name, elapsed));
+                    }
+                    // The drover figures are still worth writing; the failure goes in the report.
+                    Err(e) => {
+                        pb.abandon();
+                        failed_baselines.push(format!("celery: {e}"));
+                    }
+                }
             }
         }
     }
@@ -171,6 +185,7 @@ pub async fn run(cfg: StressConfig) -> Result<Report, StressError> {
         ratios: Vec::new(),
         processes,
         violations,
+        failed_baselines,
     };
     report.compute_ratios();
     report.write(&cfg.out)?;

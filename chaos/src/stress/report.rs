@@ -43,6 +43,9 @@ pub struct Report {
     pub processes: Vec<ProcessReport>,
     /// Oracle findings over what the drover clients observed (see [`crate::oracle`]).
     pub violations: Vec<String>,
+    /// Baselines that could not be measured, and why (the others are still reported).
+    #[serde(default)]
+    pub failed_baselines: Vec<String>,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -93,6 +96,9 @@ impl Report {
         }
         if !self.violations.is_empty() {
             let _ = write!(out, " | VIOLATIONS {}", self.violations.len());
+        }
+        for f in &self.failed_baselines {
+            let _ = write!(out, " | FAILED {f}");
         }
         out
     }
@@ -167,6 +173,12 @@ impl Report {
                     p.mean_cpu_pct,
                     p.peak_cpu_pct
                 );
+            }
+        }
+        if !self.failed_baselines.is_empty() {
+            md.push_str("\n## Baselines that failed\n\n");
+            for f in &self.failed_baselines {
+                let _ = writeln!(md, "- {f}");
             }
         }
         let _ = writeln!(
@@ -314,6 +326,7 @@ mod tests {
                 }],
             }],
             violations: Vec::new(),
+            failed_baselines: Vec::new(),
         };
         r.compute_ratios();
         r
