@@ -1,0 +1,184 @@
+//! RSS and CPU of the drover processes, sampled once a second from `/proc/<pid>/status`
+//! (`VmRSS`) and `/proc/<pid>/stat` (`utime + stime`). CPU is the share of one core used
+//! between two samples (100 % = one full core). Clock ticks are taken as 100 per second:
+//! Linux fixes `USER_HZ` at 100 on every architecture it exposes `/proc` stat times for.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const TICKS_PER_S: f64 = 100.0;
+
+/// A process to watch: a name for the report and its pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    pub name: String,
+    pub pid: u32,
+}
+
+impl std::str::FromStr for Watched {
+    type Err = String;
+    /// `NAME=PID`, as `--pid api=1234` gives it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, pid) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=PID, got {s:?}"))?;
+        let pid = pid
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad pid in {s:?}: {e}"))?;
+        if name.is_empty() {
+            return Err(format!("empty name in {s:?}"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            pid,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ProcSample {
+    pub t_s: f64,
+    pub rss_kib: u64,
+    /// Percent of one core since the previous sample (absent on the first).
+    pub cpu_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessReport {
+    pub name: String,
+    pub pid: u32,
+    pub peak_rss_kib: u64,
+    pub mean_cpu_pct: f64,
+    pub peak_cpu_pct: f64,
+    /// False if the process vanished while being watched.
+    pub alive_at_end: bool,
+    pub samples: Vec<ProcSample>,
+}
+
+/// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
+pub fn parse_rss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `utime + stime` in clock ticks from the text of `/proc/<pid>/stat`. Fields are counted after
+/// the last `)`, since the command name between parentheses may itself hold spaces or `)`.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // After ")": state(3) ppid(4) ... utime(14) stime(15): utime is the 12th field here.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn read(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some((parse_rss_kib(&status)?, parse_cpu_ticks(&stat)?))
+}
+
+/// Samples every process each `every` until `cancel`, then returns one report per process.
+pub async fn sample(
+    procs: Vec<Watched>,
+    every: Duration,
+    cancel: CancellationToken,
+) -> Vec<ProcessReport> {
+    let start = Instant::now();
+    let mut reports: Vec<ProcessReport> = procs
+        .iter()
+        .map(|p| ProcessReport {
+            name: p.name.clone(),
+            pid: p.pid,
+            peak_rss_kib: 0,
+            mean_cpu_pct: 0.0,
+            peak_cpu_pct: 0.0,
+            alive_at_end: true,
+            samples: Vec::new(),
+        })
+        .collect();
+    let mut last: Vec<Option<(Instant, u64)>> = vec![None; procs.len()];
+    loop {
+        let now = Instant::now();
+        for (i, p) in procs.iter().enumerate() {
+            let Some((rss, ticks)) = read(p.pid) else {
+                reports[i].alive_at_end = false;
+                continue;
+            };
+            reports[i].alive_at_end = true;
+            let cpu = last[i].map(|(t, prev)| {
+                let dt = now.duration_since(t).as_secs_f64().max(1e-3);
+                ticks.saturating_sub(prev) as f64 / TICKS_PER_S / dt * 100.0
+            });
+            last[i] = Some((now, ticks));
+            reports[i].samples.push(ProcSample {
+                t_s: now.duration_since(start).as_secs_f64(),
+                rss_kib: rss,
+                cpu_pct: cpu,
+            });
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+    for r in &mut reports {
+        r.peak_rss_kib = r.samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+        let cpus: Vec<f64> = r.samples.iter().filter_map(|s| s.cpu_pct).collect();
+        r.peak_cpu_pct = cpus.iter().copied().fold(0.0, f64::max);
+        r.mean_cpu_pct = if cpus.is_empty() {
+            0.0
+        } else {
+            cpus.iter().sum::<f64>() / cpus.len() as f64
+        };
+    }
+    reports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_files() {
+        let status = "Name:\tdrover-api\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
+        assert_eq!(parse_rss_kib(status), Some(12345));
+        assert_eq!(parse_rss_kib("Name: x\n"), None);
+        let stat = "42 (drover (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1 2 3";
+        assert_eq!(parse_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+        assert_eq!(
+            "api=12".parse(),
+            Ok(Watched {
+                name: "api".into(),
+                pid: 12
+            })
+        );
+        assert!("api".parse::<Watched>().is_err());
+        assert!("=3".parse::<Watched>().is_err());
+    }
+
+    #[tokio::test]
+    async fn samples_this_process() {
+        let cancel = CancellationToken::new();
+        let me = Watched {
+            name: "self".into(),
+            pid: std::process::id(),
+        };
+        let task = tokio::spawn(sample(vec![me], Duration::from_millis(20), cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cancel.cancel();
+        let reports = task.await.expect("sampler");
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].samples.len() >= 2);
+        assert!(reports[0].peak_rss_kib > 0);
+        assert!(reports[0].alive_at_end);
+    }
+}
