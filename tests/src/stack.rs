@@ -361,6 +361,21 @@ impl Stack {
         self.spawn(name, cmd, false);
     }
 
+    /// Runs the `drover` CLI binary against this stack: (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (i32, Vec<u8>, String) {
+        let out = Command::new(bin_path("drover"))
+            .args(args)
+            .env("DROVER_ENDPOINT", &self.endpoint)
+            .output()
+            .await
+            .expect("run drover");
+        (
+            out.status.code().unwrap_or(-1),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// An AdminService client.
     pub async fn admin(
         &self,

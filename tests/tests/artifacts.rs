@@ -16,7 +16,6 @@ use drover_proto::v1 as pb;
 use drover_tests::fake_agent::{
     FakeAgent, UploadFile, collect_artifacts, in_state, sha256_hex, submit, wait_run,
 };
-use drover_tests::stack::bin_path;
 use drover_tests::{Stack, StackOptions};
 use futures::StreamExt;
 use tonic::Code;
@@ -699,17 +698,7 @@ async fn a_follow_up_run_downloads_the_first_runs_workspace() {
 }
 
 async fn drover(stack: &Stack, args: &[&str]) -> (i32, Vec<u8>, String) {
-    let out = tokio::process::Command::new(bin_path("drover"))
-        .args(args)
-        .env("DROVER_ENDPOINT", &stack.endpoint)
-        .output()
-        .await
-        .expect("run drover");
-    (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    stack.cli(args).await
 }
 
 #[tokio::test]

@@ -12,24 +12,13 @@ use std::time::Duration;
 
 use drover_proto::v1 as pb;
 use drover_tests::fake_agent::{FakeAgent, in_state, wait_run};
-use drover_tests::stack::bin_path;
 use drover_tests::{Stack, StackOptions};
-use tokio::process::Command;
 
 const IMAGE: &str = "drover/busybox:latest";
 
 async fn drover(stack: &Stack, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("drover"))
-        .args(args)
-        .env("DROVER_ENDPOINT", &stack.endpoint)
-        .output()
-        .await
-        .expect("run drover");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, out, err) = stack.cli(args).await;
+    (code, String::from_utf8_lossy(&out).into_owned(), err)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,8 +13,6 @@ use std::time::Duration;
 use drover_proto::v1 as pb;
 use drover_tests::Stack;
 use drover_tests::fake_agent::{in_state, submit, wait_run};
-use drover_tests::stack::bin_path;
-use tokio::process::Command;
 
 const IMAGE: &str = "drover/busybox:latest";
 
@@ -167,17 +165,8 @@ async fn logs_stream_live_resume_from_an_offset_and_are_complete_at_the_end() {
 }
 
 async fn drover(stack: &Stack, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("drover"))
-        .args(args)
-        .env("DROVER_ENDPOINT", &stack.endpoint)
-        .output()
-        .await
-        .expect("run drover");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, out, err) = stack.cli(args).await;
+    (code, String::from_utf8_lossy(&out).into_owned(), err)
 }
 
 #[tokio::test(flavor = "multi_thread")]

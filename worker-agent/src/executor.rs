@@ -252,3 +252,25 @@ pub trait Executor: Send + Sync + 'static {
     /// Deletes every trace of the execution. Removing one that is gone is not an error.
     fn remove<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<(), ExecError>>;
 }
+
+/// A job of `spec` for unit tests, with a fresh run id (attempt 1, epoch 1) and its workspace
+/// created under `root`.
+#[cfg(test)]
+pub(crate) fn test_job(root: &std::path::Path, spec: RunSpec) -> Job {
+    #[allow(clippy::unwrap_used, reason = "test helper: fixed valid input")]
+    let agent_id = AgentId::parse("a1").unwrap();
+    let (run_id, attempt, epoch) = (RunId::new(), 1, LeaseEpoch(1));
+    let workspace = root.join(execution_name(run_id, attempt, epoch));
+    #[allow(clippy::unwrap_used, reason = "test helper: a temp dir")]
+    std::fs::create_dir_all(&workspace).unwrap();
+    Job {
+        secret_env: Default::default(),
+        run_id,
+        attempt,
+        lease_epoch: epoch,
+        tenant_id: "t".into(),
+        agent_id,
+        spec,
+        workspace,
+    }
+}

@@ -338,7 +338,6 @@ impl Executor for MockExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_core::ids::{LeaseEpoch, RunId};
     use drover_core::spec::RawSpec;
 
     fn job(root: &Path, mock: MockBehavior) -> Job {
@@ -350,19 +349,7 @@ mod tests {
         }
         .validate()
         .unwrap();
-        let run_id = RunId::new();
-        let workspace = root.join(run_id.to_string());
-        std::fs::create_dir_all(&workspace).unwrap();
-        Job {
-            secret_env: Default::default(),
-            run_id,
-            attempt: 1,
-            lease_epoch: LeaseEpoch(1),
-            tenant_id: "t".into(),
-            agent_id: AgentId::parse("a1").unwrap(),
-            spec,
-            workspace,
-        }
+        crate::executor::test_job(root, spec)
     }
 
     fn behavior() -> MockBehavior {

@@ -529,19 +529,7 @@ mod tests {
         }
         .validate()
         .unwrap();
-        let (run_id, attempt, epoch) = (RunId::new(), 1, LeaseEpoch(1));
-        let workspace = root.join(execution_name(run_id, attempt, epoch));
-        std::fs::create_dir_all(&workspace).unwrap();
-        Job {
-            secret_env: Default::default(),
-            run_id,
-            attempt,
-            lease_epoch: epoch,
-            tenant_id: "t".into(),
-            agent_id: AgentId::parse("a1").unwrap(),
-            spec,
-            workspace,
-        }
+        crate::executor::test_job(root, spec)
     }
 
     async fn collect(exec: &ProcessExecutor, handle: &ExecHandle) -> (String, String) {

@@ -177,7 +177,6 @@ mod tests {
     use super::*;
     use crate::mock::MockExecutor;
     use crate::process::ProcessExecutor;
-    use drover_core::ids::{LeaseEpoch, RunId};
     use drover_core::spec::RawSpec;
 
     fn job(root: &std::path::Path, executor: &str) -> Job {
@@ -189,19 +188,7 @@ mod tests {
         }
         .validate()
         .unwrap();
-        let run_id = RunId::new();
-        let workspace = root.join(run_id.to_string());
-        std::fs::create_dir_all(&workspace).unwrap();
-        Job {
-            secret_env: Default::default(),
-            run_id,
-            attempt: 1,
-            lease_epoch: LeaseEpoch(1),
-            tenant_id: "t".into(),
-            agent_id: AgentId::parse("a1").unwrap(),
-            spec,
-            workspace,
-        }
+        crate::executor::test_job(root, spec)
     }
 
     #[tokio::test]
