@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use drover_cli::client;
 use drover_cli::commands::{
-    agents, artifacts, cancel, dev, dlq, get, list, logs, stats, submit, watch,
+    agents, artifacts, cancel, dev, dlq, get, list, logs, secrets, stats, submit, watch,
 };
 
 #[derive(Parser)]
@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: artifacts::ArtifactsCommand,
     },
+    /// The tenant's secrets: put (value from stdin), ls (names only), rm.
+    Secrets {
+        #[command(subcommand)]
+        command: secrets::SecretsCommand,
+    },
     /// The agent fleet: list, drain.
     Agents {
         #[command(subcommand)]
@@ -141,6 +146,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Artifacts { command } => artifacts::run(&mut c, command)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Secrets { command } => secrets::run(&mut conn.admin(), command)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Agents { command } => agents::run(&mut conn.admin(), command)

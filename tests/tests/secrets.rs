@@ -441,3 +441,87 @@ async fn key_rotation_keeps_old_values_readable() {
     );
     stack.stop().await;
 }
+
+/// `drover secrets put NAME` with the value on stdin, `secrets ls` (names only, never the
+/// value), `secrets rm`, through the real CLI binary.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_puts_lists_and_removes_secrets_without_printing_values() {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start().await;
+    let value = "cli-secret-value-7c1e94d2";
+    let put = |name: &'static str, stdin: String| {
+        let endpoint = stack.endpoint.clone();
+        async move {
+            let mut child = tokio::process::Command::new(drover_tests::stack::bin_path("drover"))
+                .args(["secrets", "put", name])
+                .env("DROVER_ENDPOINT", endpoint)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut input = child.stdin.take().unwrap();
+            input.write_all(stdin.as_bytes()).await.unwrap();
+            drop(input);
+            let out = child.wait_with_output().await.unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, out, err) = put("CLI_TOKEN", format!("{value}\n")).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "secret CLI_TOKEN created\n");
+    let (code, out, _) = put("CLI_TOKEN", format!("{value}\n")).await;
+    assert_eq!(code, 0);
+    assert_eq!(out, "secret CLI_TOKEN replaced\n");
+    let (code, _, err) = put("SHORT", "abc\n".into()).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot store secret SHORT"), "{err}");
+
+    // The trailing newline was dropped: the stored value is exactly `value`.
+    let mut client = stack.client().await;
+    let mut spec = pb::RunSpec {
+        image: "drover/busybox:latest".into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("test \"$CLI_TOKEN\" = '{value}' && echo same"),
+        ],
+        ..Default::default()
+    };
+    spec.secrets = vec!["CLI_TOKEN".into()];
+    let run = client
+        .submit_run(pb::SubmitRunRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let done = wait_run(&stack, &run.id, Duration::from_secs(60), |r| {
+        r.state == pb::RunState::Succeeded as i32 || r.state == pb::RunState::Failed as i32
+    })
+    .await;
+    assert_eq!(done.output, b"same\n", "{done:?}");
+
+    let (code, out, err) = stack.cli(&["secrets", "ls", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("\"name\":\"CLI_TOKEN\""), "{out}");
+    assert!(!out.contains(value), "a value was printed: {out}");
+    let (code, out, _) = stack.cli(&["secrets", "rm", "CLI_TOKEN"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(String::from_utf8_lossy(&out), "secret CLI_TOKEN deleted\n");
+    let (code, out, _) = stack.cli(&["secrets", "ls"]).await;
+    assert_eq!(code, 0);
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    let (code, _, err) = stack.cli(&["secrets", "rm", "CLI_TOKEN"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot delete secret CLI_TOKEN"), "{err}");
+    stack.stop().await;
+}

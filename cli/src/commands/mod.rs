@@ -8,6 +8,7 @@ pub mod dlq;
 pub mod get;
 pub mod list;
 pub mod logs;
+pub mod secrets;
 pub mod stats;
 pub mod submit;
 pub mod watch;
