@@ -255,7 +255,7 @@ async fn upload_workspace(
         tracing::warn!(workspace = %job.workspace.display(), "no workspace to upload");
         return Ok(String::new());
     }
-    let collected = transfer::collect(&job.workspace, &job.spec.outputs, &[])
+    let collected = transfer::collect(&job.workspace, &job.spec.outputs)
         .await
         .map_err(|e| ApiError::Permanent {
             code: tonic::Code::Internal,

@@ -66,18 +66,10 @@ pub struct Collected {
 
 /// Walks `root` without following symlinks and returns the files to upload, sorted by path:
 /// those matching any of `outputs` (all when empty), plus everything under `.drover/`.
-/// `extra` adds host files under chosen artifact paths (e.g. the stored logs, kept outside
-/// the workspace while the run could write to it); they replace a workspace file of the same
-/// path.
-pub async fn collect(
-    root: &Path,
-    outputs: &[String],
-    extra: &[(String, PathBuf)],
-) -> Result<Collected, TransferError> {
+pub async fn collect(root: &Path, outputs: &[String]) -> Result<Collected, TransferError> {
     let root = root.to_owned();
     let outputs = outputs.to_vec();
-    let extra = extra.to_vec();
-    let walked = tokio::task::spawn_blocking(move || walk(&root, &outputs, &extra))
+    let walked = tokio::task::spawn_blocking(move || walk(&root, &outputs))
         .await
         .map_err(|e| TransferError::Io {
             path: PathBuf::new(),
@@ -86,11 +78,7 @@ pub async fn collect(
     Ok(walked)
 }
 
-fn walk(
-    root: &Path,
-    outputs: &[String],
-    extra: &[(String, PathBuf)],
-) -> Result<Collected, TransferError> {
+fn walk(root: &Path, outputs: &[String]) -> Result<Collected, TransferError> {
     let mut found: BTreeMap<String, Outgoing> = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut stack = vec![root.to_owned()];
@@ -148,9 +136,6 @@ fn walk(
             };
             found.insert(rel, out);
         }
-    }
-    for (rel, source) in extra {
-        found.insert(rel.clone(), file_entry(source, rel)?);
     }
     Ok(Collected {
         files: found.into_values().collect(),
@@ -269,7 +254,10 @@ pub async fn seed(
                     match Incoming::begin(root, entry).await? {
                         Some(file) => Current::File(Box::new(file)),
                         None => {
-                            written.push(path);
+                            // A symlink: created, or skipped because it leaves the workspace.
+                            if tokio::fs::symlink_metadata(root.join(&path)).await.is_ok() {
+                                written.push(path);
+                            }
                             Current::Skipping
                         }
                     }
@@ -402,7 +390,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc", root.join("etc-link")).unwrap();
         std::fs::write(root.join("bad\\name"), "b").unwrap();
 
-        let all = collect(root, &[], &[]).await.unwrap();
+        let all = collect(root, &[]).await.unwrap();
         let paths: Vec<&str> = all.files.iter().map(|f| f.entry.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -425,25 +413,8 @@ mod tests {
         assert_eq!(app.entry.size, 8);
         assert_eq!(app.entry.sha256, hex::encode(Sha256::digest(b"print(1)")));
 
-        let py = collect(root, &["**/*.py".into()], &[]).await.unwrap();
+        let py = collect(root, &["**/*.py".into()]).await.unwrap();
         let paths: Vec<&str> = py.files.iter().map(|f| f.entry.path.as_str()).collect();
         assert_eq!(paths, vec![".drover/result.json", "src/app.py"]);
-    }
-
-    #[tokio::test]
-    async fn extra_files_are_added_under_their_artifact_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = tempfile::tempdir().unwrap();
-        std::fs::write(logs.path().join("stdout.log"), "out").unwrap();
-        let extra = vec![(
-            ".drover/logs/stdout.log".to_owned(),
-            logs.path().join("stdout.log"),
-        )];
-        let got = collect(dir.path(), &["nothing".into()], &extra)
-            .await
-            .unwrap();
-        assert_eq!(got.files.len(), 1);
-        assert_eq!(got.files[0].entry.path, ".drover/logs/stdout.log");
-        assert_eq!(got.files[0].entry.size, 3);
     }
 }
