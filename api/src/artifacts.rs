@@ -260,6 +260,7 @@ impl Staging<'_> {
 /// UploadArtifacts.
 pub async fn upload(
     state: &AppState,
+    caller: &crate::auth::AgentCaller,
     mut stream: Streaming<pb::UploadArtifactsRequest>,
 ) -> ApiResult<pb::UploadArtifactsResponse> {
     use pb::upload_artifacts_request::Item;
@@ -272,6 +273,7 @@ pub async fn upload(
         }
         Err(status) => return Err(ApiError::Client(status)),
     };
+    caller.check(&start.agent_id)?;
     let (agent, run) = leased_run(state, &start.agent_id, &start.run_id, start.lease_epoch).await?;
     let id = Uuid::now_v7();
     repo::begin_upload(

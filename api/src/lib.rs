@@ -7,10 +7,14 @@
 //! never returns driver or internal text to clients.
 
 pub mod admin_service;
+pub mod admin_tokens;
 pub mod agent_service;
 pub mod artifacts;
+pub mod auth;
 pub mod error;
 pub mod log_stream;
+pub mod quota;
+pub mod rate_limit;
 pub mod run_service;
 pub mod settings;
 pub mod state;
@@ -91,6 +95,11 @@ impl Application {
             source,
         })?;
         let metrics = observe::bind(&settings.metrics).await?;
+        let limiter = Arc::new(rate_limit::RateLimiter::new(
+            settings.rate_limit.clone(),
+            bus.client().clone(),
+            &settings.redis.prefix,
+        ));
         Ok(Self {
             state: AppState {
                 pool,
@@ -98,6 +107,7 @@ impl Application {
                 settings: Arc::new(settings),
                 secret_keys,
                 artifacts: Arc::new(store),
+                limiter,
             },
             listener,
             addr,

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use drover_core::bearer::Bearer;
 use drover_core::ids::{AgentId, LeaseEpoch, RunId};
 use drover_proto::v1 as pb;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
@@ -14,6 +15,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::error::AgentError;
+
+/// Every call carries the agent token.
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 /// A single call's limit, so a hung API counts as a transient failure and is retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -86,9 +90,9 @@ impl From<Status> for ApiError {
 /// Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone)]
 pub struct ApiClient {
-    client: AgentServiceClient<Channel>,
+    client: AgentServiceClient<Authed>,
     /// The same API without the per-call timeout, for artifact streams.
-    bulk: AgentServiceClient<Channel>,
+    bulk: AgentServiceClient<Authed>,
     agent_id: AgentId,
 }
 
@@ -97,6 +101,7 @@ impl ApiClient {
     pub async fn connect(
         endpoint: &str,
         agent_id: AgentId,
+        token: Bearer,
         cancel: &CancellationToken,
     ) -> Result<Option<Self>, AgentError> {
         let invalid = |reason: String| AgentError::InvalidApiEndpoint {
@@ -111,7 +116,7 @@ impl ApiClient {
             .keep_alive_while_idle(true);
         // Artifact transfers take as long as their size needs; the API cuts off a stream that
         // goes idle, and HTTP/2 keep-alives notice a dead peer.
-        let bulk = AgentServiceClient::new(base.connect_lazy());
+        let bulk = AgentServiceClient::with_interceptor(base.connect_lazy(), token.clone());
         let target = base.timeout(REQUEST_TIMEOUT);
         let connect = || target.connect();
         let retrying = connect
@@ -130,7 +135,7 @@ impl ApiClient {
         };
         tracing::info!(endpoint, "connected to the api");
         Ok(Some(Self {
-            client: AgentServiceClient::new(channel),
+            client: AgentServiceClient::with_interceptor(channel, token),
             bulk,
             agent_id,
         }))
@@ -341,7 +346,7 @@ impl ApiClient {
         mut f: F,
     ) -> Result<T, ApiError>
     where
-        F: FnMut(AgentServiceClient<Channel>) -> Fut,
+        F: FnMut(AgentServiceClient<Authed>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let attempt = || {
