@@ -91,10 +91,8 @@ pub async fn check_inputs_from_run(
     if let Some(src) = source
         && !runs::exists(&state.pool, tenant, RunId(src)).await?
     {
-        return Err(ApiError::bad(
-            "spec.inputs_from_run",
-            format!("no run {src} in this tenant"),
-        ));
+        // NOT_FOUND, as for any other run of another tenant: never confirm it exists.
+        return Err(ApiError::NotFound("spec.inputs_from_run: no such run"));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod agent_service;
 pub mod artifacts;
 pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod log_stream;
 pub mod quota;
 pub mod rate_limit;
@@ -182,17 +183,27 @@ impl Application {
         tracing::info!(addr = %self.addr, "drover-api serving");
         let shutdown = cancel.clone();
         tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(limits::remap))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(pb::run_service_server::RunServiceServer::new(
-                run_service::RunApi::new(self.state.clone()),
-            ))
-            .add_service(pb::agent_service_server::AgentServiceServer::new(
-                agent_service::AgentApi::new(self.state.clone()),
-            ))
-            .add_service(pb::admin_service_server::AdminServiceServer::new(
-                admin_service::AdminApi::new(self.state.clone()),
-            ))
+            .add_service(
+                pb::run_service_server::RunServiceServer::new(run_service::RunApi::new(
+                    self.state.clone(),
+                ))
+                .max_decoding_message_size(limits::RUN_SERVICE_MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                pb::agent_service_server::AgentServiceServer::new(agent_service::AgentApi::new(
+                    self.state.clone(),
+                ))
+                .max_decoding_message_size(limits::AGENT_SERVICE_MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                pb::admin_service_server::AdminServiceServer::new(admin_service::AdminApi::new(
+                    self.state.clone(),
+                ))
+                .max_decoding_message_size(limits::ADMIN_SERVICE_MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.cancelled().await;
             })
