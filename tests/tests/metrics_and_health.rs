@@ -373,6 +373,7 @@ async fn stats_json(stack: &Stack) -> serde_json::Value {
     let out = tokio::process::Command::new(drover_tests::stack::bin_path("drover"))
         .args(["stats", "--json"])
         .env("DROVER_ENDPOINT", &stack.endpoint)
+        .env("DROVER_TOKEN", &stack.token)
         .output()
         .await
         .unwrap();
@@ -425,6 +426,7 @@ async fn drover_stats_shows_queued_runs_and_queue_depth() {
     let out = tokio::process::Command::new(drover_tests::stack::bin_path("drover"))
         .arg("stats")
         .env("DROVER_ENDPOINT", &stack.endpoint)
+        .env("DROVER_TOKEN", &stack.token)
         .output()
         .await
         .unwrap();

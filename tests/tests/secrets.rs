@@ -465,10 +465,12 @@ async fn the_cli_puts_lists_and_removes_secrets_without_printing_values() {
     let value = "cli-secret-value-7c1e94d2";
     let put = |name: &'static str, stdin: String| {
         let endpoint = stack.endpoint.clone();
+        let token = stack.token.clone();
         async move {
             let mut child = tokio::process::Command::new(drover_tests::stack::bin_path("drover"))
                 .args(["secrets", "put", name])
                 .env("DROVER_ENDPOINT", endpoint)
+                .env("DROVER_TOKEN", token)
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
