@@ -61,6 +61,7 @@ impl RunApi {
             )));
         }
         let submitted = runs::submit(&self.state.pool, tenant, &spec, key).await?;
+        drover_core::telemetry::record_run(&tracing::Span::current(), &submitted.run);
         if !submitted.deduplicated {
             tracing::info!(run_id = %submitted.run.id, tenant = %tenant, pool = %spec.pool, "run submitted");
             self.state.bus.run_event(submitted.run.id, 1);

@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use drover_core::ids::{AgentId, LeaseEpoch, RunId};
+use drover_core::telemetry::PropagateTrace;
 use drover_proto::v1 as pb;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 use tonic::{Code, Status};
 
 use crate::error::AgentError;
@@ -83,12 +86,15 @@ impl From<Status> for ApiError {
     }
 }
 
+/// The agent's gRPC transport: every call carries the caller's `traceparent`.
+type Transport = InterceptedService<Channel, PropagateTrace>;
+
 /// Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone)]
 pub struct ApiClient {
-    client: AgentServiceClient<Channel>,
+    client: AgentServiceClient<Transport>,
     /// The same API without the per-call timeout, for artifact streams.
-    bulk: AgentServiceClient<Channel>,
+    bulk: AgentServiceClient<Transport>,
     agent_id: AgentId,
 }
 
@@ -111,7 +117,7 @@ impl ApiClient {
             .keep_alive_while_idle(true);
         // Artifact transfers take as long as their size needs; the API cuts off a stream that
         // goes idle, and HTTP/2 keep-alives notice a dead peer.
-        let bulk = AgentServiceClient::new(base.connect_lazy());
+        let bulk = AgentServiceClient::with_interceptor(base.connect_lazy(), PropagateTrace);
         let target = base.timeout(REQUEST_TIMEOUT);
         let connect = || target.connect();
         let retrying = connect
@@ -130,7 +136,7 @@ impl ApiClient {
         };
         tracing::info!(endpoint, "connected to the api");
         Ok(Some(Self {
-            client: AgentServiceClient::new(channel),
+            client: AgentServiceClient::with_interceptor(channel, PropagateTrace),
             bulk,
             agent_id,
         }))
@@ -341,7 +347,7 @@ impl ApiClient {
         mut f: F,
     ) -> Result<T, ApiError>
     where
-        F: FnMut(AgentServiceClient<Channel>) -> Fut,
+        F: FnMut(AgentServiceClient<Transport>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let attempt = || {
@@ -363,9 +369,16 @@ impl ApiClient {
                     "api call failed; retrying"
                 );
             });
+        // One client span per call (retries included), in the caller's trace; heartbeats
+        // are periodic and belong to no run, so they get none.
+        let span = if what == "heartbeat" {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("grpc.client", otel.name = what, otel.kind = "client")
+        };
         tokio::select! {
             _ = cancel.cancelled() => Err(ApiError::Cancelled),
-            res = retrying => res,
+            res = retrying.instrument(span) => res,
         }
     }
 }
