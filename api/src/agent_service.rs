@@ -193,7 +193,8 @@ impl AgentApi {
             ..Transition::new(run, RunState::Running)
         };
         match self.apply(t).await {
-            Ok(_) => {
+            Ok(rec) => {
+                drover_core::telemetry::record_run(&tracing::Span::current(), &rec);
                 tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, "run started");
                 Ok(())
             }
@@ -307,6 +308,8 @@ impl AgentApi {
         };
         match ended.await {
             Ok((rec, event)) => {
+                let span = tracing::Span::current();
+                span.record("tenant", tracing::field::display(rec.tenant_id));
                 observe::record_transition(&event);
                 self.state.bus.run_event(rec.id, event.seq);
                 tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, attempt = event.attempt, state = %rec.state, exit_code = ?rec.exit_code, reason = rec.reason.as_deref().unwrap_or(""), "attempt ended");

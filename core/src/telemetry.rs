@@ -229,10 +229,7 @@ pub fn grpc_server_span(req: &http::Request<()>) -> Span {
         tenant = Empty,
         trace_id = Empty,
     );
-    let parent = req
-        .headers()
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
+    let parent = req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok());
     adopt(&span, parent);
     span
 }

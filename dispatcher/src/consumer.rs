@@ -137,7 +137,10 @@ impl PoolConsumer {
             epoch = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        telemetry::adopt(&span, telemetry::amqp_traceparent(&delivery.properties).as_deref());
+        telemetry::adopt(
+            &span,
+            telemetry::amqp_traceparent(&delivery.properties).as_deref(),
+        );
         self.assign(delivery, msg, cancel).instrument(span).await;
     }
 

@@ -13,8 +13,8 @@ use drover_proto::v1::agent_service_client::AgentServiceClient;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tracing::Instrument;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::error::AgentError;
 

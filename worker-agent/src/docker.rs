@@ -32,9 +32,9 @@ use bollard::query_parameters::{
 };
 use drover_core::ids::AgentId;
 use drover_core::spec::PullPolicy;
-use tracing::Instrument;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use tracing::Instrument;
 
 pub use container_config::{
     DEFAULT_USER, LABEL_AGENT, LABEL_ATTEMPT, LABEL_EPOCH, LABEL_RUN, LABEL_TENANT, container_body,

@@ -73,7 +73,7 @@ pub async fn execute(ctx: Arc<RunContext>, cmd: ExecuteCommand, ack: CommandAck)
         otel.name = "agent.execute",
         run_id = %cmd.run_id,
         attempt = cmd.attempt,
-        epoch = %cmd.lease_epoch,
+        epoch = cmd.lease_epoch.0,
         agent_id = %ctx.agent_id,
         tenant = %cmd.tenant_id,
         trace_id = tracing::field::Empty,

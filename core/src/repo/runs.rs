@@ -217,7 +217,9 @@ pub async fn enqueue_run_message_after(
     };
     let current = crate::telemetry::current_traceparent();
     let in_run_trace = |tp: &String| {
-        run.traceparent.as_deref().and_then(crate::telemetry::trace_id_of)
+        run.traceparent
+            .as_deref()
+            .and_then(crate::telemetry::trace_id_of)
             == crate::telemetry::trace_id_of(tp)
     };
     let traceparent = match current {
