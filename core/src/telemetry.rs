@@ -31,7 +31,8 @@ use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::repo::RunRecord;
@@ -90,7 +91,24 @@ pub fn init(default_filter: &str, service_name: &'static str) -> Telemetry {
         },
     };
     let provider = builder.build();
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("drover"));
+    // The transport's own spans (h2, hyper, tonic, tower) stay out of traces even at
+    // `RUST_LOG=trace`: the exporter's calls would otherwise make spans to export, forever.
+    let transport_off = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_targets(
+            [
+                "h2",
+                "hyper",
+                "hyper_util",
+                "tonic",
+                "tower",
+                "opentelemetry",
+            ]
+            .map(|t| (t, LevelFilter::OFF)),
+        );
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("drover"))
+        .with_filter(transport_off);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = if json {
         let fmt = tracing_subscriber::fmt::layer()
