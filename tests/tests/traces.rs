@@ -426,7 +426,7 @@ async fn a_client_traceparent_on_submit_becomes_the_parent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_retry_after_the_reaper_requeues_continues_the_trace() {
+async fn a_reaper_retry_and_a_redrive_continue_the_trace() {
     let (receiver, endpoint) = Receiver::start().await;
     let opts = StackOptions {
         agent: false,
@@ -448,7 +448,7 @@ async fn a_retry_after_the_reaper_requeues_continues_the_trace() {
     // The agent goes silent; the reaper ends the attempt and re-queues the run. Then the
     // agent heartbeats again, so the retry is assigned to it.
     wait_run(&stack, &run.id, Duration::from_secs(30), |r| r.attempt == 2).await;
-    let _alive = agent.keep_alive(stack.db.clone());
+    let alive = agent.keep_alive(stack.db.clone());
     wait_run(&stack, &run.id, Duration::from_secs(30), |r| {
         r.attempt == 2 && r.state == pb::RunState::Assigned as i32
     })
@@ -483,5 +483,46 @@ async fn a_retry_after_the_reaper_requeues_continues_the_trace() {
         "{retry_chain:?}"
     );
     assert!(reaper > 0, "{retry_chain:?}");
+
+    // Attempt 2 is lost too: dead-lettered. An operator's redrive (a call in the operator's
+    // own trace) sends attempt 3 on in the run's trace.
+    alive.abort();
+    wait_run(
+        &stack,
+        &run.id,
+        Duration::from_secs(60),
+        in_state(pb::RunState::DeadLettered),
+    )
+    .await;
+    stack
+        .admin()
+        .await
+        .redrive_run(pb::RedriveRunRequest {
+            run_id: run.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("redrive");
+    let _alive = agent.keep_alive(stack.db.clone());
+    let redrive_chain = receiver
+        .wait_for(
+            &stack,
+            "attempt 3's assignment chained to SubmitRun",
+            |spans| {
+                let third = spans.iter().find(|s| {
+                    s.trace_id == trace
+                        && s.name == "dispatcher.assign"
+                        && s.attrs.get("attempt").map(String::as_str) == Some("3")
+                })?;
+                let up = chain(spans, third)?;
+                Some(up.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
+            },
+        )
+        .await;
+    assert_eq!(
+        redrive_chain.last().map(String::as_str),
+        Some(SUBMIT),
+        "{redrive_chain:?}"
+    );
     stack.stop().await;
 }
