@@ -1,17 +1,21 @@
 //! AdminService: what operators call — the dead-letter archive and redrive, the agent fleet
-//! and remote drain, tenant secrets. Scoped by tenant like everything else (the default tenant
-//! until authentication and roles land; then these calls need the admin role).
+//! and remote drain, tenant secrets, tokens, policy and the audit chain. Every call needs the
+//! admin role and is scoped by the caller's tenant; fleet-wide calls (ListAgents, DrainAgent,
+//! agent tokens, GetStats's fleet figures) need an admin of an operator tenant, because the
+//! fleet is shared by every tenant.
 //!
 //! Secrets: values are sealed before they reach Postgres and are never returned by any call
 //! here; only GetAssignment opens them, for the agent holding a run's current lease. Values
 //! shorter than [`MIN_SECRET_VALUE_BYTES`] are refused so that log redaction, which masks every
 //! occurrence of a value, never masks innocent short text.
 
+use drover_core::audit;
 use drover_core::convert;
 use drover_core::error::Refusal;
-use drover_core::ids::{AgentId, DEFAULT_TENANT, TenantId};
+use drover_core::ids::{AgentId, TenantId};
 use drover_core::messages::{self, AgentCommand};
 use drover_core::repo::secrets::{self, SecretsError};
+use drover_core::repo::tokens::{self, Role};
 use drover_core::repo::{agents, dead_letters, outbox, stats};
 use drover_core::secrets_crypto::SecretKeys;
 use drover_core::spec::{
@@ -22,6 +26,8 @@ use drover_core::{CoreError, topology};
 use drover_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::admin_tokens;
+use crate::auth::User;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, client_reason, page_size, parse_run_id};
 
@@ -33,10 +39,6 @@ pub struct AdminApi {
 impl AdminApi {
     pub fn new(state: AppState) -> Self {
         Self { state }
-    }
-
-    fn tenant<T>(&self, _req: &Request<T>) -> TenantId {
-        DEFAULT_TENANT
     }
 
     fn liveness_ms(&self) -> i64 {
@@ -75,12 +77,13 @@ impl AdminApi {
 
     async fn redrive(
         &self,
-        tenant: TenantId,
+        user: &User,
         req: pb::RedriveRunRequest,
     ) -> ApiResult<pb::RedriveRunResponse> {
         let id = parse_run_id("run_id", &req.run_id)?;
         let reason = client_reason(&req.reason, "redriven by an operator")?;
-        match dead_letters::redrive(&self.state.pool, tenant, id, &reason).await {
+        match dead_letters::redrive(&self.state.pool, user.tenant, id, &reason, &user.actor()).await
+        {
             Ok((run, event)) => {
                 tracing::info!(run_id = %id, attempt = run.attempt, max_attempts = run.max_attempts, "run redriven");
                 self.state.bus.run_event(id, event.seq);
@@ -110,9 +113,10 @@ impl AdminApi {
 
     async fn put_secret(
         &self,
-        tenant: TenantId,
+        user: &User,
         req: pb::PutSecretRequest,
     ) -> ApiResult<pb::PutSecretResponse> {
+        let tenant = user.tenant;
         let keys = self.secret_keys()?;
         secret_name(&req.name)?;
         let len = req.value.len();
@@ -137,17 +141,25 @@ impl AdminApi {
                 "must not contain NUL (it becomes an environment variable)",
             ));
         }
-        let (info, created) =
-            match secrets::put(&self.state.pool, keys, tenant, &req.name, &req.value).await {
-                Ok(done) => done,
-                Err(SecretsError::Core(e)) => return Err(e.into()),
-                Err(SecretsError::Crypto(e)) => {
-                    tracing::error!(error = %e, name = %req.name, "sealing a secret failed");
-                    return Err(ApiError::Precondition(
-                        "the secret could not be encrypted".into(),
-                    ));
-                }
-            };
+        let (info, created) = match secrets::put(
+            &self.state.pool,
+            keys,
+            tenant,
+            &req.name,
+            &req.value,
+            &user.actor(),
+        )
+        .await
+        {
+            Ok(done) => done,
+            Err(SecretsError::Core(e)) => return Err(e.into()),
+            Err(SecretsError::Crypto(e)) => {
+                tracing::error!(error = %e, name = %req.name, "sealing a secret failed");
+                return Err(ApiError::Precondition(
+                    "the secret could not be encrypted".into(),
+                ));
+            }
+        };
         tracing::info!(tenant = %tenant, name = %info.name, key_id = %info.key_id, created, "secret stored");
         Ok(pb::PutSecretResponse {
             secret: Some(convert::secret_info_to_proto(&info)),
@@ -155,10 +167,11 @@ impl AdminApi {
         })
     }
 
-    async fn delete_secret(&self, tenant: TenantId, req: pb::DeleteSecretRequest) -> ApiResult<()> {
+    async fn delete_secret(&self, user: &User, req: pb::DeleteSecretRequest) -> ApiResult<()> {
         self.secret_keys()?;
         secret_name(&req.name)?;
-        if secrets::delete(&self.state.pool, tenant, &req.name).await? {
+        let tenant = user.tenant;
+        if secrets::delete(&self.state.pool, tenant, &req.name, &user.actor()).await? {
             tracing::info!(tenant = %tenant, name = %req.name, "secret deleted");
             Ok(())
         } else {
@@ -174,8 +187,18 @@ impl AdminApi {
         })
     }
 
-    async fn get_stats(&self, tenant: TenantId) -> ApiResult<pb::GetStatsResponse> {
+    async fn get_stats(&self, user: &User) -> ApiResult<pb::GetStatsResponse> {
+        let tenant = user.tenant;
         let s = stats::read(&self.state.pool, tenant).await?;
+        // The fleet and the queues are shared by every tenant: their figures would count other
+        // tenants' work, so only an operator sees them.
+        let operator = user.require_operator().is_ok();
+        if !operator {
+            return Ok(tenant_stats(
+                &s,
+                "fleet and queue figures need an operator tenant's admin",
+            ));
+        }
         let fleet = agents::list(&self.state.pool, self.liveness_ms()).await?;
         let live: Vec<_> = fleet.iter().filter(|a| a.live).collect();
         let serving = live.iter().filter(|a| !a.draining);
@@ -187,20 +210,6 @@ impl AdminApi {
         });
         let (queues, queues_error) = queue_depths(&self.state.settings.amqp.url, &s.pools).await;
         Ok(pb::GetStatsResponse {
-            runs_by_state: s
-                .runs_by_state
-                .iter()
-                .map(|(state, count)| pb::StateCount {
-                    state: convert::state_to_proto(*state).into(),
-                    count: *count,
-                })
-                .collect(),
-            oldest_queued_run_id: s
-                .oldest_queued
-                .map(|(id, _)| id.to_string())
-                .unwrap_or_default(),
-            oldest_queued_age_seconds: s.oldest_queued.map_or(0.0, |(_, age)| age),
-            dead_letters: s.dead_letters,
             agents_live: u32::try_from(live.len()).unwrap_or(u32::MAX),
             agents_draining: u32::try_from(live.iter().filter(|a| a.draining).count())
                 .unwrap_or(u32::MAX),
@@ -210,6 +219,7 @@ impl AdminApi {
             outbox_oldest_age_seconds: s.outbox_oldest_age_secs,
             queues,
             queues_error,
+            ..tenant_stats(&s, "")
         })
     }
 
@@ -222,9 +232,10 @@ impl AdminApi {
 
     async fn drain_agent(
         &self,
-        tenant: TenantId,
+        user: &User,
         req: pb::DrainAgentRequest,
     ) -> ApiResult<pb::DrainAgentResponse> {
+        let tenant = user.tenant;
         let id = AgentId::parse(&req.agent_id).map_err(|m| ApiError::bad("agent_id", m))?;
         let mut tx = self.state.pool.begin().await.map_err(CoreError::from)?;
         let Some(agent) = agents::request_drain(&mut tx, id.as_str(), self.liveness_ms()).await?
@@ -248,6 +259,28 @@ impl AdminApi {
     }
 }
 
+/// GetStats's tenant-scoped part; fleet figures zero, with `why` in `queues_error`.
+fn tenant_stats(s: &stats::Stats, why: &str) -> pb::GetStatsResponse {
+    pb::GetStatsResponse {
+        runs_by_state: s
+            .runs_by_state
+            .iter()
+            .map(|(state, count)| pb::StateCount {
+                state: convert::state_to_proto(*state).into(),
+                count: *count,
+            })
+            .collect(),
+        oldest_queued_run_id: s
+            .oldest_queued
+            .map(|(id, _)| id.to_string())
+            .unwrap_or_default(),
+        oldest_queued_age_seconds: s.oldest_queued.map_or(0.0, |(_, age)| age),
+        dead_letters: s.dead_letters,
+        queues_error: why.to_owned(),
+        ..Default::default()
+    }
+}
+
 /// Secret names become environment variable names.
 fn secret_name(name: &str) -> ApiResult<()> {
     if is_env_name(name) {
@@ -266,9 +299,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::PutSecretRequest>,
     ) -> Result<Response<pb::PutSecretResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let user = self.state.user(&request, Role::Admin).await?;
         Ok(Response::new(
-            AdminApi::put_secret(self, tenant, request.into_inner()).await?,
+            AdminApi::put_secret(self, &user, request.into_inner()).await?,
         ))
     }
 
@@ -276,8 +309,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
-        let tenant = self.tenant(&request);
-        AdminApi::delete_secret(self, tenant, request.into_inner()).await?;
+        let user = self.state.user(&request, Role::Admin).await?;
+        AdminApi::delete_secret(self, &user, request.into_inner()).await?;
         Ok(Response::new(pb::DeleteSecretResponse {}))
     }
 
@@ -285,17 +318,19 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        let tenant = self.tenant(&request);
-        Ok(Response::new(AdminApi::list_secrets(self, tenant).await?))
+        let user = self.state.user(&request, Role::Admin).await?;
+        Ok(Response::new(
+            AdminApi::list_secrets(self, user.tenant).await?,
+        ))
     }
 
     async fn list_dead_letters(
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let user = self.state.user(&request, Role::Admin).await?;
         Ok(Response::new(
-            AdminApi::list_dead_letters(self, tenant, request.into_inner()).await?,
+            AdminApi::list_dead_letters(self, user.tenant, request.into_inner()).await?,
         ))
     }
 
@@ -303,16 +338,20 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RedriveRunRequest>,
     ) -> Result<Response<pb::RedriveRunResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let user = self.state.user(&request, Role::Admin).await?;
         Ok(Response::new(
-            self.redrive(tenant, request.into_inner()).await?,
+            self.redrive(&user, request.into_inner()).await?,
         ))
     }
 
     async fn list_agents(
         &self,
-        _request: Request<pb::ListAgentsRequest>,
+        request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.state
+            .user(&request, Role::Admin)
+            .await?
+            .require_operator()?;
         Ok(Response::new(AdminApi::list_agents(self).await?))
     }
 
@@ -320,18 +359,98 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
-        let tenant = self.tenant(&request);
-        Ok(Response::new(AdminApi::get_stats(self, tenant).await?))
+        let user = self.state.user(&request, Role::Admin).await?;
+        Ok(Response::new(AdminApi::get_stats(self, &user).await?))
     }
 
     async fn drain_agent(
         &self,
         request: Request<pb::DrainAgentRequest>,
     ) -> Result<Response<pb::DrainAgentResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let user = self.state.user(&request, Role::Admin).await?;
+        user.require_operator()?;
         Ok(Response::new(
-            AdminApi::drain_agent(self, tenant, request.into_inner()).await?,
+            AdminApi::drain_agent(self, &user, request.into_inner()).await?,
         ))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let user = self.state.user(&request, Role::Admin).await?;
+        Ok(Response::new(
+            admin_tokens::create(&self.state, &user, request.into_inner()).await?,
+        ))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let user = self.state.user(&request, Role::Admin).await?;
+        admin_tokens::revoke(&self.state, &user, request.into_inner()).await?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let user = self.state.user(&request, Role::Admin).await?;
+        Ok(Response::new(admin_tokens::list(&self.state, &user).await?))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let user = self.state.user(&request, Role::Admin).await?;
+        let v = audit::verify(&self.state.pool, user.tenant)
+            .await
+            .map_err(ApiError::from)?;
+        if let Some(b) = &v.broken {
+            tracing::error!(tenant = %user.tenant, chain_seq = b.chain_seq, location = %b.location, problem = %b.problem, "audit chain broken");
+        }
+        let broken = v.broken.clone();
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: broken.is_none(),
+            checked: u64::try_from(v.checked).unwrap_or(0),
+            head_seq: u64::try_from(v.head_seq).unwrap_or(0),
+            head_hash: v.head_hash,
+            broken_seq: broken
+                .as_ref()
+                .map_or(0, |b| u64::try_from(b.chain_seq).unwrap_or(0)),
+            broken_location: broken
+                .as_ref()
+                .map(|b| b.location.clone())
+                .unwrap_or_default(),
+            broken_problem: broken.map(|b| b.problem).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_tenant_policy(
+        &self,
+        request: Request<pb::GetTenantPolicyRequest>,
+    ) -> Result<Response<pb::TenantPolicy>, Status> {
+        let user = self.state.user(&request, Role::Admin).await?;
+        let p = tokens::policy(&self.state.pool, user.tenant)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(admin_tokens::policy_to_proto(&p)))
+    }
+
+    async fn set_tenant_policy(
+        &self,
+        request: Request<pb::TenantPolicy>,
+    ) -> Result<Response<pb::TenantPolicy>, Status> {
+        let user = self.state.user(&request, Role::Admin).await?;
+        let p = admin_tokens::policy_from_proto(request.get_ref())?;
+        tokens::set_policy(&self.state.pool, user.tenant, &p, &user.actor())
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(tenant = %user.tenant, policy = ?p, "tenant policy changed");
+        Ok(Response::new(admin_tokens::policy_to_proto(&p)))
     }
 }
 
@@ -384,7 +503,10 @@ async fn queue_depths(
     };
     let error = match tokio::time::timeout(QUEUE_DEPTH_TIMEOUT, read).await {
         Ok(Ok(())) => String::new(),
-        Ok(Err(e)) => format!("rabbitmq unreachable: {e}"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "queue depths: rabbitmq unreachable");
+            "rabbitmq unreachable (details in the server log)".to_owned()
+        }
         Err(_) => "rabbitmq did not answer within 3 s".to_owned(),
     };
     (out, error)

@@ -367,6 +367,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         Ok(Response::new(
             AgentApi::register(self, request.into_inner()).await?,
         ))
@@ -376,6 +379,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         Ok(Response::new(
             AgentApi::heartbeat(self, request.into_inner()).await?,
         ))
@@ -385,6 +391,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::GetAssignmentRequest>,
     ) -> Result<Response<pb::GetAssignmentResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         Ok(Response::new(
             AgentApi::get_assignment(self, request.into_inner()).await?,
         ))
@@ -394,6 +403,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::ReportStartedRequest>,
     ) -> Result<Response<pb::ReportStartedResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         AgentApi::report_started(self, request.into_inner()).await?;
         Ok(Response::new(pb::ReportStartedResponse {}))
     }
@@ -402,6 +414,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::PushLogsRequest>,
     ) -> Result<Response<pb::PushLogsResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         AgentApi::push_logs(self, request.into_inner()).await?;
         Ok(Response::new(pb::PushLogsResponse {}))
     }
@@ -410,6 +425,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::ReportCompletionRequest>,
     ) -> Result<Response<pb::ReportCompletionResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         Ok(Response::new(
             AgentApi::report_completion(self, request.into_inner()).await?,
         ))
@@ -419,6 +437,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::SetDrainingRequest>,
     ) -> Result<Response<pb::SetDrainingResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         AgentApi::set_draining(self, request.into_inner()).await?;
         Ok(Response::new(pb::SetDrainingResponse {}))
     }
@@ -427,6 +448,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         AgentApi::deregister(self, request.into_inner()).await?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
@@ -435,8 +459,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<tonic::Streaming<pb::UploadArtifactsRequest>>,
     ) -> Result<Response<pb::UploadArtifactsResponse>, Status> {
+        let caller = self.state.agent_token(&request).await?;
         Ok(Response::new(
-            crate::artifacts::upload(&self.state, request.into_inner()).await?,
+            crate::artifacts::upload(&self.state, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -446,6 +471,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::DownloadInputsRequest>,
     ) -> Result<Response<Self::DownloadInputsStream>, Status> {
+        self.state
+            .agent(&request, &request.get_ref().agent_id)
+            .await?;
         Ok(Response::new(
             crate::artifacts::download_inputs(&self.state, request.into_inner()).await?,
         ))

@@ -94,10 +94,8 @@ pub async fn check_inputs_from_run(
     if let Some(src) = source
         && !runs::exists(&state.pool, tenant, RunId(src)).await?
     {
-        return Err(ApiError::bad(
-            "spec.inputs_from_run",
-            format!("no run {src} in this tenant"),
-        ));
+        // NOT_FOUND, as for any other run of another tenant: never confirm it exists.
+        return Err(ApiError::NotFound("spec.inputs_from_run: no such run"));
     }
     Ok(())
 }
@@ -263,6 +261,7 @@ impl Staging<'_> {
 /// UploadArtifacts.
 pub async fn upload(
     state: &AppState,
+    caller: &crate::auth::AgentCaller,
     mut stream: Streaming<pb::UploadArtifactsRequest>,
 ) -> ApiResult<pb::UploadArtifactsResponse> {
     use pb::upload_artifacts_request::Item;
@@ -275,6 +274,7 @@ pub async fn upload(
         }
         Err(status) => return Err(ApiError::Client(status)),
     };
+    caller.check(&start.agent_id)?;
     let (agent, run) = leased_run(state, &start.agent_id, &start.run_id, start.lease_epoch).await?;
     let id = Uuid::now_v7();
     repo::begin_upload(

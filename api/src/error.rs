@@ -29,6 +29,14 @@ pub enum ApiError {
     Client(Status),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No valid token: missing, malformed, unknown and revoked look the same.
+    #[error("missing, invalid or revoked token")]
+    Unauthenticated,
+    #[error("{0}")]
+    Denied(String),
+    /// Over a rate limit; retry after this long.
+    #[error("rate limit reached")]
+    Limited(std::time::Duration),
 }
 
 impl ApiError {
@@ -49,9 +57,28 @@ impl From<ApiError> for Status {
             ApiError::Precondition(msg) => Status::failed_precondition(msg),
             ApiError::Exhausted(msg) => Status::resource_exhausted(msg),
             ApiError::Client(status) => status,
+            ApiError::Unauthenticated => Status::unauthenticated(err.to_string()),
+            ApiError::Denied(msg) => Status::permission_denied(msg),
+            ApiError::Limited(wait) => {
+                let secs = wait.as_millis().div_ceil(1000).max(1);
+                let mut status =
+                    Status::resource_exhausted(format!("rate limit reached; retry after {secs} s"));
+                let md = status.metadata_mut();
+                if let Ok(v) = secs.to_string().parse() {
+                    md.insert("retry-after", v);
+                }
+                if let Ok(v) = wait.as_millis().to_string().parse() {
+                    md.insert("retry-after-ms", v);
+                }
+                status
+            }
             ApiError::Store(e) => {
-                tracing::error!(error = %e, "artifact store error");
-                Status::internal("artifact store error")
+                let r = error_ref();
+                tracing::error!(error = %e, error_ref = %r, "artifact store error");
+                with_ref(
+                    Status::internal(format!("artifact store error (ref {r})")),
+                    &r,
+                )
             }
             ApiError::Core(core) => match core {
                 CoreError::NotFound => Status::not_found("run not found"),
@@ -59,6 +86,8 @@ impl From<ApiError> for Status {
                     "idempotency key already used by run {existing} with a different spec"
                 )),
                 CoreError::Refused(Refusal::NotFound) => Status::not_found("run not found"),
+                CoreError::Forbidden(msg) => Status::permission_denied(msg),
+                CoreError::OverQuota(msg) => Status::resource_exhausted(msg),
                 CoreError::Refused(r) => {
                     if matches!(r, Refusal::StaleEpoch { .. }) {
                         // An agent reporting under a lease that was taken from it.
@@ -67,16 +96,34 @@ impl From<ApiError> for Status {
                     Status::failed_precondition(r.to_string())
                 }
                 CoreError::Database(ref e) if is_unavailable(e) => {
-                    tracing::warn!(error = %core, "database unavailable");
-                    Status::unavailable("database unavailable; retry")
+                    let r = error_ref();
+                    tracing::warn!(error = %core, error_ref = %r, "database unavailable");
+                    with_ref(
+                        Status::unavailable(format!("database unavailable; retry (ref {r})")),
+                        &r,
+                    )
                 }
                 other => {
-                    tracing::error!(error = %other, "internal error");
-                    Status::internal("internal error")
+                    let r = error_ref();
+                    tracing::error!(error = %other, error_ref = %r, "internal error");
+                    with_ref(Status::internal(format!("internal error (ref {r})")), &r)
                 }
             },
         }
     }
+}
+
+/// A correlation id for an error whose detail only the server log holds: the client gets it
+/// in the message and in `x-drover-error-ref`, the log line carries it as `error_ref`.
+fn error_ref() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+fn with_ref(mut status: Status, r: &str) -> Status {
+    if let Ok(v) = r.parse() {
+        status.metadata_mut().insert("x-drover-error-ref", v);
+    }
+    status
 }
 
 fn is_unavailable(e: &sqlx::Error) -> bool {

@@ -7,10 +7,15 @@
 //! never returns driver or internal text to clients.
 
 pub mod admin_service;
+pub mod admin_tokens;
 pub mod agent_service;
 pub mod artifacts;
+pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod log_stream;
+pub mod quota;
+pub mod rate_limit;
 pub mod run_service;
 pub mod settings;
 pub mod state;
@@ -91,6 +96,11 @@ impl Application {
             source,
         })?;
         let metrics = observe::bind(&settings.metrics).await?;
+        let limiter = Arc::new(rate_limit::RateLimiter::new(
+            settings.rate_limit.clone(),
+            bus.client().clone(),
+            &settings.redis.prefix,
+        ));
         Ok(Self {
             state: AppState {
                 pool,
@@ -98,6 +108,7 @@ impl Application {
                 settings: Arc::new(settings),
                 secret_keys,
                 artifacts: Arc::new(store),
+                limiter,
             },
             listener,
             addr,
@@ -174,17 +185,27 @@ impl Application {
         tonic::transport::Server::builder()
             // One span per call, continuing the caller's `traceparent`.
             .trace_fn(drover_core::telemetry::grpc_server_span)
+            .layer(tower::util::MapResponseLayer::new(limits::remap))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(pb::run_service_server::RunServiceServer::new(
-                run_service::RunApi::new(self.state.clone()),
-            ))
-            .add_service(pb::agent_service_server::AgentServiceServer::new(
-                agent_service::AgentApi::new(self.state.clone()),
-            ))
-            .add_service(pb::admin_service_server::AdminServiceServer::new(
-                admin_service::AdminApi::new(self.state.clone()),
-            ))
+            .add_service(
+                pb::run_service_server::RunServiceServer::new(run_service::RunApi::new(
+                    self.state.clone(),
+                ))
+                .max_decoding_message_size(limits::RUN_SERVICE_MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                pb::agent_service_server::AgentServiceServer::new(agent_service::AgentApi::new(
+                    self.state.clone(),
+                ))
+                .max_decoding_message_size(limits::AGENT_SERVICE_MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                pb::admin_service_server::AdminServiceServer::new(admin_service::AdminApi::new(
+                    self.state.clone(),
+                ))
+                .max_decoding_message_size(limits::ADMIN_SERVICE_MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.cancelled().await;
             })

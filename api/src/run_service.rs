@@ -1,21 +1,24 @@
-//! RunService: what clients call. Every query is scoped by tenant (the default tenant until
-//! authentication lands).
+//! RunService: what clients call. Every call is authenticated ([`crate::auth`]) and every
+//! query is scoped by the caller's tenant, so another tenant's run is NOT_FOUND.
 
 use std::pin::Pin;
 
 use drover_core::CoreError;
 use drover_core::convert;
 use drover_core::error::Refusal;
-use drover_core::ids::{DEFAULT_TENANT, RunId, TenantId};
+use drover_core::ids::{RunId, TenantId};
+use drover_core::repo::approvals::{self, Decider, Decision};
+use drover_core::repo::tokens::Role;
 use drover_core::repo::{cancel, runs, secrets, waiting};
 use drover_core::spec::MAX_IDEMPOTENCY_KEY_BYTES;
 use drover_proto::v1 as pb;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::artifacts;
+use crate::auth::User;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, client_reason, page_size, parse_run_id};
+use crate::{artifacts, quota};
 use crate::{log_stream, watch};
 
 #[derive(Debug, Clone)]
@@ -28,15 +31,12 @@ impl RunApi {
         Self { state }
     }
 
-    fn tenant<T>(&self, _req: &Request<T>) -> TenantId {
-        DEFAULT_TENANT
-    }
-
     async fn submit(
         &self,
-        tenant: TenantId,
+        user: &User,
         req: pb::SubmitRunRequest,
     ) -> ApiResult<pb::SubmitRunResponse> {
+        let tenant = user.tenant;
         let raw = req
             .spec
             .map(convert::raw_spec_from_proto)
@@ -60,7 +60,13 @@ impl RunApi {
                 missing.join(", ")
             )));
         }
-        let submitted = runs::submit(&self.state.pool, tenant, &spec, key).await?;
+        let by = runs::Submitter {
+            token: Some(user.principal.token_id),
+            actor: user.actor(),
+        };
+        let max_queued = quota::max_queued(&self.state, user);
+        let submitted =
+            runs::submit_within(&self.state.pool, tenant, &spec, key, &by, max_queued).await?;
         drover_core::telemetry::record_run(&tracing::Span::current(), &submitted.run);
         if !submitted.deduplicated {
             tracing::info!(run_id = %submitted.run.id, tenant = %tenant, pool = %spec.pool, "run submitted");
@@ -86,12 +92,14 @@ impl RunApi {
 
     async fn cancel(
         &self,
-        tenant: TenantId,
+        user: &User,
         req: pb::CancelRunRequest,
     ) -> ApiResult<pb::CancelRunResponse> {
         let id = parse_run_id("run_id", &req.run_id)?;
         let reason = client_reason(&req.reason, "cancelled by a client")?;
-        let run = match cancel::cancel(&self.state.pool, tenant, id, &reason).await {
+        let run = match cancel::cancel(&self.state.pool, user.tenant, id, &reason, &user.actor())
+            .await
+        {
             Ok(cancel::Cancelled::Now(run, event)) => {
                 tracing::info!(run_id = %id, "run cancelled while waiting");
                 self.state.bus.run_event(id, event.seq);
@@ -151,6 +159,32 @@ impl RunApi {
             next_page_token,
         })
     }
+
+    async fn decide(
+        &self,
+        user: &User,
+        run_id: &str,
+        decision: Decision,
+        reason: String,
+    ) -> ApiResult<pb::Run> {
+        let id = parse_run_id("run_id", run_id)?;
+        let by = Decider {
+            token: user.principal.token_id,
+            actor: user.actor(),
+            allow_self_approval: user.principal.allow_self_approval,
+        };
+        match approvals::decide(&self.state.pool, user.tenant, id, decision, &by, &reason).await {
+            Ok((run, event)) => {
+                tracing::info!(run_id = %id, tenant = %user.tenant, decision = ?decision, "approval decision");
+                self.state.bus.run_event(id, event.seq);
+                Ok(convert::run_to_proto(&run))
+            }
+            Err(CoreError::Refused(Refusal::Illegal { from, .. })) => Err(ApiError::Precondition(
+                format!("run is {from}, not waiting for approval"),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRunResponse, Status>> + Send>>;
@@ -162,9 +196,9 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let user = self.state.user(&request, Role::Submitter).await?;
         Ok(Response::new(
-            self.submit(tenant, request.into_inner()).await?,
+            self.submit(&user, request.into_inner()).await?,
         ))
     }
 
@@ -172,7 +206,7 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::GetRunResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.state.reader(&request).await?.tenant;
         let id = parse_run_id("run_id", &request.get_ref().run_id)?;
         let run = self.get(tenant, id).await?;
         Ok(Response::new(pb::GetRunResponse { run: Some(run) }))
@@ -182,7 +216,7 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.state.reader(&request).await?.tenant;
         Ok(Response::new(
             self.list(tenant, request.into_inner()).await?,
         ))
@@ -192,9 +226,9 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::CancelRunResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let user = self.state.user(&request, Role::Submitter).await?;
         Ok(Response::new(
-            self.cancel(tenant, request.into_inner()).await?,
+            self.cancel(&user, request.into_inner()).await?,
         ))
     }
 
@@ -204,7 +238,7 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.state.reader(&request).await?.tenant;
         let id = parse_run_id("run_id", &request.get_ref().run_id)?;
         if !runs::exists(&self.state.pool, tenant, id)
             .await
@@ -222,7 +256,7 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.state.reader(&request).await?.tenant;
         let req = request.into_inner();
         let id = parse_run_id("run_id", &req.run_id)?;
         let from = i64::try_from(req.from_offset)
@@ -241,7 +275,7 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.state.reader(&request).await?.tenant;
         Ok(Response::new(
             artifacts::list(&self.state, tenant, request.into_inner()).await?,
         ))
@@ -253,9 +287,35 @@ impl pb::run_service_server::RunService for RunApi {
         &self,
         request: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetArtifactStream>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.state.reader(&request).await?.tenant;
         Ok(Response::new(
             artifacts::get(&self.state, tenant, request.into_inner()).await?,
         ))
+    }
+
+    async fn approve_run(
+        &self,
+        request: Request<pb::ApproveRunRequest>,
+    ) -> Result<Response<pb::ApproveRunResponse>, Status> {
+        let user = self.state.user(&request, Role::Approver).await?;
+        let req = request.into_inner();
+        let reason = client_reason(&req.comment, "approved")?;
+        let run = self
+            .decide(&user, &req.run_id, Decision::Approve, reason)
+            .await?;
+        Ok(Response::new(pb::ApproveRunResponse { run: Some(run) }))
+    }
+
+    async fn reject_run(
+        &self,
+        request: Request<pb::RejectRunRequest>,
+    ) -> Result<Response<pb::RejectRunResponse>, Status> {
+        let user = self.state.user(&request, Role::Approver).await?;
+        let req = request.into_inner();
+        let reason = client_reason(&req.reason, "rejected by an approver")?;
+        let run = self
+            .decide(&user, &req.run_id, Decision::Reject, reason)
+            .await?;
+        Ok(Response::new(pb::RejectRunResponse { run: Some(run) }))
     }
 }

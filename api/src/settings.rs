@@ -10,6 +10,8 @@ use drover_core::observe::MetricsSettings;
 use drover_core::secrets_crypto::SecretsSettings;
 use serde::Deserialize;
 
+use crate::rate_limit::RateLimitSettings;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Settings {
@@ -28,6 +30,26 @@ pub struct Settings {
     pub artifacts: ArtifactSettings,
     /// `/metrics`, `/healthz`, `/readyz` (`DROVER_METRICS__LISTEN_ADDR`; empty = off).
     pub metrics: MetricsSettings,
+    /// Token buckets per tenant, token and unauthenticated address (`DROVER_RATE_LIMIT__…`).
+    pub rate_limit: RateLimitSettings,
+    /// Quotas applied when a tenant sets none (`DROVER_QUOTA__…`).
+    pub quota: QuotaSettings,
+}
+
+/// Default per-tenant quotas; a tenant's own policy (AdminService.SetTenantPolicy) overrides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct QuotaSettings {
+    /// Most runs QUEUED or PENDING_APPROVAL at once; submits beyond get RESOURCE_EXHAUSTED.
+    pub max_queued_runs: u32,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        Self {
+            max_queued_runs: 100_000,
+        }
+    }
 }
 
 /// The artifact store and the limits of UploadArtifacts (`DROVER_ARTIFACTS__…`).
@@ -88,6 +110,8 @@ impl Default for Settings {
             secrets: SecretsSettings::default(),
             artifacts: ArtifactSettings::default(),
             metrics: MetricsSettings::default(),
+            rate_limit: RateLimitSettings::default(),
+            quota: QuotaSettings::default(),
         }
     }
 }

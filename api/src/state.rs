@@ -9,6 +9,7 @@ use drover_core::secrets_crypto::SecretKeys;
 use sqlx::PgPool;
 
 use crate::error::{ApiError, ApiResult};
+use crate::rate_limit::RateLimiter;
 use crate::settings::Settings;
 
 #[derive(Debug, Clone)]
@@ -19,6 +20,7 @@ pub struct AppState {
     /// Parsed from `settings.secrets` at start; `None` when no key is configured.
     pub secret_keys: Option<Arc<SecretKeys>>,
     pub artifacts: Arc<dyn ArtifactStore>,
+    pub limiter: Arc<RateLimiter>,
 }
 
 /// Parses a run id from a request field; a malformed id is INVALID_ARGUMENT naming the field.

@@ -41,6 +41,27 @@ impl Connection {
     }
 }
 
+/// Where `drover dev` leaves its token and the CLI looks when neither `--token` nor
+/// `DROVER_TOKEN` is given: `$XDG_CONFIG_HOME/drover/token`, else `~/.config/drover/token`.
+pub fn token_file() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config"))
+        })?;
+    Some(base.join("drover").join("token"))
+}
+
+/// The token to use: the flag or variable, else the token file's first line.
+pub fn resolve_token(given: Option<String>) -> Option<String> {
+    given.filter(|t| !t.trim().is_empty()).or_else(|| {
+        let text = std::fs::read_to_string(token_file()?).ok()?;
+        let line = text.lines().next()?.trim().to_owned();
+        (!line.is_empty()).then_some(line)
+    })
+}
+
 pub async fn connect(endpoint: &str, token: Option<&str>) -> anyhow::Result<Connection> {
     let channel = Channel::from_shared(endpoint.to_owned())
         .with_context(|| format!("invalid endpoint {endpoint}"))?
@@ -81,7 +102,9 @@ pub fn meaning(code: Code, subject: Subject) -> &'static str {
         Code::InvalidArgument => "invalid request",
         Code::FailedPrecondition => "not possible in its current state",
         Code::AlreadyExists => "already exists",
-        Code::Unauthenticated => "not authenticated (set --token or DROVER_TOKEN)",
+        Code::Unauthenticated => {
+            "not authenticated (set --token or DROVER_TOKEN, or run `drover admin bootstrap`)"
+        }
         Code::PermissionDenied => "permission denied",
         Code::ResourceExhausted => "rate limit or quota reached; retry later",
         Code::Unavailable => "drover is unavailable; retry later",

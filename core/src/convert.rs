@@ -106,6 +106,8 @@ pub fn raw_spec_from_proto(spec: pb::RunSpec) -> RawSpec {
                 mode: f.mode,
             })
             .collect(),
+        requires_approval: spec.requires_approval,
+        approval_timeout_secs: spec.approval_timeout_seconds,
     }
 }
 
@@ -172,6 +174,8 @@ pub fn spec_to_proto(spec: &RunSpec) -> pb::RunSpec {
                 mode: f.mode,
             })
             .collect(),
+        requires_approval: spec.requires_approval,
+        approval_timeout_seconds: spec.approval_timeout_secs,
     }
 }
 

@@ -23,6 +23,12 @@ pub enum CoreError {
     Corrupt(String),
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// The caller is known but may not do this (PERMISSION_DENIED).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A tenant quota would be exceeded (RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    OverQuota(String),
 }
 
 /// Why a transition changed nothing. Never applied, always reported.

@@ -12,6 +12,8 @@
 pub mod amqp;
 pub mod artifact_paths;
 pub mod artifacts;
+pub mod audit;
+pub mod bearer;
 pub mod config;
 pub mod convert;
 pub mod db;

@@ -99,6 +99,16 @@ pub struct RunSpec {
     /// Inline files written into the workspace before start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<InputFile>,
+    /// Start in PENDING_APPROVAL.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub requires_approval: bool,
+    /// With `requires_approval`: 0 = wait for a decision forever.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub approval_timeout_secs: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn is_false(b: &bool) -> bool {
@@ -225,6 +235,8 @@ pub struct RawSpec {
     /// "" = if-not-present.
     pub image_pull_policy: String,
     pub inputs: Vec<InputFile>,
+    pub requires_approval: bool,
+    pub approval_timeout_secs: u32,
 }
 
 impl RawSpec {
@@ -429,6 +441,18 @@ impl RawSpec {
             }
         };
         let inputs = validate_files("spec.inputs", self.inputs)?;
+        if self.approval_timeout_secs > MAX_QUEUE_TIMEOUT_SECS {
+            return Err(invalid(
+                "spec.approval_timeout_seconds",
+                format!("must be at most {MAX_QUEUE_TIMEOUT_SECS} (7 days)"),
+            ));
+        }
+        if self.approval_timeout_secs > 0 && !self.requires_approval {
+            return Err(invalid(
+                "spec.approval_timeout_seconds",
+                "only applies with requires_approval",
+            ));
+        }
 
         Ok(RunSpec {
             image,
@@ -458,6 +482,8 @@ impl RawSpec {
             writable_rootfs: self.writable_rootfs,
             image_pull_policy,
             inputs,
+            requires_approval: self.requires_approval,
+            approval_timeout_secs: self.approval_timeout_secs,
         })
     }
 }

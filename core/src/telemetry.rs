@@ -253,16 +253,17 @@ pub fn grpc_server_span(req: &http::Request<()>) -> Span {
 }
 
 /// A `tonic` interceptor that puts the current span's `traceparent` into each outgoing
-/// call's metadata, so the server's span continues the caller's trace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PropagateTrace;
+/// call's metadata, so the server's span continues the caller's trace, then runs the inner
+/// interceptor (e.g. the bearer token's).
+#[derive(Debug, Clone, Default)]
+pub struct Traced<I>(pub I);
 
-impl tonic::service::Interceptor for PropagateTrace {
+impl<I: tonic::service::Interceptor> tonic::service::Interceptor for Traced<I> {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = current_traceparent().and_then(|tp| tp.parse().ok()) {
             req.metadata_mut().insert(TRACEPARENT, value);
         }
-        Ok(req)
+        self.0.call(req)
     }
 }
 

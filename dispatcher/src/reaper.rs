@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use drover_core::CoreError;
 use drover_core::events::EventBus;
+use drover_core::repo::approvals;
 use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
 use drover_core::repo::overdue::{self, Found};
 use drover_core::repo::{Transition, runs};
@@ -68,6 +69,7 @@ pub struct Pass {
     pub lost: usize,
     pub timed_out: usize,
     pub queue_timed_out: usize,
+    pub approval_timed_out: usize,
 }
 
 impl Reaper {
@@ -85,6 +87,7 @@ impl Reaper {
                     lost = p.lost,
                     timed_out = p.timed_out,
                     queue_timed_out = p.queue_timed_out,
+                    approval_timed_out = p.approval_timed_out,
                     "reaper pass"
                 ),
                 Ok(_) => {}
@@ -141,6 +144,13 @@ impl Reaper {
         for found in overdue::past_queue_deadline(&self.db, batch).await? {
             if self.queue_timeout(found).await? {
                 pass.queue_timed_out += 1;
+            }
+        }
+        for run_id in approvals::overdue(&self.db, batch).await? {
+            if let Some((run, event)) = approvals::expire(&self.db, run_id).await? {
+                tracing::warn!(run_id = %run.id, "approval timed out; run rejected");
+                self.bus.run_event(run.id, event.seq);
+                pass.approval_timed_out += 1;
             }
         }
         Ok(pass)
@@ -200,7 +210,7 @@ impl Reaper {
                 "queue_timeout: waited longer than its queue timeout of {} s",
                 run.spec.queue_timeout_secs
             )),
-            ..Transition::new(found.run_id, RunState::TimedOut)
+            ..Transition::new(found.run_id, RunState::TimedOut).by("reaper")
         };
         match runs::transition(&mut tx, &t).await {
             Ok((run, event)) => {

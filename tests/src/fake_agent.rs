@@ -6,14 +6,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use drover_proto::v1 as pb;
-use tonic::transport::Channel;
-
 use crate::Stack;
+use crate::stack::AgentClient;
+use drover_proto::v1 as pb;
 
 pub struct FakeAgent {
     pub id: String,
-    pub client: pb::agent_service_client::AgentServiceClient<Channel>,
+    pub client: AgentClient,
 }
 
 impl FakeAgent {
@@ -24,7 +23,7 @@ impl FakeAgent {
         capacity: u32,
         labels: &[(&str, &str)],
     ) -> FakeAgent {
-        let mut client = pb::agent_service_client::AgentServiceClient::new(stack.channel().await);
+        let mut client = stack.agent_client(id).await;
         client
             .register(pb::RegisterAgentRequest {
                 agent_id: id.into(),

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use drover_core::bearer::Bearer;
+use drover_core::repo::tokens::{self, Role};
 use drover_proto::v1 as pb;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -12,6 +14,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::services;
+
+/// Clients carry a bearer token on every call.
+pub type Authed =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+pub type RunClient = pb::run_service_client::RunServiceClient<Authed>;
+pub type AdminClient = pb::admin_service_client::AdminServiceClient<Authed>;
+pub type AgentClient = pb::agent_service_client::AgentServiceClient<Authed>;
 
 /// The API's secrets key in test stacks (id `test1`); a test may override
 /// `DROVER_SECRETS__KEYS` through [`StackOptions::env`], e.g. to an empty string for none.
@@ -92,6 +101,10 @@ pub struct Stack {
     pub log_dir: PathBuf,
     /// `http://ADDR` of the API's `/metrics`, `/healthz` and `/readyz`.
     pub api_metrics: String,
+    /// A token of tenant `default` (the operator tenant) with every user role, made by the
+    /// same bootstrap `drover admin bootstrap` runs. [`Stack::client`], [`Stack::admin`] and
+    /// [`Stack::cli`] use it.
+    pub token: String,
     procs: Vec<Proc>,
     opts: StackOptions,
 }
@@ -139,6 +152,7 @@ impl Stack {
             agent_id: format!("agent-{tag}"),
             endpoint: String::new(),
             api_metrics: String::new(),
+            token: String::new(),
             db: PgPool::connect_lazy(&database_url).expect("pool"),
             tag,
             db_name,
@@ -150,6 +164,12 @@ impl Stack {
             opts,
         };
         stack.start_api().await;
+        // A database given by the options may already have its operator tenant.
+        stack.token = tokens::bootstrap(&stack.db, "default")
+            .await
+            .expect("bootstrap the default tenant")
+            .token
+            .token;
         if stack.opts.dispatcher {
             stack.start_dispatcher();
         }
@@ -289,7 +309,12 @@ impl Stack {
                 .flatten();
         let mut cmd = Command::new(bin_path("drover-agent"));
         self.env(&mut cmd);
+        let agent_token = tokens::create_agent(&self.db, agent_id, "test", "test-stack", None)
+            .await
+            .expect("create an agent token")
+            .token;
         cmd.env("DROVER_AGENT_ID", agent_id)
+            .env("DROVER_AGENT_TOKEN", agent_token)
             .env("DROVER_API_ENDPOINT", &self.endpoint)
             .env("DROVER_CAPACITY", self.opts.agent_capacity.to_string())
             .env("DROVER_EXECUTOR", &self.opts.agent_executor);
@@ -366,6 +391,9 @@ impl Stack {
         let out = Command::new(bin_path("drover"))
             .args(args)
             .env("DROVER_ENDPOINT", &self.endpoint)
+            .env("DROVER_TOKEN", &self.token)
+            // Never the developer's own token file.
+            .env("XDG_CONFIG_HOME", &self.log_dir)
             .output()
             .await
             .expect("run drover");
@@ -376,11 +404,64 @@ impl Stack {
         )
     }
 
-    /// An AdminService client.
-    pub async fn admin(
-        &self,
-    ) -> pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
-        pb::admin_service_client::AdminServiceClient::new(self.channel().await)
+    /// An AdminService client with the stack's token.
+    pub async fn admin(&self) -> AdminClient {
+        self.admin_as(&self.token).await
+    }
+
+    /// An AdminService client with another token.
+    pub async fn admin_as(&self, token: &str) -> AdminClient {
+        pb::admin_service_client::AdminServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(token).expect("token"),
+        )
+    }
+
+    /// A RunService client with another token.
+    pub async fn client_as(&self, token: &str) -> RunClient {
+        pb::run_service_client::RunServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(token).expect("token"),
+        )
+    }
+
+    /// A RunService client on `channel` with the stack's token.
+    pub fn client_on(&self, channel: tonic::transport::Channel) -> RunClient {
+        pb::run_service_client::RunServiceClient::with_interceptor(
+            channel,
+            Bearer::new(&self.token).expect("token"),
+        )
+    }
+
+    /// An AgentService client with a fresh agent token bound to `agent_id`.
+    pub async fn agent_client(&self, agent_id: &str) -> AgentClient {
+        let token = tokens::create_agent(&self.db, agent_id, "test", "test-stack", None)
+            .await
+            .expect("create an agent token")
+            .token;
+        pb::agent_service_client::AgentServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(&token).expect("token"),
+        )
+    }
+
+    /// A new tenant (not an operator) and a token of it with the given roles.
+    pub async fn tenant_token(&self, tenant: &str, roles: &[Role]) -> String {
+        let b = tokens::bootstrap(&self.db, tenant)
+            .await
+            .expect("bootstrap a tenant");
+        if roles == Role::USER {
+            return b.token.token;
+        }
+        tokens::create_user(&self.db, b.tenant, roles, "test", "test")
+            .await
+            .expect("create a token")
+            .token
+    }
+
+    /// A token of tenant `default` with exactly `roles`.
+    pub async fn token_with(&self, roles: &[Role]) -> String {
+        self.tenant_token("default", roles).await
     }
 
     /// Polls `cond` every 50 ms until true or `limit` passes.
@@ -399,12 +480,9 @@ impl Stack {
         false
     }
 
-    pub async fn client(
-        &self,
-    ) -> pb::run_service_client::RunServiceClient<tonic::transport::Channel> {
-        pb::run_service_client::RunServiceClient::connect(self.endpoint.clone())
-            .await
-            .expect("connect to drover-api")
+    /// A RunService client with the stack's token.
+    pub async fn client(&self) -> RunClient {
+        self.client_as(&self.token).await
     }
 
     pub async fn channel(&self) -> tonic::transport::Channel {

@@ -35,7 +35,7 @@ async fn fifty_concurrent_submits_with_one_key_make_one_run() {
     let channel = stack.channel().await;
     let mut tasks = Vec::new();
     for _ in 0..50 {
-        let mut client = pb::run_service_client::RunServiceClient::new(channel.clone());
+        let mut client = stack.client_on(channel.clone());
         tasks.push(tokio::spawn(async move {
             client
                 .submit_run(pb::SubmitRunRequest {

@@ -401,9 +401,16 @@ async fn key_rotation_keeps_old_values_readable() {
     let only_new = SecretKeys::parse(&k2, "k2").unwrap().unwrap();
     let names = vec!["ROTATED".to_owned()];
 
-    let (info, created) = secrets::put(&stack.db, &old, DEFAULT_TENANT, "ROTATED", API_TOKEN)
-        .await
-        .unwrap();
+    let (info, created) = secrets::put(
+        &stack.db,
+        &old,
+        DEFAULT_TENANT,
+        "ROTATED",
+        API_TOKEN,
+        "test",
+    )
+    .await
+    .unwrap();
     assert!(created);
     assert_eq!(info.key_id, "k1");
     let opened = secrets::reveal(&stack.db, Some(&rotated), DEFAULT_TENANT, &names)
@@ -422,9 +429,16 @@ async fn key_rotation_keeps_old_values_readable() {
         gone.unavailable
     );
 
-    let (info, created) = secrets::put(&stack.db, &rotated, DEFAULT_TENANT, "ROTATED", API_TOKEN)
-        .await
-        .unwrap();
+    let (info, created) = secrets::put(
+        &stack.db,
+        &rotated,
+        DEFAULT_TENANT,
+        "ROTATED",
+        API_TOKEN,
+        "test",
+    )
+    .await
+    .unwrap();
     assert!(!created);
     assert_eq!(info.key_id, "k2");
     let opened = secrets::reveal(&stack.db, Some(&only_new), DEFAULT_TENANT, &names)

@@ -59,7 +59,7 @@ fn with_journal(mut opts: StackOptions) -> (StackOptions, PathBuf) {
 
 async fn submit_with(
     stack: &Stack,
-    client: &mut pb::run_service_client::RunServiceClient<tonic::transport::Channel>,
+    client: &mut drover_tests::stack::RunClient,
     s: pb::RunSpec,
 ) -> pb::Run {
     match client
@@ -453,10 +453,18 @@ async fn a_postgres_restart_while_runs_execute_loses_nothing() {
 }
 
 /// Follows WatchRun to its end; every event it delivered.
-async fn watch(endpoint: String, run_id: String) -> Result<Vec<pb::RunEvent>, String> {
-    let mut client = pb::run_service_client::RunServiceClient::connect(endpoint)
+async fn watch(
+    endpoint: String,
+    token: String,
+    run_id: String,
+) -> Result<Vec<pb::RunEvent>, String> {
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .map_err(|e| format!("endpoint: {e}"))?
+        .connect()
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    let bearer = drover_core::bearer::Bearer::new(&token).map_err(|e| e.to_string())?;
+    let mut client = pb::run_service_client::RunServiceClient::with_interceptor(channel, bearer);
     let mut stream = client
         .watch_run(pb::WatchRunRequest {
             run_id: run_id.clone(),
@@ -524,7 +532,11 @@ async fn a_redis_flush_and_restart_mid_run_lose_no_watch_event() {
             spec(&["sh", "-c", &format!("sleep 4; echo redis {i}")]),
         )
         .await;
-        watchers.push(tokio::spawn(watch(stack.endpoint.clone(), run.id.clone())));
+        watchers.push(tokio::spawn(watch(
+            stack.endpoint.clone(),
+            stack.token.clone(),
+            run.id.clone(),
+        )));
         ids.push(run.id);
     }
     wait_states(&stack, &ids, Duration::from_secs(120), "started", started).await;
@@ -552,7 +564,7 @@ async fn a_redis_flush_and_restart_mid_run_lose_no_watch_event() {
 
     // After the restart, a new run is watched from submit to end as well.
     let run = submit(&stack, spec(&["echo", "after the redis restart"])).await;
-    let events = watch(stack.endpoint.clone(), run.id.clone())
+    let events = watch(stack.endpoint.clone(), stack.token.clone(), run.id.clone())
         .await
         .unwrap_or_else(|e| {
             stack.dump_logs();

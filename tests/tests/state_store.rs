@@ -62,10 +62,16 @@ fn assign(run: drover_core::ids::RunId, agent: &str) -> Transition {
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_transitions_change_nothing() {
     let (name, pool) = fresh_db().await;
-    let run = runs::submit(&pool, DEFAULT_TENANT, &spec(), None)
-        .await
-        .unwrap()
-        .run;
+    let run = runs::submit(
+        &pool,
+        DEFAULT_TENANT,
+        &spec(),
+        None,
+        &runs::Submitter::system("test"),
+    )
+    .await
+    .unwrap()
+    .run;
     assert_eq!(event_count(&pool, run.id).await, 1);
 
     // Illegal pair: QUEUED -> SUCCEEDED.
@@ -167,10 +173,16 @@ async fn refused_transitions_change_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_assignments_have_exactly_one_winner() {
     let (name, pool) = fresh_db().await;
-    let run = runs::submit(&pool, DEFAULT_TENANT, &spec(), None)
-        .await
-        .unwrap()
-        .run;
+    let run = runs::submit(
+        &pool,
+        DEFAULT_TENANT,
+        &spec(),
+        None,
+        &runs::Submitter::system("test"),
+    )
+    .await
+    .unwrap()
+    .run;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let pool = pool.clone();

@@ -22,6 +22,7 @@
 //! Leftovers are never orphaned: an execution that could not be handed back in time keeps its
 //! container, which the next start of this agent re-adopts or removes.
 
+use drover_core::bearer::Bearer;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -194,8 +195,15 @@ impl Agent {
             health,
         } = self;
         health.set("draining", Ok(()));
+        let token = Bearer::from_secret(&settings.agent_token)
+            .map_err(|e| AgentError::InvalidSettings(format!("agent_token: {e}")))?;
+        if !token.is_set() {
+            tracing::warn!(
+                "no agent token configured (DROVER_AGENT_TOKEN): the api will refuse this agent"
+            );
+        }
         let Some(api) =
-            ApiClient::connect(&settings.api_endpoint, agent_id.clone(), &cancel).await?
+            ApiClient::connect(&settings.api_endpoint, agent_id.clone(), token, &cancel).await?
         else {
             tracing::info!("stopped before the api answered");
             return Ok(());

@@ -6,17 +6,21 @@ use std::future::Future;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use drover_core::bearer::Bearer;
 use drover_core::ids::{AgentId, LeaseEpoch, RunId};
-use drover_core::telemetry::PropagateTrace;
+use drover_core::telemetry::Traced;
 use drover_proto::v1 as pb;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::error::AgentError;
+
+/// Every call carries the agent token, and the caller's `traceparent` so the API's span
+/// continues the caller's trace.
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Traced<Bearer>>;
 
 /// A single call's limit, so a hung API counts as a transient failure and is retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -86,15 +90,12 @@ impl From<Status> for ApiError {
     }
 }
 
-/// The agent's gRPC transport: every call carries the caller's `traceparent`.
-type Transport = InterceptedService<Channel, PropagateTrace>;
-
 /// Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone)]
 pub struct ApiClient {
-    client: AgentServiceClient<Transport>,
+    client: AgentServiceClient<Authed>,
     /// The same API without the per-call timeout, for artifact streams.
-    bulk: AgentServiceClient<Transport>,
+    bulk: AgentServiceClient<Authed>,
     agent_id: AgentId,
 }
 
@@ -103,6 +104,7 @@ impl ApiClient {
     pub async fn connect(
         endpoint: &str,
         agent_id: AgentId,
+        token: Bearer,
         cancel: &CancellationToken,
     ) -> Result<Option<Self>, AgentError> {
         let invalid = |reason: String| AgentError::InvalidApiEndpoint {
@@ -117,7 +119,7 @@ impl ApiClient {
             .keep_alive_while_idle(true);
         // Artifact transfers take as long as their size needs; the API cuts off a stream that
         // goes idle, and HTTP/2 keep-alives notice a dead peer.
-        let bulk = AgentServiceClient::with_interceptor(base.connect_lazy(), PropagateTrace);
+        let bulk = AgentServiceClient::with_interceptor(base.connect_lazy(), Traced(token.clone()));
         let target = base.timeout(REQUEST_TIMEOUT);
         let connect = || target.connect();
         let retrying = connect
@@ -136,7 +138,7 @@ impl ApiClient {
         };
         tracing::info!(endpoint, "connected to the api");
         Ok(Some(Self {
-            client: AgentServiceClient::with_interceptor(channel, PropagateTrace),
+            client: AgentServiceClient::with_interceptor(channel, Traced(token)),
             bulk,
             agent_id,
         }))
@@ -347,7 +349,7 @@ impl ApiClient {
         mut f: F,
     ) -> Result<T, ApiError>
     where
-        F: FnMut(AgentServiceClient<Transport>) -> Fut,
+        F: FnMut(AgentServiceClient<Authed>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let attempt = || {

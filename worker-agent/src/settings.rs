@@ -11,6 +11,7 @@ use drover_core::config::AmqpSettings;
 use drover_core::ids::AgentId;
 use drover_core::observe::MetricsSettings;
 use drover_core::spec::{ExecutorName, validate_pool};
+use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::error::AgentError;
@@ -26,6 +27,9 @@ pub struct Settings {
     pub agent_id: String,
     /// Where the API's gRPC `AgentService` listens.
     pub api_endpoint: String,
+    /// The agent token bound to `agent_id` (`DROVER_AGENT_TOKEN`; made with
+    /// `drover admin agent-token` or AdminService.CreateToken by an operator).
+    pub agent_token: SecretString,
     /// Worker pool this agent serves.
     pub pool: String,
     /// Labels runs may require (e.g. `gpu = "true"`). Values given as numbers or booleans
@@ -67,6 +71,7 @@ impl Default for Settings {
         Self {
             agent_id: default_agent_id(),
             api_endpoint: "http://127.0.0.1:50051".to_owned(),
+            agent_token: SecretString::from(String::new()),
             pool: "default".to_owned(),
             labels: BTreeMap::new(),
             capacity: 4,

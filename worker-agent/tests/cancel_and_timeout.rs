@@ -81,10 +81,7 @@ async fn cancelling_a_run_that_traps_sigterm_ends_cancelled_at_once() {
         ["QUEUED", "ASSIGNED", "RUNNING", "CANCELLED"]
     );
     // A second cancel of the finished run changes nothing, whatever the API answers.
-    let mut client =
-        pb::run_service_client::RunServiceClient::connect(format!("http://{}", env.api_addr))
-            .await
-            .unwrap();
+    let mut client = env.runs_client().await;
     let _ = client
         .cancel_run(pb::CancelRunRequest {
             run_id: run.to_string(),

@@ -152,10 +152,7 @@ async fn an_operator_drain_lets_running_runs_finish_then_deregisters() {
     env.assign(run).await;
     env.wait_for_state(run, RunState::Running).await;
 
-    let mut admin =
-        pb::admin_service_client::AdminServiceClient::connect(format!("http://{}", env.api_addr))
-            .await
-            .unwrap();
+    let mut admin = env.admin_client().await;
     admin
         .drain_agent(pb::DrainAgentRequest {
             agent_id: env.agent_id.clone(),

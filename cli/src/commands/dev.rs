@@ -3,14 +3,20 @@
 //! `deploy/local-services.sh` starts. Connection settings come from `DROVER_…` variables
 //! (`DROVER_DATABASE__URL`, `DROVER_AMQP__URL`, `DROVER_REDIS__URL`) or their local defaults.
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use drover_core::config::{self, AmqpSettings, DatabaseSettings, RedisSettings};
+use drover_core::repo::tokens;
 use drover_core::secrets_crypto::SecretsSettings;
 use drover_core::shutdown;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::client;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(default)]
@@ -49,6 +55,10 @@ pub async fn run(listen: &str, agent_capacity: u32) -> anyhow::Result<()> {
         .await
         .context("starting the API (is Postgres running? try deploy/local-services.sh)")?;
     let addr = api.local_addr();
+    let pool = drover_core::db::connect(&shared.database)
+        .await
+        .context("connecting to Postgres")?;
+    let token = dev_token(&pool).await?;
 
     let dispatcher = drover_dispatcher::Dispatcher::build(drover_dispatcher::Settings {
         database: shared.database.clone(),
@@ -59,12 +69,22 @@ pub async fn run(listen: &str, agent_capacity: u32) -> anyhow::Result<()> {
     .await
     .context("starting the dispatcher")?;
 
-    let agent_settings = drover_agent::Settings {
+    let mut agent_settings = drover_agent::Settings {
         api_endpoint: format!("http://{addr}"),
         amqp: shared.amqp.clone(),
         capacity: agent_capacity,
         ..Default::default()
     };
+    let agent_token = tokens::create_agent(
+        &pool,
+        &agent_settings.agent_id,
+        "dev-agent",
+        "drover-dev",
+        None,
+    )
+    .await
+    .context("creating the dev agent's token")?;
+    agent_settings.agent_token = agent_token.token.into();
 
     let api_task = tokio::spawn(api.run_until_stopped(root.child_token()));
     let dispatcher_task = tokio::spawn(dispatcher.run_until_stopped(root.child_token()));
@@ -79,6 +99,13 @@ pub async fn run(listen: &str, agent_capacity: u32) -> anyhow::Result<()> {
         }
     };
     println!("drover dev: API on http://{addr}  (export DROVER_ENDPOINT=http://{addr})");
+    match &token {
+        DevToken::Reused(path) => println!("drover dev: using the token in {}", path.display()),
+        DevToken::Created(path) => println!(
+            "drover dev: bootstrapped tenant `default`; its admin token is in {} (the CLI reads it)",
+            path.display()
+        ),
+    }
     println!("drover dev: press Ctrl-C to stop");
 
     root.cancelled().await;
@@ -90,6 +117,38 @@ pub async fn run(listen: &str, agent_capacity: u32) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     report("api", api_task.await);
     Ok(())
+}
+
+enum DevToken {
+    Reused(PathBuf),
+    Created(PathBuf),
+}
+
+/// The local user's token: the one in the CLI's token file if it still authenticates, else a
+/// new bootstrap token of tenant `default` written there (mode 0600), so `drover submit` works
+/// against the dev stack with no set-up.
+async fn dev_token(pool: &sqlx::PgPool) -> anyhow::Result<DevToken> {
+    let path = client::token_file().context("no HOME or XDG_CONFIG_HOME for the token file")?;
+    if let Some(existing) = client::resolve_token(None)
+        && tokens::authenticate(pool, &tokens::hash(&existing))
+            .await?
+            .is_some()
+    {
+        return Ok(DevToken::Reused(path));
+    }
+    let b = tokens::bootstrap(pool, "default").await?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{}", b.token.token)?;
+    Ok(DevToken::Created(path))
 }
 
 fn report<E: std::fmt::Display>(what: &str, res: Result<Result<(), E>, tokio::task::JoinError>) {

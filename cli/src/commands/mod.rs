@@ -1,7 +1,10 @@
 //! One module per `drover` subcommand.
 
+pub mod admin;
 pub mod agents;
+pub mod approve;
 pub mod artifacts;
+pub mod audit;
 pub mod cancel;
 pub mod dev;
 pub mod dlq;
@@ -11,4 +14,5 @@ pub mod logs;
 pub mod secrets;
 pub mod stats;
 pub mod submit;
+pub mod tokens;
 pub mod watch;

@@ -26,6 +26,7 @@ pub async fn cancel(
     tenant: TenantId,
     run_id: RunId,
     reason: &str,
+    actor: &str,
 ) -> Result<Cancelled, CoreError> {
     let mut tx = pool.begin().await?;
     let run = runs::lock(&mut tx, run_id)
@@ -37,7 +38,7 @@ pub async fn cancel(
             let t = Transition {
                 tenant: Some(tenant),
                 reason: Some(reason.to_owned()),
-                ..Transition::new(run_id, RunState::Cancelled)
+                ..Transition::new(run_id, RunState::Cancelled).by(actor)
             };
             let (run, event) = runs::transition(&mut tx, &t).await?;
             runs::notify_capacity(&mut tx).await?;
@@ -52,6 +53,15 @@ pub async fn cancel(
                 return Ok(Cancelled::Requested(run));
             }
             let run = runs::mark_cancel_requested(&mut tx, run_id, reason).await?;
+            crate::audit::record(
+                &mut tx,
+                tenant,
+                "run.cancel_requested",
+                actor,
+                &run_id.to_string(),
+                reason,
+            )
+            .await?;
             if let Some(agent) = run.agent_id.as_deref() {
                 let cmd = AgentCommand::Cancel {
                     run_id,

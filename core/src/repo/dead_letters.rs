@@ -130,13 +130,14 @@ pub async fn redrive(
     tenant: TenantId,
     run_id: RunId,
     reason: &str,
+    actor: &str,
 ) -> Result<(RunRecord, EventRecord), CoreError> {
     let mut tx = pool.begin().await?;
     let t = Transition {
         tenant: Some(tenant),
         reason: Some(reason.to_owned()),
         patch: TransitionPatch::Redrive,
-        ..Transition::new(run_id, RunState::Queued)
+        ..Transition::new(run_id, RunState::Queued).by(actor)
     };
     let (run, event) = runs::transition(&mut tx, &t).await?;
     runs::enqueue_run_message(&mut tx, &run).await?;

@@ -6,6 +6,7 @@
 //! first.
 
 pub mod agents;
+pub mod approvals;
 pub mod artifacts;
 pub mod attempts;
 pub mod cancel;
@@ -16,6 +17,7 @@ pub mod overdue;
 pub mod runs;
 pub mod secrets;
 pub mod stats;
+pub mod tokens;
 pub mod waiting;
 
 pub use runs::{EventRecord, RunRecord, Transition, TransitionPatch};

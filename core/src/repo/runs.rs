@@ -8,6 +8,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+use crate::audit;
 use crate::error::{CoreError, Refusal};
 use crate::ids::{RunId, TenantId};
 use crate::messages::{self, RunMessage};
@@ -120,6 +121,23 @@ impl EventRecord {
     }
 }
 
+/// Who submits a run: the token (kept for the self-approval rule) and the audit actor.
+#[derive(Debug, Clone)]
+pub struct Submitter {
+    pub token: Option<Uuid>,
+    pub actor: String,
+}
+
+impl Submitter {
+    /// A submit from inside the system (tests, tools), with no token behind it.
+    pub fn system(actor: &str) -> Self {
+        Self {
+            token: None,
+            actor: actor.to_owned(),
+        }
+    }
+}
+
 /// Result of a submit: the run, and whether it already existed under the idempotency key.
 #[derive(Debug)]
 pub struct Submitted {
@@ -127,22 +145,75 @@ pub struct Submitted {
     pub deduplicated: bool,
 }
 
-/// Stores a new QUEUED run, its first event and its outbox message in one transaction.
-/// With an idempotency key already used: the same spec returns the stored run, another spec
-/// is [`CoreError::IdempotencyConflict`].
+/// Stores a new run (QUEUED, or PENDING_APPROVAL when the spec requires approval), its first
+/// event and, when queued, its outbox message in one transaction. With an idempotency key
+/// already used: the same spec returns the stored run, another spec is
+/// [`CoreError::IdempotencyConflict`].
 pub async fn submit(
     pool: &PgPool,
     tenant: TenantId,
     spec: &RunSpec,
     idempotency_key: Option<&str>,
+    by: &Submitter,
+) -> Result<Submitted, CoreError> {
+    submit_within(pool, tenant, spec, idempotency_key, by, None).await
+}
+
+/// [`submit`], refused with [`CoreError::OverQuota`] when the tenant already has
+/// `max_queued` runs QUEUED or PENDING_APPROVAL. The count and the insert happen under the
+/// tenant's audit-chain lock (which the insert takes anyway), so concurrent submits cannot
+/// overshoot. A deduplicated submit is never refused: it adds nothing.
+pub async fn submit_within(
+    pool: &PgPool,
+    tenant: TenantId,
+    spec: &RunSpec,
+    idempotency_key: Option<&str>,
+    by: &Submitter,
+    max_queued: Option<i64>,
 ) -> Result<Submitted, CoreError> {
     let id = RunId::new();
     let hash = spec.canonical_hash();
+    let state = if spec.requires_approval {
+        RunState::PendingApproval
+    } else {
+        RunState::Queued
+    };
     let mut tx = pool.begin().await?;
+    if let Some(max) = max_queued {
+        audit::lock_chain(&mut tx, tenant).await?;
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 \
+             AND state IN ('QUEUED', 'PENDING_APPROVAL') LIMIT $2) w",
+        )
+        .bind(tenant.0)
+        .bind(max)
+        .fetch_one(&mut *tx)
+        .await?;
+        if waiting >= max {
+            let dup = match idempotency_key {
+                Some(k) => sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM runs WHERE tenant_id = $1 AND idempotency_key = $2)",
+                )
+                .bind(tenant.0)
+                .bind(k)
+                .fetch_one(&mut *tx)
+                .await?,
+                None => false,
+            };
+            if !dup {
+                return Err(CoreError::OverQuota(format!(
+                    "tenant quota max_queued_runs={max} reached: {waiting} runs are queued or \
+                     waiting for approval; retry when some have started"
+                )));
+            }
+        }
+    }
     let inserted = sqlx::query(&format!(
         "INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, pool, priority, \
-         attempt, max_attempts, queue_deadline, traceparent) VALUES ($1, $2, 'QUEUED', $3, $4, $5, $6, \
-         $7, 1, $8, CASE WHEN $9 > 0 THEN now() + $9 * interval '1 second' END, $10) \
+         attempt, max_attempts, queue_deadline, submitted_by, approval_deadline, traceparent) \
+         VALUES ($1, $2, $10, $3, $4, $5, $6, $7, 1, $8, \
+         CASE WHEN $9 > 0 AND $10 = 'QUEUED' THEN now() + $9 * interval '1 second' END, $11, \
+         CASE WHEN $12 > 0 THEN now() + $12 * interval '1 second' END, $13) \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}"
     ))
     .bind(id.0)
@@ -154,6 +225,9 @@ pub async fn submit(
     .bind(spec.priority)
     .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
     .bind(i64::from(spec.queue_timeout_secs))
+    .bind(state.as_str())
+    .bind(by.token)
+    .bind(i64::from(spec.approval_timeout_secs))
     .bind(crate::telemetry::current_traceparent())
     .fetch_optional(&mut *tx)
     .await?;
@@ -180,8 +254,10 @@ pub async fn submit(
         });
     };
     let run = RunRecord::from_row(&row)?;
-    insert_event(&mut tx, &run, None, Some("submitted")).await?;
-    enqueue_run_message(&mut tx, &run).await?;
+    insert_event(&mut tx, &run, None, Some("submitted"), &by.actor).await?;
+    if run.state == RunState::Queued {
+        enqueue_run_message(&mut tx, &run).await?;
+    }
     tx.commit().await?;
     metrics::counter!(crate::observe::names::RUNS_SUBMITTED).increment(1);
     Ok(Submitted {
@@ -236,28 +312,59 @@ pub async fn enqueue_run_message_after(
     super::outbox::enqueue_message(conn, run.tenant_id, message, delay_ms).await
 }
 
+/// Appends the run's next event, linked into its tenant's audit chain ([`crate::audit`]).
 async fn insert_event(
     conn: &mut PgConnection,
     run: &RunRecord,
     from: Option<RunState>,
     reason: Option<&str>,
+    actor: &str,
 ) -> Result<EventRecord, CoreError> {
     // The run row is locked by the caller's insert/update, so MAX(seq)+1 cannot race.
+    let seq: i32 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM run_events WHERE run_id = $1")
+            .bind(run.id.0)
+            .fetch_one(&mut *conn)
+            .await?;
+    let from_name = from.map(RunState::as_str);
+    let mut entry = audit::Entry {
+        tenant: run.tenant_id.0,
+        chain_seq: 0,
+        kind: "run".to_owned(),
+        actor: actor.to_owned(),
+        at: audit::now(),
+        fields: audit::run_event_fields(
+            run.id.0,
+            seq,
+            from_name,
+            run.state.as_str(),
+            run.attempt,
+            run.lease_epoch,
+            run.agent_id.as_deref(),
+            reason,
+        ),
+    };
+    let link = audit::append(conn, &mut entry).await?;
     let row = sqlx::query(
         "INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
-         lease_epoch, agent_id, reason) \
-         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6, $7, $8 \
-         FROM run_events WHERE run_id = $1 \
+         lease_epoch, agent_id, reason, at, actor, chain_seq, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
          RETURNING run_id, seq, from_state, to_state, attempt, lease_epoch, reason, at",
     )
     .bind(run.id.0)
+    .bind(seq)
     .bind(run.tenant_id.0)
-    .bind(from.map(RunState::as_str))
+    .bind(from_name)
     .bind(run.state.as_str())
     .bind(run.attempt)
     .bind(run.lease_epoch)
     .bind(run.agent_id.as_deref())
     .bind(reason)
+    .bind(entry.at)
+    .bind(actor)
+    .bind(link.chain_seq)
+    .bind(&link.prev_hash)
+    .bind(&link.hash)
     .fetch_one(conn)
     .await?;
     EventRecord::from_row(&row)
@@ -360,6 +467,10 @@ pub struct Transition {
     /// holder's report (lease expired, backstop timeout), so anything the holder still sends
     /// is refused as stale.
     pub fence: bool,
+    /// Who made the change, for the audit chain (`token:<id>`, `agent:<id>`, `reaper`, …).
+    /// `None`: the agent named by `expected_agent`, the dispatcher for an assignment, else
+    /// `system`.
+    pub actor: Option<String>,
 }
 
 impl Transition {
@@ -374,6 +485,27 @@ impl Transition {
             reason: None,
             patch: TransitionPatch::None,
             fence: false,
+            actor: None,
+        }
+    }
+
+    /// Sets the audit actor.
+    pub fn by(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    fn actor(&self) -> String {
+        if let Some(a) = &self.actor {
+            return a.clone();
+        }
+        match (&self.patch, &self.expected_agent) {
+            (TransitionPatch::Assign { .. }, _) => "dispatcher".to_owned(),
+            (_, Some(agent)) => format!("agent:{agent}"),
+            // Ending a lease without its holder's report is the reaper's (or a dead-letter
+            // consumer's) doing.
+            _ if self.fence => "reaper".to_owned(),
+            _ => "system".to_owned(),
         }
     }
 }
@@ -521,7 +653,14 @@ pub async fn transition(
     };
     let prev: String = row.try_get("prev_state")?;
     let run = RunRecord::from_row(&row)?;
-    let event = insert_event(conn, &run, Some(parse_state(&prev)?), t.reason.as_deref()).await?;
+    let event = insert_event(
+        conn,
+        &run,
+        Some(parse_state(&prev)?),
+        t.reason.as_deref(),
+        &t.actor(),
+    )
+    .await?;
     Ok((run, event))
 }
 

@@ -51,8 +51,10 @@ pub async fn put(
     tenant: TenantId,
     name: &str,
     value: &str,
+    actor: &str,
 ) -> Result<(SecretInfo, bool), SecretsError> {
     let sealed = keys.seal(tenant, name, value.as_bytes())?;
+    let mut tx = pool.begin().await.map_err(CoreError::from)?;
     let row = sqlx::query(
         "INSERT INTO secrets (tenant_id, name, key_id, nonce, ciphertext)
          VALUES ($1, $2, $3, $4, $5)
@@ -66,20 +68,45 @@ pub async fn put(
     .bind(&sealed.key_id)
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(CoreError::from)?;
+    let created: bool = row.try_get("created").map_err(CoreError::from)?;
+    let stored = info(&row)?;
+    // The audit records that a value changed and under which key, never the value.
+    crate::audit::record(
+        &mut tx,
+        tenant,
+        "secret.put",
+        actor,
+        name,
+        &format!("key_id={} created={created}", stored.key_id),
+    )
     .await?;
-    let created: bool = row.try_get("created")?;
-    Ok((info(&row)?, created))
+    tx.commit().await.map_err(CoreError::from)?;
+    Ok((stored, created))
 }
 
 /// Deletes a secret; false if there was none of that name.
-pub async fn delete(pool: &PgPool, tenant: TenantId, name: &str) -> Result<bool, CoreError> {
+pub async fn delete(
+    pool: &PgPool,
+    tenant: TenantId,
+    name: &str,
+    actor: &str,
+) -> Result<bool, CoreError> {
+    let mut tx = pool.begin().await?;
     let done = sqlx::query("DELETE FROM secrets WHERE tenant_id = $1 AND name = $2")
         .bind(tenant.0)
         .bind(name)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
-    Ok(done.rows_affected() > 0)
+    if done.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    crate::audit::record(&mut tx, tenant, "secret.delete", actor, name, "").await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// The tenant's secrets by name, without values.

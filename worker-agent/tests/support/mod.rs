@@ -30,10 +30,12 @@ use std::time::Duration;
 
 use drover_agent::{Agent, AgentError, Settings};
 use drover_api::Application;
+use drover_core::bearer::Bearer;
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
 use drover_core::ids::{DEFAULT_TENANT, RunId};
+use drover_core::repo::tokens;
 use drover_core::repo::{RunRecord, runs};
 use drover_core::spec::RawSpec;
 use drover_core::state::RunState;
@@ -131,6 +133,10 @@ pub struct TestEnv {
     pub opts: EnvOptions,
     /// The execution journal every agent of this test appends to.
     pub journal: PathBuf,
+    /// A token of tenant `default` with every user role.
+    pub token: String,
+    /// The agent's token, bound to `agent_id`.
+    pub agent_token: String,
     dir: PathBuf,
     api_stop: CancellationToken,
     api: JoinHandle<Result<(), drover_api::StartError>>,
@@ -214,6 +220,15 @@ impl TestEnv {
         let amqp = Connection::connect(&amqp_url, ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| panic!("rabbitmq not reachable at {amqp_url}: {e}"));
+        let token = tokens::bootstrap(&pool, "default")
+            .await
+            .expect("bootstrap the default tenant")
+            .token
+            .token;
+        let agent_token = tokens::create_agent(&pool, &agent_id, "test", "test", None)
+            .await
+            .expect("create the agent token")
+            .token;
 
         TestEnv {
             agent_id,
@@ -223,6 +238,8 @@ impl TestEnv {
             api_addr,
             opts,
             journal: dir.join("executions.jsonl"),
+            token,
+            agent_token,
             dir,
             api_stop,
             api,
@@ -245,6 +262,7 @@ impl TestEnv {
                 ..AmqpSettings::default()
             },
             execution_journal: Some(self.journal.clone()),
+            agent_token: self.agent_token.clone().into(),
             ..Settings::default()
         }
     }
@@ -272,6 +290,7 @@ impl TestEnv {
         let err = file.try_clone().expect("agent log file");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_drover-agent"))
             .env("DROVER_AGENT_ID", &s.agent_id)
+            .env("DROVER_AGENT_TOKEN", &self.agent_token)
             .env("DROVER_API_ENDPOINT", &s.api_endpoint)
             .env("DROVER_CAPACITY", s.capacity.to_string())
             .env(
@@ -365,9 +384,15 @@ impl TestEnv {
 
     pub async fn submit_spec(&self, raw: RawSpec) -> RunId {
         let spec = raw.validate().unwrap();
-        let submitted = runs::submit(&self.pool, DEFAULT_TENANT, &spec, None)
-            .await
-            .unwrap();
+        let submitted = runs::submit(
+            &self.pool,
+            DEFAULT_TENANT,
+            &spec,
+            None,
+            &runs::Submitter::system("test"),
+        )
+        .await
+        .unwrap();
         assert_eq!(submitted.run.state, RunState::Queued);
         submitted.run.id
     }
@@ -398,11 +423,8 @@ impl TestEnv {
 
     /// The real RunService `CancelRun`, as a client calls it.
     pub async fn cancel(&self, run: RunId) -> pb::Run {
-        let mut client =
-            pb::run_service_client::RunServiceClient::connect(format!("http://{}", self.api_addr))
-                .await
-                .expect("connect to the api");
-        client
+        self.runs_client()
+            .await
             .cancel_run(pb::CancelRunRequest {
                 run_id: run.to_string(),
                 reason: "test".into(),
@@ -412,6 +434,40 @@ impl TestEnv {
             .into_inner()
             .run
             .expect("the run after the cancel")
+    }
+
+    /// A RunService client with the test's user token.
+    pub async fn runs_client(
+        &self,
+    ) -> pb::run_service_client::RunServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+    > {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.api_addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the api");
+        pb::run_service_client::RunServiceClient::with_interceptor(
+            channel,
+            Bearer::new(&self.token).expect("token"),
+        )
+    }
+
+    /// An AdminService client with the test's user token (an operator tenant's admin).
+    pub async fn admin_client(
+        &self,
+    ) -> pb::admin_service_client::AdminServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+    > {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.api_addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the api");
+        pb::admin_service_client::AdminServiceClient::with_interceptor(
+            channel,
+            Bearer::new(&self.token).expect("token"),
+        )
     }
 
     /// Moves the lease away from this agent behind its back, as the reaper and a dispatcher
