@@ -47,6 +47,9 @@ impl AgentApi {
         let rec = runs::get_unscoped(&self.state.pool, run)
             .await?
             .ok_or(ApiError::NotFound("run not found"))?;
+        let span = tracing::Span::current();
+        drover_core::telemetry::record_lease(&span, run, agent.as_str(), epoch);
+        drover_core::telemetry::record_run(&span, &rec);
         if rec.agent_id.as_deref() != Some(agent.as_str()) {
             tracing::warn!(run_id = %run, agent_id = %agent, "report for a run not leased to this agent");
             return Err(ApiError::Precondition(
@@ -176,6 +179,7 @@ impl AgentApi {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
+        drover_core::telemetry::record_lease(&tracing::Span::current(), run, agent.as_str(), ep);
         let executor = if req.executor.is_empty() {
             "docker".to_owned()
         } else {
@@ -189,7 +193,8 @@ impl AgentApi {
             ..Transition::new(run, RunState::Running)
         };
         match self.apply(t).await {
-            Ok(_) => {
+            Ok(rec) => {
+                drover_core::telemetry::record_run(&tracing::Span::current(), &rec);
                 tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, "run started");
                 Ok(())
             }
@@ -244,6 +249,7 @@ impl AgentApi {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
+        drover_core::telemetry::record_lease(&tracing::Span::current(), run, agent.as_str(), ep);
         let upload = crate::artifacts::parse_upload_id(&req.artifact_upload_id)?;
         let kind = match pb::Outcome::try_from(req.outcome) {
             Ok(pb::Outcome::Succeeded) => EndKind::Succeeded,
@@ -302,6 +308,8 @@ impl AgentApi {
         };
         match ended.await {
             Ok((rec, event)) => {
+                let span = tracing::Span::current();
+                span.record("tenant", tracing::field::display(rec.tenant_id));
                 observe::record_transition(&event);
                 self.state.bus.run_event(rec.id, event.seq);
                 tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, attempt = event.attempt, state = %rec.state, exit_code = ?rec.exit_code, reason = rec.reason.as_deref().unwrap_or(""), "attempt ended");

@@ -54,6 +54,9 @@ async fn leased_run(
     let rec = runs::get_unscoped(&state.pool, run)
         .await?
         .ok_or(ApiError::NotFound("run not found"))?;
+    let span = tracing::Span::current();
+    drover_core::telemetry::record_lease(&span, run, agent.as_str(), epoch);
+    drover_core::telemetry::record_run(&span, &rec);
     if rec.agent_id.as_deref() != Some(agent.as_str()) {
         return Err(ApiError::Precondition(
             "run is not leased to this agent".into(),

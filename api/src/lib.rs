@@ -183,6 +183,8 @@ impl Application {
         tracing::info!(addr = %self.addr, "drover-api serving");
         let shutdown = cancel.clone();
         tonic::transport::Server::builder()
+            // One span per call, continuing the caller's `traceparent`.
+            .trace_fn(drover_core::telemetry::grpc_server_span)
             .layer(tower::util::MapResponseLayer::new(limits::remap))
             .add_service(health_service)
             .add_service(reflection)

@@ -30,7 +30,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init("info");
+    let telemetry = telemetry::init("info", "drover-api");
+    let result = run(cli).await;
+    // Exported last, so the spans of the shutdown itself are in it.
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings: Settings = config::load(cli.config.as_deref()).context("loading settings")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {

@@ -67,6 +67,7 @@ impl RunApi {
         let max_queued = quota::max_queued(&self.state, user);
         let submitted =
             runs::submit_within(&self.state.pool, tenant, &spec, key, &by, max_queued).await?;
+        drover_core::telemetry::record_run(&tracing::Span::current(), &submitted.run);
         if !submitted.deduplicated {
             tracing::info!(run_id = %submitted.run.id, tenant = %tenant, pool = %spec.pool, "run submitted");
             self.state.bus.run_event(submitted.run.id, 1);

@@ -171,8 +171,11 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Dev { listen, capacity } = &cli.command {
-        drover_core::telemetry::init("info");
-        dev::run(listen, *capacity).await?;
+        // One process, one `service.name`; span names say which component made each span.
+        let telemetry = drover_core::telemetry::init("info", "drover-dev");
+        let result = dev::run(listen, *capacity).await;
+        telemetry.shutdown().await;
+        result?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Admin { command } = cli.command {

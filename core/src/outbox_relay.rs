@@ -16,12 +16,13 @@ use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::RelaySettings;
 use crate::error::CoreError;
 use crate::messages::CONTENT_TYPE;
 use crate::repo::outbox;
-use crate::{amqp, pg_wakeup, topology};
+use crate::{amqp, pg_wakeup, telemetry, topology};
 
 pub struct OutboxRelay {
     pool: PgPool,
@@ -157,10 +158,17 @@ impl OutboxRelay {
         let sent_at = std::time::Instant::now();
         let mut pending = Vec::with_capacity(rows.len());
         for row in &rows {
-            let props = BasicProperties::default()
+            let mut props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(CONTENT_TYPE.into())
                 .with_message_id(format!("outbox-{}", row.id).into());
+            // The publish is a span of the trace that wrote the row, and the message carries
+            // it on to whoever consumes it.
+            let span = publish_span(row);
+            let traceparent = telemetry::traceparent_of(&span).or_else(|| row.traceparent.clone());
+            if let Some(headers) = telemetry::amqp_headers(traceparent.as_deref()) {
+                props = props.with_headers(headers);
+            }
             let confirm = link
                 .channel
                 .basic_publish(
@@ -173,14 +181,15 @@ impl OutboxRelay {
                     &row.payload,
                     props,
                 )
+                .instrument(span.clone())
                 .await;
-            pending.push((row.id, confirm));
+            pending.push((row.id, confirm, span));
         }
         let mut published = Vec::with_capacity(rows.len());
         let mut broken: Option<lapin::Error> = None;
-        for (id, confirm) in pending {
+        for (id, confirm, span) in pending {
             let outcome = match confirm {
-                Ok(c) => c.await,
+                Ok(c) => c.instrument(span).await,
                 Err(e) => Err(e),
             };
             match outcome {
@@ -210,4 +219,22 @@ impl OutboxRelay {
         }
         Ok(published.len())
     }
+}
+
+/// The span of one row's publish, in the row's trace; none for a row written outside any.
+fn publish_span(row: &outbox::OutboxRow) -> tracing::Span {
+    let Some(parent) = row.traceparent.as_deref() else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        "outbox.publish",
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        exchange = %row.exchange,
+        routing_key = %row.routing_key,
+        outbox_id = row.id,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::adopt(&span, Some(parent));
+    span
 }

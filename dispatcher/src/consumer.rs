@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use drover_core::events::EventBus;
 use drover_core::messages::{self, RunMessage};
-use drover_core::{amqp, topology};
+use drover_core::{amqp, telemetry, topology};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -19,6 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::assign::{Outcome, try_assign};
 use crate::settings::Settings;
@@ -124,6 +125,27 @@ impl PoolConsumer {
                 return;
             }
         };
+        // The assignment is a span of the run's trace, continuing the publisher's.
+        let span = tracing::info_span!(
+            "dispatcher.assign",
+            otel.kind = "consumer",
+            run_id = %msg.run_id,
+            attempt = msg.attempt,
+            tenant = %msg.tenant_id,
+            pool = %self.pool_name,
+            agent_id = tracing::field::Empty,
+            epoch = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::adopt(
+            &span,
+            telemetry::amqp_traceparent(&delivery.properties).as_deref(),
+        );
+        self.assign(delivery, msg, cancel).instrument(span).await;
+    }
+
+    /// Assigns the run, waiting for capacity, then settles the message.
+    async fn assign(&self, delivery: Delivery, msg: RunMessage, cancel: CancellationToken) {
         let received = std::time::Instant::now();
         let ttl = i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
         let recheck = Duration::from_millis(self.settings.capacity_recheck_ms);
@@ -139,6 +161,9 @@ impl PoolConsumer {
                     epoch,
                     seq,
                 }) => {
+                    let span = tracing::Span::current();
+                    span.record("agent_id", agent_id.as_str());
+                    span.record("epoch", epoch);
                     tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
                     amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
                     metrics::histogram!(drover_core::observe::names::DISPATCH_LATENCY)

@@ -24,7 +24,13 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init("info");
+    let telemetry = telemetry::init("info", "drover-dispatcher");
+    let result = run(cli).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings: Settings = config::load(cli.config.as_deref()).context("loading settings")?;
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone())?;

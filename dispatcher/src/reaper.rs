@@ -28,6 +28,7 @@ use drover_core::state::RunState;
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -157,6 +158,18 @@ impl Reaper {
 
     /// Ends the attempt found under `found.epoch`; false when someone else got there first.
     async fn end(&self, found: Found, end: AttemptEnd) -> Result<bool, CoreError> {
+        // In the run's trace, so a retry's dispatch and execution continue it.
+        let span = tracing::info_span!(
+            "reaper.end_attempt",
+            run_id = %found.run_id,
+            epoch = found.epoch,
+            trace_id = tracing::field::Empty,
+        );
+        drover_core::telemetry::adopt(&span, found.traceparent.as_deref());
+        self.end_in_span(found, end).instrument(span).await
+    }
+
+    async fn end_in_span(&self, found: Found, end: AttemptEnd) -> Result<bool, CoreError> {
         let lost_lease = end.kind == EndKind::Failed(Failure::LostLease);
         let holder = Holder {
             agent: None,

@@ -8,16 +8,19 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use drover_core::bearer::Bearer;
 use drover_core::ids::{AgentId, LeaseEpoch, RunId};
+use drover_core::telemetry::Traced;
 use drover_proto::v1 as pb;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::error::AgentError;
 
-/// Every call carries the agent token.
-type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+/// Every call carries the agent token, and the caller's `traceparent` so the API's span
+/// continues the caller's trace.
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Traced<Bearer>>;
 
 /// A single call's limit, so a hung API counts as a transient failure and is retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -116,7 +119,7 @@ impl ApiClient {
             .keep_alive_while_idle(true);
         // Artifact transfers take as long as their size needs; the API cuts off a stream that
         // goes idle, and HTTP/2 keep-alives notice a dead peer.
-        let bulk = AgentServiceClient::with_interceptor(base.connect_lazy(), token.clone());
+        let bulk = AgentServiceClient::with_interceptor(base.connect_lazy(), Traced(token.clone()));
         let target = base.timeout(REQUEST_TIMEOUT);
         let connect = || target.connect();
         let retrying = connect
@@ -135,7 +138,7 @@ impl ApiClient {
         };
         tracing::info!(endpoint, "connected to the api");
         Ok(Some(Self {
-            client: AgentServiceClient::with_interceptor(channel, token),
+            client: AgentServiceClient::with_interceptor(channel, Traced(token)),
             bulk,
             agent_id,
         }))
@@ -368,9 +371,16 @@ impl ApiClient {
                     "api call failed; retrying"
                 );
             });
+        // One client span per call (retries included), in the caller's trace; heartbeats
+        // are periodic and belong to no run, so they get none.
+        let span = if what == "heartbeat" {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("grpc.client", otel.name = what, otel.kind = "client")
+        };
         tokio::select! {
             _ = cancel.cancelled() => Err(ApiError::Cancelled),
-            res = retrying => res,
+            res = retrying.instrument(span) => res,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use drover_core::spec::MIN_SECRET_VALUE_BYTES;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
@@ -103,17 +104,21 @@ pub async fn follow(
             None
         }
     };
-    let (finished, ()) = tokio::join!(
-        supervise(ctx.executor.as_ref(), &handle, limits, &signals, logs_tx),
-        ship_logs(
-            ctx.api.clone(),
-            run_id,
-            epoch,
-            logs_rx,
-            signals.stop.clone(),
-            log_files,
-        ),
-    );
+    let (finished, ()) = async {
+        tokio::join!(
+            supervise(ctx.executor.as_ref(), &handle, limits, &signals, logs_tx),
+            ship_logs(
+                ctx.api.clone(),
+                run_id,
+                epoch,
+                logs_rx,
+                signals.stop.clone(),
+                log_files,
+            ),
+        )
+    }
+    .instrument(tracing::info_span!("agent.wait", container = %handle.name))
+    .await;
     let finished = match finished {
         Ok(f) => f,
         Err(e) => {
@@ -162,7 +167,11 @@ pub async fn follow(
         // A hand-back re-queues the run: nothing of this attempt is kept.
         String::new()
     } else {
-        match upload_workspace(ctx, &job, &signals.stop).await {
+        let span = tracing::info_span!("agent.upload_artifacts");
+        match upload_workspace(ctx, &job, &signals.stop)
+            .instrument(span)
+            .await
+        {
             Ok(id) => id,
             Err(ApiError::Stale { code, message }) => {
                 tracing::warn!(?code, %message, "artifact upload refused as stale; the lease is gone");

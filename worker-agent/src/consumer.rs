@@ -205,6 +205,7 @@ impl CommandConsumer {
     }
 
     async fn dispatch(&self, delivery: Delivery) {
+        let traceparent = drover_core::telemetry::amqp_traceparent(&delivery.properties);
         let ack = CommandAck(delivery.acker);
         let command = match messages::decode::<AgentCommand>(&delivery.data) {
             Ok(c) => c,
@@ -231,6 +232,7 @@ impl CommandConsumer {
                     tenant_id,
                     attempt,
                     lease_epoch,
+                    traceparent,
                 };
                 self.tracker
                     .spawn(execution::execute(self.ctx.clone(), cmd, ack));

@@ -34,6 +34,7 @@ use drover_core::ids::AgentId;
 use drover_core::spec::PullPolicy;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use tracing::Instrument;
 
 pub use container_config::{
     DEFAULT_USER, LABEL_AGENT, LABEL_ATTEMPT, LABEL_EPOCH, LABEL_RUN, LABEL_TENANT, container_body,
@@ -152,6 +153,7 @@ impl DockerExecutor {
             Ok(())
         };
         tokio::time::timeout(PULL_TIMEOUT, pulling)
+            .instrument(tracing::info_span!("docker.pull", image = %image))
             .await
             .map_err(|_| {
                 unavailable(format!(
@@ -199,6 +201,7 @@ impl DockerExecutor {
         match self
             .docker
             .create_container(Some(options), container_body(job, self.user))
+            .instrument(tracing::info_span!("docker.create", container = %name))
             .await
         {
             Ok(_) => {}
@@ -249,6 +252,7 @@ impl DockerExecutor {
                 }
                 self.docker
                     .start_container(&handle.id, None)
+                    .instrument(tracing::info_span!("docker.start", container = %handle.name))
                     .await
                     .map_err(|e| ExecError::backend("start container", e))?;
                 Ok(Started {
@@ -435,7 +439,8 @@ impl Executor for DockerExecutor {
                 condition: "not-running".to_owned(),
             };
             let mut waiting = self.docker.wait_container(&handle.id, Some(options));
-            match waiting.next().await {
+            let span = tracing::info_span!("docker.wait", container = %handle.name);
+            match waiting.next().instrument(span).await {
                 // bollard turns a non-zero exit into this error; the exit is what we waited for.
                 Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) | None => {}
                 Some(Err(e)) if status_of(&e) == Some(404) => {

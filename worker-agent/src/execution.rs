@@ -63,16 +63,22 @@ pub struct ExecuteCommand {
     pub tenant_id: TenantId,
     pub attempt: i32,
     pub lease_epoch: LeaseEpoch,
+    /// The W3C trace context the command arrived with (the dispatcher's assignment).
+    pub traceparent: Option<String>,
 }
 
 pub async fn execute(ctx: Arc<RunContext>, cmd: ExecuteCommand, ack: CommandAck) {
     let span = tracing::info_span!(
         "run",
+        otel.name = "agent.execute",
         run_id = %cmd.run_id,
         attempt = cmd.attempt,
-        epoch = %cmd.lease_epoch,
+        epoch = cmd.lease_epoch.0,
         agent_id = %ctx.agent_id,
+        tenant = %cmd.tenant_id,
+        trace_id = tracing::field::Empty,
     );
+    drover_core::telemetry::adopt(&span, cmd.traceparent.as_deref());
     execute_inner(&ctx, cmd, ack).instrument(span).await;
 }
 
@@ -254,7 +260,10 @@ pub async fn proceed(
     };
     let start_call = Instant::now();
     let started = match prepared {
-        Ok(()) => ctx.executor.start(&job).await,
+        Ok(()) => {
+            let span = tracing::info_span!("agent.start", executor = ctx.executor.name());
+            ctx.executor.start(&job).instrument(span).await
+        }
         Err(e) => Err(e),
     };
     let started = match started {

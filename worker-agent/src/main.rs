@@ -35,18 +35,21 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
+            // No logging yet: it is set up inside the runtime (the trace exporter needs one).
+            let _ = writeln!(std::io::stderr(), "cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let telemetry = runtime.block_on(async { telemetry::init("info", "drover-agent") });
     let code = runtime.block_on(run(cli));
+    // Also after a second signal: the flush is bounded, and the spans tell what was cut off.
+    runtime.block_on(telemetry.shutdown());
     // Tasks left after a second signal (executions mid-flight) are dropped, not awaited.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     code

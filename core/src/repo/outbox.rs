@@ -13,9 +13,12 @@ pub struct OutboxRow {
     pub exchange: String,
     pub routing_key: String,
     pub payload: Vec<u8>,
+    /// The W3C trace context of the span that wrote the row.
+    pub traceparent: Option<String>,
 }
 
 /// Adds a message to publish once the caller's transaction commits, and wakes the relays.
+/// The message continues the trace of the caller's current span.
 pub async fn enqueue(
     conn: &mut PgConnection,
     tenant: TenantId,
@@ -35,15 +38,43 @@ pub async fn enqueue_after(
     payload: &[u8],
     delay_ms: i64,
 ) -> Result<(), CoreError> {
+    let traceparent = crate::telemetry::current_traceparent();
+    let message = Message {
+        exchange,
+        routing_key,
+        payload,
+        traceparent: traceparent.as_deref(),
+    };
+    enqueue_message(conn, tenant, message, delay_ms).await
+}
+
+/// One message for [`enqueue_message`].
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub payload: &'a [u8],
+    /// The trace the message continues.
+    pub traceparent: Option<&'a str>,
+}
+
+/// As [`enqueue_after`], in the trace the message names.
+pub async fn enqueue_message(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    message: Message<'_>,
+    delay_ms: i64,
+) -> Result<(), CoreError> {
     sqlx::query(
-        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload, available_at) \
-         VALUES ($1, $2, $3, $4, now() + $5::bigint * interval '1 millisecond')",
+        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload, available_at, \
+         traceparent) VALUES ($1, $2, $3, $4, now() + $5::bigint * interval '1 millisecond', $6)",
     )
     .bind(tenant.0)
-    .bind(exchange)
-    .bind(routing_key)
-    .bind(payload)
+    .bind(message.exchange)
+    .bind(message.routing_key)
+    .bind(message.payload)
     .bind(delay_ms.max(0))
+    .bind(message.traceparent)
     .execute(&mut *conn)
     .await?;
     // NOTIFYs are delivered at commit and folded when repeated, so this is cheap.
@@ -60,7 +91,7 @@ pub async fn claim(
     limit: i64,
 ) -> Result<Vec<OutboxRow>, CoreError> {
     let rows = sqlx::query(
-        "SELECT id, exchange, routing_key, payload FROM outbox \
+        "SELECT id, exchange, routing_key, payload, traceparent FROM outbox \
          WHERE published_at IS NULL AND available_at <= now() \
          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
@@ -74,6 +105,7 @@ pub async fn claim(
                 exchange: r.try_get("exchange")?,
                 routing_key: r.try_get("routing_key")?,
                 payload: r.try_get("payload")?,
+                traceparent: r.try_get("traceparent")?,
             })
         })
         .collect()

@@ -10,10 +10,12 @@ use crate::error::CoreError;
 use crate::ids::RunId;
 
 /// A run and the lease epoch it was found under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub run_id: RunId,
     pub epoch: i64,
+    /// The run's trace, which what the reaper does to it continues.
+    pub traceparent: Option<String>,
 }
 
 async fn scan(pool: &PgPool, sql: &str, arg: i64, limit: i64) -> Result<Vec<Found>, CoreError> {
@@ -27,6 +29,7 @@ async fn scan(pool: &PgPool, sql: &str, arg: i64, limit: i64) -> Result<Vec<Foun
             Ok(Found {
                 run_id: RunId(r.try_get("id")?),
                 epoch: r.try_get("lease_epoch")?,
+                traceparent: r.try_get("traceparent")?,
             })
         })
         .collect()
@@ -36,7 +39,7 @@ async fn scan(pool: &PgPool, sql: &str, arg: i64, limit: i64) -> Result<Vec<Foun
 pub async fn expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<Found>, CoreError> {
     scan(
         pool,
-        "SELECT id, lease_epoch FROM runs WHERE state IN ('ASSIGNED', 'RUNNING') \
+        "SELECT id, lease_epoch, traceparent FROM runs WHERE state IN ('ASSIGNED', 'RUNNING') \
          AND lease_expires_at < now() - $1 * interval '1 millisecond' \
          ORDER BY lease_expires_at LIMIT $2",
         0,
@@ -54,7 +57,7 @@ pub async fn overran_timeout(
 ) -> Result<Vec<Found>, CoreError> {
     scan(
         pool,
-        "SELECT id, lease_epoch FROM runs WHERE state = 'RUNNING' \
+        "SELECT id, lease_epoch, traceparent FROM runs WHERE state = 'RUNNING' \
          AND started_at + (spec->>'timeout_secs')::bigint * interval '1 second' \
              + $1 * interval '1 millisecond' < now() \
          ORDER BY started_at LIMIT $2",
@@ -68,7 +71,7 @@ pub async fn overran_timeout(
 pub async fn past_queue_deadline(pool: &PgPool, limit: i64) -> Result<Vec<Found>, CoreError> {
     scan(
         pool,
-        "SELECT id, lease_epoch FROM runs WHERE state = 'QUEUED' \
+        "SELECT id, lease_epoch, traceparent FROM runs WHERE state = 'QUEUED' \
          AND queue_deadline < now() - $1 * interval '1 millisecond' \
          ORDER BY queue_deadline LIMIT $2",
         0,
@@ -87,7 +90,7 @@ pub async fn stale_assignments(
 ) -> Result<Vec<Found>, CoreError> {
     scan(
         pool,
-        "SELECT id, lease_epoch FROM runs WHERE state = 'ASSIGNED' \
+        "SELECT id, lease_epoch, traceparent FROM runs WHERE state = 'ASSIGNED' \
          AND updated_at < now() - $1 * interval '1 millisecond' \
          ORDER BY updated_at LIMIT $2",
         timeout_ms,

@@ -43,12 +43,15 @@ pub struct RunRecord {
     pub queue_deadline: Option<DateTime<Utc>>,
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub cancel_reason: Option<String>,
+    /// W3C trace context of the run's root span (its SubmitRun), which retries and redrives
+    /// continue.
+    pub traceparent: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, tenant_id, state, spec, spec_hash, idempotency_key, attempt, \
     max_attempts, lease_epoch, agent_id, lease_expires_at, exit_code, output, output_truncated, \
     reason, executor, created_at, updated_at, started_at, finished_at, not_before, queue_deadline, \
-    cancel_requested_at, cancel_reason";
+    cancel_requested_at, cancel_reason, traceparent";
 
 fn parse_state(s: &str) -> Result<RunState, CoreError> {
     s.parse()
@@ -84,6 +87,7 @@ impl RunRecord {
             queue_deadline: row.try_get("queue_deadline")?,
             cancel_requested_at: row.try_get("cancel_requested_at")?,
             cancel_reason: row.try_get("cancel_reason")?,
+            traceparent: row.try_get("traceparent")?,
         })
     }
 }
@@ -206,10 +210,10 @@ pub async fn submit_within(
     }
     let inserted = sqlx::query(&format!(
         "INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, pool, priority, \
-         attempt, max_attempts, queue_deadline, submitted_by, approval_deadline) \
+         attempt, max_attempts, queue_deadline, submitted_by, approval_deadline, traceparent) \
          VALUES ($1, $2, $10, $3, $4, $5, $6, $7, 1, $8, \
          CASE WHEN $9 > 0 AND $10 = 'QUEUED' THEN now() + $9 * interval '1 second' END, $11, \
-         CASE WHEN $12 > 0 THEN now() + $12 * interval '1 second' END) \
+         CASE WHEN $12 > 0 THEN now() + $12 * interval '1 second' END, $13) \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}"
     ))
     .bind(id.0)
@@ -224,6 +228,7 @@ pub async fn submit_within(
     .bind(state.as_str())
     .bind(by.token)
     .bind(i64::from(spec.approval_timeout_secs))
+    .bind(crate::telemetry::current_traceparent())
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -271,6 +276,10 @@ pub async fn enqueue_run_message(
 
 /// As [`enqueue_run_message`], published no sooner than `delay_ms` from now (retry backoff:
 /// the relay picks the row up when it is due, so nothing spins meanwhile).
+///
+/// The message continues the run's trace: from the caller's span when that span is in it (a
+/// submit, a completion report, the reaper's span for this run), else from the run's root
+/// span (e.g. an operator's redrive, made in the operator's own trace).
 pub async fn enqueue_run_message_after(
     conn: &mut PgConnection,
     run: &RunRecord,
@@ -282,15 +291,25 @@ pub async fn enqueue_run_message_after(
         tenant_id: run.tenant_id,
         attempt: run.attempt,
     };
-    super::outbox::enqueue_after(
-        conn,
-        run.tenant_id,
-        topology::RUNS_EXCHANGE,
-        &run.spec.pool,
-        &messages::encode(&msg),
-        delay_ms,
-    )
-    .await
+    let current = crate::telemetry::current_traceparent();
+    let in_run_trace = |tp: &String| {
+        run.traceparent
+            .as_deref()
+            .and_then(crate::telemetry::trace_id_of)
+            == crate::telemetry::trace_id_of(tp)
+    };
+    let traceparent = match current {
+        Some(tp) if run.traceparent.is_none() || in_run_trace(&tp) => Some(tp),
+        _ => run.traceparent.clone(),
+    };
+    let payload = messages::encode(&msg);
+    let message = super::outbox::Message {
+        exchange: topology::RUNS_EXCHANGE,
+        routing_key: &run.spec.pool,
+        payload: &payload,
+        traceparent: traceparent.as_deref(),
+    };
+    super::outbox::enqueue_message(conn, run.tenant_id, message, delay_ms).await
 }
 
 /// Appends the run's next event, linked into its tenant's audit chain ([`crate::audit`]).
