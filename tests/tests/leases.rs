@@ -300,14 +300,22 @@ async fn a_live_agent_keeps_an_unstarted_assignment_until_the_assign_timeout() {
     let late = agent.started(&run, epoch).await.unwrap_err();
     assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
 
-    // Attempt 2 runs normally, and the history holds exactly one end per attempt.
-    let second = wait_run(
-        &stack,
-        &run,
-        Duration::from_secs(30),
-        in_state(pb::RunState::Assigned),
-    )
-    .await;
+    // Attempt 2 runs normally, and the history holds exactly one end per attempt. The agent
+    // keeps heartbeating through the retry backoff, so it is still live when the retry is
+    // dispatched.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let second = loop {
+        agent.heartbeat(&[]).await;
+        let now = wait_run(&stack, &run, Duration::from_secs(5), |_| true).await;
+        if now.state == pb::RunState::Assigned as i32 && now.attempt == 2 {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "attempt 2 was never assigned: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     agent.started(&run, second.lease_epoch).await.unwrap();
     let done = agent
         .complete(&run, second.lease_epoch, pb::Outcome::Succeeded, Some(0))
