@@ -778,3 +778,120 @@ async fn an_agent_token_speaks_only_for_its_own_agent_id() {
     assert_eq!(unchanged, "QUEUED");
     stack.stop().await;
 }
+
+/// `drover admin bootstrap` and `drover admin agent-token` (straight to Postgres), then
+/// `drover tokens create / ls / revoke` with the bootstrapped token, through the binary.
+#[tokio::test]
+async fn the_cli_bootstraps_a_tenant_and_manages_its_tokens() {
+    let stack = Stack::start_with(StackOptions {
+        dispatcher: false,
+        agent: false,
+        ..Default::default()
+    })
+    .await;
+    let admin_cli = |args: Vec<String>| {
+        let url = stack.database_url.clone();
+        async move {
+            let out = tokio::process::Command::new(drover_tests::stack::bin_path("drover"))
+                .args(&args)
+                .env("DROVER_DATABASE__URL", url)
+                .output()
+                .await
+                .expect("drover admin");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+    };
+    let token = admin_cli(vec![
+        "admin".into(),
+        "bootstrap".into(),
+        "--tenant".into(),
+        "cli-tenant".into(),
+        "-q".into(),
+    ])
+    .await;
+    assert!(token.starts_with("drv_"), "{token}");
+    let agent_token = admin_cli(vec![
+        "admin".into(),
+        "agent-token".into(),
+        "--agent-id".into(),
+        "cli-agent".into(),
+        "-q".into(),
+    ])
+    .await;
+    let hb = stack
+        .agent_client("unused")
+        .await
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "cli-agent".into(),
+            running: Vec::new(),
+        })
+        .await;
+    assert_eq!(hb.map(|_| ()).unwrap_err().code(), Code::PermissionDenied);
+    let mut with_cli_agent = pb::agent_service_client::AgentServiceClient::with_interceptor(
+        stack.channel().await,
+        Bearer::new(&agent_token).expect("token"),
+    );
+    let hb = with_cli_agent
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "cli-agent".into(),
+            running: Vec::new(),
+        })
+        .await;
+    assert!(
+        !matches!(
+            hb.as_ref().map_err(|s| s.code()),
+            Err(Code::Unauthenticated | Code::PermissionDenied)
+        ),
+        "{hb:?}"
+    );
+
+    let (code, out, err) = stack
+        .cli(&[
+            "--token",
+            &token,
+            "tokens",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "submitter",
+            "-q",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let ci = String::from_utf8_lossy(&out).trim().to_owned();
+    let (code, out, err) = stack
+        .cli(&["--token", &token, "tokens", "ls", "--json"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(listed.len(), 2, "bootstrap and ci: {listed:?}");
+    assert!(
+        !String::from_utf8_lossy(&out).contains("drv_"),
+        "never the tokens"
+    );
+    let ci_id = listed
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .and_then(|t| t["id"].as_str())
+        .expect("ci token listed")
+        .to_owned();
+    let (code, _, err) = stack.cli(&["--token", &ci, "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = stack
+        .cli(&["--token", &token, "tokens", "revoke", &ci_id])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = stack.cli(&["--token", &ci, "list"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not authenticated"), "{err}");
+    stack.stop().await;
+}
