@@ -407,8 +407,9 @@ async fn send_blob(
     tx: &mpsc::Sender<Result<pb::ArtifactChunk, Status>>,
 ) -> Result<(), Status> {
     let internal = |e: StoreError| {
-        tracing::error!(upload_id = %r.upload_id, path = %r.entry.path, error = %e, "artifact read failed");
-        Status::internal("artifact store error")
+        tracing::error!(upload_id = %r.upload_id, path = %r.entry.path, "artifact read failed");
+        // Logged again with the reference the client gets.
+        Status::from(ApiError::Store(e))
     };
     let mut reader = store.open(r.upload_id, blob).await.map_err(internal)?;
     let mut hasher = Sha256::new();

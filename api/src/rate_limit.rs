@@ -188,20 +188,26 @@ impl RateLimiter {
     }
 
     async fn eval(&self, buckets: &[(String, f64, f64)]) -> Result<i64, redis::RedisError> {
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            *guard = Some(ConnectionManager::new(self.client.clone()).await?);
-        }
-        let Some(conn) = guard.as_mut() else {
-            return Ok(0);
+        // The lock guards only connecting: clones of a ConnectionManager share one
+        // multiplexed connection, so calls run their scripts concurrently.
+        let mut conn = {
+            let mut guard = self.conn.lock().await;
+            match guard.as_ref() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = ConnectionManager::new(self.client.clone()).await?;
+                    *guard = Some(c.clone());
+                    c
+                }
+            }
         };
         let mut inv = self.script.prepare_invoke();
         for (key, rate, burst) in buckets {
             inv.key(key).arg(*rate).arg(*burst);
         }
-        let res = inv.invoke_async::<i64>(conn).await;
+        let res = inv.invoke_async::<i64>(&mut conn).await;
         if res.is_err() {
-            *guard = None;
+            *self.conn.lock().await = None;
         }
         res
     }
