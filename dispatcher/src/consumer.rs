@@ -161,9 +161,9 @@ impl PoolConsumer {
                     .await;
                     return;
                 }
-                Ok(waits @ (Outcome::NoCapacity
-                | Outcome::OverQuota(_)
-                | Outcome::BehindParked)) => {
+                Ok(
+                    waits @ (Outcome::NoCapacity | Outcome::OverQuota(_) | Outcome::BehindParked),
+                ) => {
                     // Park it and ack, so the queue drains past it (one tenant's backlog must
                     // not hold the runs behind it); the scheduler assigns it in fair order.
                     let over = match waits {

@@ -185,7 +185,10 @@ mod tests {
             active,
             max_concurrent: None,
             head_priority: priority,
-            head_created_at: Utc.timestamp_opt(1_000_000 - age_s, 0).single().unwrap_or_default(),
+            head_created_at: Utc
+                .timestamp_opt(1_000_000 - age_s, 0)
+                .single()
+                .unwrap_or_default(),
         }
     }
 
@@ -201,14 +204,21 @@ mod tests {
         let mut ts = vec![tenant(1, 3, 0, 500), tenant(2, 0, 0, 1)];
         assert_eq!(order(&mut ts, &none), vec![2, 1]);
         // Equal activity: higher priority, then older.
-        let mut ts = vec![tenant(1, 0, 0, 500), tenant(2, 0, 5, 1), tenant(3, 0, 0, 900)];
+        let mut ts = vec![
+            tenant(1, 0, 0, 500),
+            tenant(2, 0, 5, 1),
+            tenant(3, 0, 0, 900),
+        ];
         assert_eq!(order(&mut ts, &none), vec![2, 3, 1]);
         // Equal activity: the tenant served least recently goes first (one-slot pools
         // alternate instead of the older backlog winning every tie).
         let now = Instant::now();
         let served = HashMap::from([
             (TenantId(uuid::Uuid::from_u128(1)), now),
-            (TenantId(uuid::Uuid::from_u128(3)), now - Duration::from_secs(1)),
+            (
+                TenantId(uuid::Uuid::from_u128(3)),
+                now - Duration::from_secs(1),
+            ),
         ]);
         let mut ts = vec![tenant(1, 0, 9, 900), tenant(2, 0, 0, 1), tenant(3, 0, 0, 1)];
         assert_eq!(order(&mut ts, &served), vec![2, 3, 1]);
