@@ -198,8 +198,9 @@ async fn a_queued_reason(stack: &Stack, token: &str, ids: &[String]) -> pb::Wait
 async fn a_tenant_at_its_concurrency_quota_waits_queued_and_every_run_succeeds() {
     // Tenant `default` sets its own quota (2); tenant `other` sets none and gets the
     // dispatcher default (3). The agent has room for both at once, so only the quotas hold
-    // runs back.
-    let stack = mock_stack(8, &[("DROVER_QUOTA__MAX_CONCURRENT_RUNS", "3")], true).await;
+    // runs back. Two dispatchers assign at once: the count under the tenant lock holds.
+    let mut stack = mock_stack(8, &[("DROVER_QUOTA__MAX_CONCURRENT_RUNS", "3")], true).await;
+    stack.start_dispatcher_named("dispatcher-2");
     let mut admin = stack.admin().await;
     admin
         .set_tenant_policy(pb::TenantPolicy {
