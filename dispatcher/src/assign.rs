@@ -5,8 +5,8 @@
 //!
 //! Locks are taken in one order on every path — run row, agent row, tenant chain (the quota
 //! count, then the transition's event) — and the run row comes first as it does for cancels
-//! and reports (run, then chain), so assignments do not deadlock with them. Used for a run whose message just arrived ([`try_assign`]) and for
-//! parked runs ([`crate::parked`]).
+//! and reports (run, then chain), so assignments do not deadlock with them. Used for a run
+//! whose message just arrived ([`try_assign`]) and for parked runs ([`crate::parked`]).
 
 use drover_core::CoreError;
 use drover_core::ids::LeaseEpoch;

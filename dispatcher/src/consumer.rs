@@ -1,7 +1,7 @@
 //! The run-queue consumer of one pool: prefetch-bounded, manual acks after the Postgres
 //! commit (the assignment, or the parking of a run that cannot be placed now — see
-//! [`crate::parked`]), reconnecting with backoff whenever the broker connection or consumer ends (a
-//! consumer that silently stops is the classic failure this loop exists to prevent).
+//! [`crate::parked`]), reconnecting with backoff whenever the broker connection or consumer
+//! ends (a consumer that silently stops is the classic failure this loop exists to prevent).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,8 +4,9 @@
 //!
 //! The fairness test's backlog is 300 runs; `DROVER_FAIRNESS_BACKLOG=10000` makes it the
 //! issue's 10,000-run measurement (run by hand with plain `cargo test`: draining the backlog
-//! takes longer than nextest's 5 min limit; the figure is in the README). No timing is asserted: fairness is "tenant B's run started before half of A's
-//! backlog finished", and B's wait is printed.
+//! takes longer than nextest's 5 min limit; the figure is in the README). No timing is
+//! asserted: fairness is "tenant B's run started before half of A's backlog finished", and
+//! B's wait is printed.
 
 #![allow(
     clippy::unwrap_used,
