@@ -185,6 +185,7 @@ pub fn wait_to_proto(w: &WaitReason) -> pb::WaitReason {
         WaitCode::NoLiveAgent => pb::WaitCode::NoLiveAgent,
         WaitCode::NoMatchingAgent => pb::WaitCode::NoMatchingAgent,
         WaitCode::AllAgentsFull => pb::WaitCode::AllAgentsFull,
+        WaitCode::TenantOverQuota => pb::WaitCode::TenantOverQuota,
         WaitCode::RetryBackoff => pb::WaitCode::RetryBackoff,
         WaitCode::PendingApproval => pb::WaitCode::PendingApproval,
     };

@@ -53,6 +53,7 @@ pub mod names {
     pub const QUEUE_WAIT: &str = "drover_queue_wait_seconds";
     pub const DISPATCH_LATENCY: &str = "drover_dispatch_latency_seconds";
     pub const ASSIGNMENTS: &str = "drover_assignments_total";
+    pub const RUNS_PARKED: &str = "drover_runs_parked_total";
     pub const CONTAINER_START: &str = "drover_container_start_seconds";
     pub const EXECUTION_DURATION: &str = "drover_execution_duration_seconds";
     pub const EXECUTIONS_STARTED: &str = "drover_executions_started_total";
@@ -146,9 +147,13 @@ fn describe() {
     describe_histogram!(
         DISPATCH_LATENCY,
         Unit::Seconds,
-        "From a run message's delivery to its assignment commit (incl. waiting for capacity)"
+        "From a run message's delivery to its assignment commit (runs assigned on arrival)"
     );
     describe_counter!(ASSIGNMENTS, "Runs assigned to an agent");
+    describe_counter!(
+        RUNS_PARKED,
+        "Run messages parked: no agent had room, the tenant was at its quota, or others waited"
+    );
     describe_histogram!(
         CONTAINER_START,
         Unit::Seconds,

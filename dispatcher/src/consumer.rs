@@ -1,12 +1,14 @@
 //! The run-queue consumer of one pool: prefetch-bounded, manual acks after the Postgres
-//! commit, reconnecting with backoff whenever the broker connection or consumer ends (a
-//! consumer that silently stops is the classic failure this loop exists to prevent).
+//! commit (the assignment, or the parking of a run that cannot be placed now — see
+//! [`crate::parked`]), reconnecting with backoff whenever the broker connection or consumer
+//! ends (a consumer that silently stops is the classic failure this loop exists to prevent).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_core::events::EventBus;
 use drover_core::messages::{self, RunMessage};
+use drover_core::repo::parking;
 use drover_core::{amqp, telemetry, topology};
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -21,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::assign::{Outcome, try_assign};
+use crate::assign::{Limits, Outcome, try_assign};
 use crate::settings::Settings;
 
 #[derive(Clone)]
@@ -30,7 +32,8 @@ pub struct PoolConsumer {
     pub db: PgPool,
     pub bus: Arc<EventBus>,
     pub settings: Arc<Settings>,
-    pub capacity: Arc<Notify>,
+    /// Wakes this pool's parked-run scheduler after a run was parked.
+    pub parked: Arc<Notify>,
     /// Its `rabbitmq` check: ok while consuming, failing while (re)connecting.
     pub health: drover_core::observe::Health,
 }
@@ -147,15 +150,13 @@ impl PoolConsumer {
     /// Assigns the run, waiting for capacity, then settles the message.
     async fn assign(&self, delivery: Delivery, msg: RunMessage, cancel: CancellationToken) {
         let received = std::time::Instant::now();
-        let ttl = i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX);
-        let recheck = Duration::from_millis(self.settings.capacity_recheck_ms);
+        let limits = Limits {
+            lease_ttl_ms: i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX),
+            default_max_concurrent: self.settings.quota.max_concurrent_runs,
+        };
         let mut db_backoff = Duration::from_millis(200);
         loop {
-            // Arm the wake-up before looking, so capacity freed meanwhile is not missed.
-            let woken = self.capacity.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            match try_assign(&self.db, &msg, ttl).await {
+            let failed = match try_assign(&self.db, &msg, limits).await {
                 Ok(Outcome::Assigned {
                     agent_id,
                     epoch,
@@ -185,23 +186,37 @@ impl PoolConsumer {
                     .await;
                     return;
                 }
-                Ok(Outcome::NoCapacity) => {
-                    tracing::debug!(run_id = %msg.run_id, pool = %self.pool_name, "no agent free; waiting for capacity");
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = &mut woken => {},
-                        _ = tokio::time::sleep(recheck) => {},
+                Ok(
+                    waits @ (Outcome::NoCapacity | Outcome::OverQuota(_) | Outcome::BehindParked),
+                ) => {
+                    // Park it and ack, so the queue drains past it (one tenant's backlog must
+                    // not hold the runs behind it); the scheduler assigns it in fair order.
+                    let over = match waits {
+                        Outcome::OverQuota(q) => Some(q.limit),
+                        _ => None,
+                    };
+                    match parking::park(&self.db, msg.run_id, msg.attempt, over).await {
+                        Ok(parked) => {
+                            if parked {
+                                tracing::debug!(run_id = %msg.run_id, pool = %self.pool_name, why = ?waits, "run parked");
+                                metrics::counter!(drover_core::observe::names::RUNS_PARKED)
+                                    .increment(1);
+                                self.parked.notify_one();
+                            }
+                            amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
+                            return;
+                        }
+                        Err(e) => e,
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(run_id = %msg.run_id, error = %e, "assignment failed; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(db_backoff) => {},
-                    }
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
-                }
+                Err(e) => e,
+            };
+            tracing::warn!(run_id = %msg.run_id, error = %failed, "assignment failed; retrying");
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(db_backoff) => {},
             }
+            db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
         }
         // Shutting down: hand the message back for another dispatcher.
         let requeue = BasicNackOptions {

@@ -1,5 +1,8 @@
 //! drover-dispatcher: consumes the run queues of its pools and assigns each run to a live
 //! agent with a free slot, under a new lease epoch, acking only after the Postgres commit.
+//! A run that cannot be placed at once (no free slot, its tenant at its concurrency quota,
+//! or other runs of its pool already waiting) is parked in Postgres and its message acked;
+//! the pool's [`parked`] scheduler assigns parked runs fairly across tenants.
 //! Runs the outbox relay for the agent commands it writes. Many dispatchers may run at once;
 //! the conditional UPDATE and the agent row lock make them safe.
 //!
@@ -10,6 +13,7 @@
 pub mod assign;
 pub mod consumer;
 pub mod dead_letters;
+pub mod parked;
 pub mod reaper;
 pub mod settings;
 
@@ -87,16 +91,31 @@ impl Dispatcher {
             |_| {},
         ));
         let capacity = pg_wakeup::spawn(self.db.clone(), repo::CAPACITY_CHANNEL, cancel.clone());
+        let limits = assign::Limits {
+            lease_ttl_ms: i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX),
+            default_max_concurrent: self.settings.quota.max_concurrent_runs,
+        };
         for pool in &self.settings.pools {
+            let parked = Arc::new(tokio::sync::Notify::new());
             let consumer = consumer::PoolConsumer {
                 pool_name: pool.clone(),
                 db: self.db.clone(),
                 bus: self.bus.clone(),
                 settings: self.settings.clone(),
-                capacity: capacity.clone(),
+                parked: parked.clone(),
                 health: self.health.clone(),
             };
             tasks.spawn(consumer.run(cancel.child_token()));
+            let scheduler = parked::ParkedScheduler {
+                pool_name: pool.clone(),
+                db: self.db.clone(),
+                bus: self.bus.clone(),
+                limits,
+                recheck: Duration::from_millis(self.settings.capacity_recheck_ms.max(100)),
+                capacity: capacity.clone(),
+                parked,
+            };
+            tasks.spawn(scheduler.run(cancel.child_token()));
         }
         tasks.spawn(
             reaper::Reaper {

@@ -19,8 +19,10 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub lease: LeaseSettings,
     pub relay: RelaySettings,
-    /// Longest a run waiting for capacity sleeps before looking again if no wake-up came.
+    /// Longest the parked-run scheduler sleeps before looking again if no wake-up came.
     pub capacity_recheck_ms: u64,
+    /// Per-tenant quotas the dispatcher enforces (`DROVER_QUOTA__…`).
+    pub quota: QuotaSettings,
     pub reaper: ReaperSettings,
     /// `/metrics`, `/healthz`, `/readyz` (`DROVER_METRICS__LISTEN_ADDR`; empty = off).
     pub metrics: MetricsSettings,
@@ -36,8 +38,20 @@ impl Default for Settings {
             lease: LeaseSettings::default(),
             relay: RelaySettings::default(),
             capacity_recheck_ms: 5_000,
+            quota: QuotaSettings::default(),
             reaper: ReaperSettings::default(),
             metrics: MetricsSettings::default(),
         }
     }
+}
+
+/// Quotas applied when a tenant sets none; a tenant's own policy
+/// (AdminService.SetTenantPolicy) overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct QuotaSettings {
+    /// Most runs a tenant may have ASSIGNED or RUNNING at once, over all pools
+    /// (`DROVER_QUOTA__MAX_CONCURRENT_RUNS`); 0 = unlimited. Runs beyond wait QUEUED (GetRun
+    /// says TENANT_OVER_QUOTA).
+    pub max_concurrent_runs: u32,
 }

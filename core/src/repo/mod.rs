@@ -14,6 +14,7 @@ pub mod dead_letters;
 pub mod logs;
 pub mod outbox;
 pub mod overdue;
+pub mod parking;
 pub mod runs;
 pub mod secrets;
 pub mod stats;

@@ -48,7 +48,7 @@ pub struct RunRecord {
     pub traceparent: Option<String>,
 }
 
-const RUN_COLUMNS: &str = "id, tenant_id, state, spec, spec_hash, idempotency_key, attempt, \
+pub(crate) const RUN_COLUMNS: &str = "id, tenant_id, state, spec, spec_hash, idempotency_key, attempt, \
     max_attempts, lease_epoch, agent_id, lease_expires_at, exit_code, output, output_truncated, \
     reason, executor, created_at, updated_at, started_at, finished_at, not_before, queue_deadline, \
     cancel_requested_at, cancel_reason, traceparent";
@@ -59,7 +59,7 @@ fn parse_state(s: &str) -> Result<RunState, CoreError> {
 }
 
 impl RunRecord {
-    fn from_row(row: &PgRow) -> Result<Self, CoreError> {
+    pub(crate) fn from_row(row: &PgRow) -> Result<Self, CoreError> {
         let state: String = row.try_get("state")?;
         let Json(spec): Json<RunSpec> = row.try_get("spec")?;
         Ok(RunRecord {
@@ -541,6 +541,7 @@ static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
                ELSE NULL END, \
            cancel_requested_at = CASE WHEN $2 = 'QUEUED' THEN NULL ELSE r.cancel_requested_at END, \
            cancel_reason = CASE WHEN $2 = 'QUEUED' THEN NULL ELSE r.cancel_reason END, \
+           parked_at = NULL, parked_quota = NULL, \
            updated_at = now() \
          FROM prev WHERE r.id = prev.id AND r.state = ANY($12) \
            AND ($13::bigint IS NULL OR r.lease_epoch = $13) \

@@ -1,5 +1,6 @@
 //! Why a run is still waiting, worked out when a client asks (GetRun), from the same facts
-//! the dispatcher uses: retry backoff, approval, and the live agents of the run's pool. An
+//! the dispatcher uses: retry backoff, approval, the tenant's concurrency quota, and the live
+//! agents of the run's pool. An
 //! honest answer to "why is it still queued" without the dispatcher having to record one.
 
 use chrono::{DateTime, Utc};
@@ -17,6 +18,8 @@ pub enum WaitCode {
     NoLiveAgent,
     NoMatchingAgent,
     AllAgentsFull,
+    /// The tenant has as many runs assigned or running as its concurrency quota allows.
+    TenantOverQuota,
     RetryBackoff,
     PendingApproval,
 }
@@ -55,6 +58,16 @@ pub async fn why_waiting(
                 until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
             ),
             until: Some(until),
+        }));
+    }
+    if let Some(q) = super::parking::over_quota(pool, run.id).await? {
+        return Ok(Some(WaitReason {
+            code: WaitCode::TenantOverQuota,
+            message: format!(
+                "tenant over concurrency quota ({}/{} running)",
+                q.active, q.limit
+            ),
+            until: None,
         }));
     }
     let row = sqlx::query(

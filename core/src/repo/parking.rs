@@ -1,0 +1,255 @@
+//! Parked runs and the per-tenant concurrency quota, for fair dispatch.
+//!
+//! A pool's run queue is FIFO, so a dispatcher that held a message until capacity freed let
+//! one tenant's backlog starve every run queued behind it. Instead, a run that cannot be
+//! placed when its message arrives (no free agent, or its tenant at its concurrency quota) is
+//! *parked*: `runs.parked_at` is set and the message acked, so the queue drains past the
+//! backlog. The dispatchers' parked-run schedulers then pick parked runs in fair order
+//! ([`parked_tenants`], [`lock_next`]). The state lives in Postgres only: nothing is lost with
+//! a dispatcher, and any transition clears it ([`super::runs::transition`]).
+//!
+//! The quota is counted under the tenant's audit-chain lock ([`crate::audit::lock_chain`]),
+//! which every assignment's transition takes anyway, so dispatchers assigning the same
+//! tenant's runs at once cannot overshoot it.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::runs::{RUN_COLUMNS, RunRecord};
+use crate::audit;
+use crate::error::CoreError;
+use crate::ids::{RunId, TenantId};
+
+/// Locks the run for the caller's transaction if it is still QUEUED at `attempt` (else
+/// `None`: a duplicate message, or another dispatcher got there first).
+pub async fn lock_queued(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: RunId,
+    attempt: i32,
+) -> Result<Option<RunRecord>, CoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND tenant_id = $2 \
+         AND state = 'QUEUED' AND attempt = $3 FOR UPDATE"
+    ))
+    .bind(id.0)
+    .bind(tenant.0)
+    .bind(attempt)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(RunRecord::from_row).transpose()
+}
+
+/// Parks the run if it is still QUEUED at `attempt` (keeping the first parking time, so its
+/// place among its tenant's runs is stable). `over_quota`: the concurrency limit its tenant
+/// was found at. False when the run moved on meanwhile.
+pub async fn park(
+    pool: &PgPool,
+    id: RunId,
+    attempt: i32,
+    over_quota: Option<i64>,
+) -> Result<bool, CoreError> {
+    let done = sqlx::query(
+        "UPDATE runs SET parked_at = COALESCE(parked_at, now()), \
+           parked_quota = COALESCE($3::int, parked_quota) \
+         WHERE id = $1 AND state = 'QUEUED' AND attempt = $2",
+    )
+    .bind(id.0)
+    .bind(attempt)
+    .bind(over_quota.map(|q| i32::try_from(q).unwrap_or(i32::MAX)))
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Whether the pool has parked runs: a newly arrived run then queues behind them (it is
+/// parked too) instead of jumping ahead of runs that waited longer.
+pub async fn any_parked(pool: &PgPool, pool_name: &str) -> Result<bool, CoreError> {
+    let found: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM runs WHERE pool = $1 AND state = 'QUEUED' \
+         AND parked_at IS NOT NULL)",
+    )
+    .bind(pool_name)
+    .fetch_one(pool)
+    .await?;
+    Ok(found)
+}
+
+/// A tenant with parked runs in a pool, with what the fair order needs.
+#[derive(Debug, Clone)]
+pub struct ParkedTenant {
+    pub tenant: TenantId,
+    /// Its ASSIGNED + RUNNING runs in this pool (fewest first).
+    pub active_in_pool: i64,
+    /// Its ASSIGNED + RUNNING runs in every pool (what the quota counts).
+    pub active: i64,
+    /// Its own `max_concurrent_runs`; `None` = the dispatcher default.
+    pub max_concurrent: Option<i32>,
+    /// Its best parked run's priority and age.
+    pub head_priority: i32,
+    pub head_created_at: DateTime<Utc>,
+}
+
+/// Tenants with parked runs in `pool_name`. Distinct tenants come from a loose index scan of
+/// `runs_parked` (one probe per tenant, however long a tenant's backlog), so the cost does not
+/// grow with the backlog.
+pub async fn parked_tenants(
+    pool: &PgPool,
+    pool_name: &str,
+) -> Result<Vec<ParkedTenant>, CoreError> {
+    let rows = sqlx::query(
+        "WITH RECURSIVE t(tenant_id) AS ( \
+           (SELECT tenant_id FROM runs WHERE pool = $1 AND state = 'QUEUED' \
+              AND parked_at IS NOT NULL ORDER BY tenant_id LIMIT 1) \
+           UNION ALL \
+           SELECT (SELECT r.tenant_id FROM runs r WHERE r.pool = $1 AND r.state = 'QUEUED' \
+                     AND r.parked_at IS NOT NULL AND r.tenant_id > t.tenant_id \
+                   ORDER BY r.tenant_id LIMIT 1) \
+           FROM t WHERE t.tenant_id IS NOT NULL) \
+         SELECT t.tenant_id, tn.max_concurrent_runs, h.priority, h.created_at, \
+           (SELECT count(*) FROM runs a WHERE a.tenant_id = t.tenant_id AND a.pool = $1 \
+              AND a.state IN ('ASSIGNED', 'RUNNING')) AS active_in_pool, \
+           (SELECT count(*) FROM runs a WHERE a.tenant_id = t.tenant_id \
+              AND a.state IN ('ASSIGNED', 'RUNNING')) AS active \
+         FROM t JOIN tenants tn ON tn.id = t.tenant_id \
+         CROSS JOIN LATERAL (SELECT priority, created_at FROM runs h \
+           WHERE h.pool = $1 AND h.tenant_id = t.tenant_id AND h.state = 'QUEUED' \
+             AND h.parked_at IS NOT NULL \
+           ORDER BY h.priority DESC, h.created_at LIMIT 1) h \
+         WHERE t.tenant_id IS NOT NULL",
+    )
+    .bind(pool_name)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ParkedTenant {
+                tenant: TenantId(r.try_get("tenant_id")?),
+                active_in_pool: r.try_get("active_in_pool")?,
+                active: r.try_get("active")?,
+                max_concurrent: r.try_get("max_concurrent_runs")?,
+                head_priority: r.try_get("priority")?,
+                head_created_at: r.try_get("created_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Locks the tenant's best parked run in the pool (highest priority, then oldest) that is
+/// dispatchable now (past any retry backoff) and whose labels are not among `skip_labels`
+/// (label sets no agent had room for in this pass). Rows other dispatchers hold are skipped.
+pub async fn lock_next(
+    conn: &mut PgConnection,
+    pool_name: &str,
+    tenant: TenantId,
+    skip_labels: &[serde_json::Value],
+) -> Result<Option<RunRecord>, CoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE pool = $1 AND tenant_id = $2 \
+         AND state = 'QUEUED' AND parked_at IS NOT NULL \
+         AND (not_before IS NULL OR not_before <= now()) \
+         AND NOT (COALESCE(spec->'labels', '{{}}'::jsonb) \
+               = ANY(ARRAY(SELECT jsonb_array_elements($3::jsonb)))) \
+         ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(pool_name)
+    .bind(tenant.0)
+    .bind(Json(skip_labels))
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(RunRecord::from_row).transpose()
+}
+
+/// A tenant at (or over) its concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverQuota {
+    pub active: i64,
+    pub limit: i64,
+}
+
+/// The tenant's effective concurrency limit: its own, else `default_limit`; `None` = none.
+pub fn effective_limit(own: Option<i32>, default_limit: u32) -> Option<i64> {
+    let limit = own.map_or(i64::from(default_limit), i64::from);
+    (limit > 0).then_some(limit)
+}
+
+/// Checks the tenant's concurrency quota for one more assignment inside the caller's
+/// transaction: when a limit applies, takes the tenant's chain lock first, so the count
+/// cannot change until the transaction ends. `Some` = at the limit, do not assign.
+pub async fn check_quota(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    default_limit: u32,
+) -> Result<Option<OverQuota>, CoreError> {
+    let own: Option<Option<i32>> =
+        sqlx::query_scalar("SELECT max_concurrent_runs FROM tenants WHERE id = $1")
+            .bind(tenant.0)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(limit) = effective_limit(own.flatten(), default_limit) else {
+        return Ok(None);
+    };
+    audit::lock_chain(conn, tenant).await?;
+    let active: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs WHERE tenant_id = $1 AND state IN ('ASSIGNED', 'RUNNING')",
+    )
+    .bind(tenant.0)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((active >= limit).then_some(OverQuota { active, limit }))
+}
+
+/// Records on the tenant's parked runs in the pool the limit it is held at, for GetRun's
+/// wait reason. Writes only rows that do not say so already.
+pub async fn mark_over_quota(
+    pool: &PgPool,
+    pool_name: &str,
+    tenant: TenantId,
+    limit: i64,
+) -> Result<(), CoreError> {
+    sqlx::query(
+        "UPDATE runs SET parked_quota = $3 WHERE pool = $1 AND tenant_id = $2 \
+         AND state = 'QUEUED' AND parked_at IS NOT NULL AND parked_quota IS DISTINCT FROM $3",
+    )
+    .bind(pool_name)
+    .bind(tenant.0)
+    .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// For GetRun: whether the run's tenant is at its concurrency limit — its own, or the one a
+/// dispatcher recorded when it held the run back (the dispatcher default is the
+/// dispatchers' setting, not the API's).
+pub async fn over_quota(pool: &PgPool, run: RunId) -> Result<Option<OverQuota>, CoreError> {
+    let row = sqlx::query(
+        "SELECT COALESCE(t.max_concurrent_runs, r.parked_quota) AS lim, \
+           (SELECT count(*) FROM runs a WHERE a.tenant_id = r.tenant_id \
+              AND a.state IN ('ASSIGNED', 'RUNNING')) AS active \
+         FROM runs r JOIN tenants t ON t.id = r.tenant_id WHERE r.id = $1",
+    )
+    .bind(run.0)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let limit: Option<i32> = row.try_get("lim")?;
+    let active: i64 = row.try_get("active")?;
+    Ok(limit
+        .map(i64::from)
+        .filter(|&l| l > 0 && active >= l)
+        .map(|limit| OverQuota { active, limit }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::effective_limit;
+
+    #[test]
+    fn a_tenant_limit_overrides_the_default_and_zero_means_none() {
+        assert_eq!(effective_limit(Some(3), 10), Some(3));
+        assert_eq!(effective_limit(None, 10), Some(10));
+        assert_eq!(effective_limit(None, 0), None);
+    }
+}
