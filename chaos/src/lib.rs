@@ -5,7 +5,11 @@
 //!
 //! It talks to drover only through its public gRPC API, as a client would.
 
+pub mod client;
 pub mod ledger;
 pub mod oracle;
+pub mod private;
+pub mod proxy;
 pub mod smoke;
+pub mod stack;
 pub mod stress;

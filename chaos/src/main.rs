@@ -26,6 +26,9 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     endpoint: String,
+    /// Bearer token for the API (none: an API without authentication).
+    #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -140,7 +143,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
 }
 
-async fn stress(endpoint: String, a: StressArgs) -> anyhow::Result<ExitCode> {
+async fn stress(
+    endpoint: String,
+    token: Option<String>,
+    a: StressArgs,
+) -> anyhow::Result<ExitCode> {
     let mode = match a.rate {
         Some(rate) if rate > 0.0 => Mode::Open {
             rate,
@@ -189,6 +196,7 @@ async fn stress(endpoint: String, a: StressArgs) -> anyhow::Result<ExitCode> {
         pids: a.pids,
         out: a.out.clone(),
         progress: std::io::stdout().is_terminal(),
+        token,
     };
     let report = stress::run(cfg).await?;
     for v in &report.violations {
@@ -220,6 +228,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         } => {
             let report = smoke::run(
                 &cli.endpoint,
+                cli.token.as_deref(),
                 SmokeConfig {
                     runs,
                     concurrency,
@@ -238,6 +247,6 @@ async fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Stress(args) => stress(cli.endpoint, *args).await,
+        Command::Stress(args) => stress(cli.endpoint, cli.token, *args).await,
     }
 }
