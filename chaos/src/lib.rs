@@ -13,3 +13,4 @@ pub mod proxy;
 pub mod smoke;
 pub mod stack;
 pub mod stress;
+pub mod verdict;
