@@ -130,6 +130,8 @@ pub struct Stack {
     pub api_metrics: String,
     pub database_url: String,
     pub amqp_url: String,
+    /// The broker itself, bypassing any proxy (for the oracle and injected messages).
+    pub amqp_direct_url: String,
     pub redis_url: String,
     pub redis_prefix: String,
     cfg: StackConfig,
@@ -207,6 +209,7 @@ impl Stack {
             api_metrics: String::new(),
             database_url: String::new(),
             amqp_url: String::new(),
+            amqp_direct_url: String::new(),
             redis_url: String::new(),
             cfg,
             api_addr: "127.0.0.1:0".into(),
@@ -282,6 +285,7 @@ impl Stack {
             .through_proxy("postgres", proxied.postgres, &database_url)
             .await?;
         self.amqp_url = self.through_proxy("amqp", proxied.amqp, &amqp_url).await?;
+        self.amqp_direct_url = amqp_url;
         self.redis_url = self
             .through_proxy("redis", proxied.redis, &redis_url)
             .await?;
