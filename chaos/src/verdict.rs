@@ -62,6 +62,9 @@ pub struct Submission {
     pub acked: Vec<String>,
     /// SubmitRun calls made for this key.
     pub tries: u32,
+    /// Calls that failed (and were retried with the same key, unless given up).
+    #[serde(default)]
+    pub errors: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -434,6 +437,7 @@ mod tests {
             key: format!("k-{id}"),
             acked: vec![id.into()],
             tries: 1,
+            errors: 0,
         }
     }
 
@@ -514,6 +518,7 @@ mod tests {
             key: "k-c".into(),
             acked: Vec::new(),
             tries: 7,
+            errors: 7,
         });
         assert_eq!(
             judge(&h, &expect()),

@@ -378,6 +378,7 @@ async fn run_one(cfg: &RunConfig, s: Scenario) -> ScenarioReport {
         timeline.note("stopping the stack");
         let violations = std::mem::take(&mut ctx.violations);
         ctx.stack.stop().await;
+        timeline.note("stack stopped");
         rep.violations.extend(violations);
         outcome
     }
@@ -504,7 +505,12 @@ async fn exercise(
             .iter()
             .filter(|s| !s.acked.is_empty())
             .count(),
-        retried: history.submissions.iter().filter(|s| s.tries > 1).count(),
+        retried: history.submissions.iter().filter(|s| s.errors > 0).count(),
+        resubmitted: history
+            .submissions
+            .iter()
+            .filter(|s| s.tries > s.errors + 1)
+            .count(),
     };
     rep.reassigned = history
         .runs

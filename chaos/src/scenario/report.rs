@@ -16,8 +16,10 @@ pub struct SubmissionCounts {
     pub keys: usize,
     /// Keys acknowledged (a run id came back).
     pub acknowledged: usize,
-    /// Keys that needed more than one SubmitRun call.
+    /// Keys with at least one failed SubmitRun call, retried with the same key.
     pub retried: usize,
+    /// Keys submitted again after their acknowledgement (a client that lost the answer).
+    pub resubmitted: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

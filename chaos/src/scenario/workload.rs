@@ -131,6 +131,7 @@ async fn one_key(
         key: key.clone(),
         acked: Vec::new(),
         tries: 0,
+        errors: 0,
     };
     let deadline = Instant::now() + give_up_after;
     let mut backoff = Duration::from_millis(200);
@@ -142,6 +143,7 @@ async fn one_key(
                 break;
             }
             Err(s) if retryable(s.code()) && Instant::now() < deadline => {
+                sub.errors += 1;
                 if sub.tries == 1 {
                     timeline.note(format!(
                         "submit {key}: {:?}; retrying with the same key",
@@ -152,6 +154,7 @@ async fn one_key(
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
             Err(s) => {
+                sub.errors += 1;
                 timeline.note(format!(
                     "submit {key}: giving up after {} tries: {:?} {}",
                     sub.tries,
@@ -165,8 +168,9 @@ async fn one_key(
     if resubmit {
         // A client that lost the answer submits again; it must get the same run.
         sub.tries += 1;
-        if let Ok(id) = submit_once(&conn, &spec, &key).await {
-            sub.acked.push(id);
+        match submit_once(&conn, &spec, &key).await {
+            Ok(id) => sub.acked.push(id),
+            Err(_) => sub.errors += 1,
         }
     }
     sub
