@@ -180,7 +180,7 @@ pub fn check_executions_paused(entries: &[JournalEntry], pauses: &[Pause]) -> Ve
         span.2 = span.2.max(e.at_ms);
     }
     let mut out = Vec::new();
-    let mut by_run: HashMap<&str, Vec<(i64, Vec<(i64, i64)>)>> = HashMap::new();
+    let mut by_run: HashMap<&str, Vec<EpochSegments>> = HashMap::new();
     for ((run, epoch), (starts, from, to, agent)) in &spans {
         if *starts > 1 {
             out.push(LedgerViolation::EpochTwice {
@@ -217,6 +217,9 @@ pub fn check_executions_paused(entries: &[JournalEntry], pauses: &[Pause]) -> Ve
     }
     out
 }
+
+/// An epoch and the time segments its execution ran in.
+type EpochSegments = (i64, Vec<(i64, i64)>);
 
 /// `[from, to]` minus the pauses, as closed segments.
 fn unpaused(from: i64, to: i64, pauses: &[&Pause]) -> Vec<(i64, i64)> {
@@ -294,7 +297,7 @@ mod tests {
             e("ended", "z", 2, 30),
             e("ended", "z", 1, 41),
         ];
-        assert!(check_executions_paused(&zombie, &[pause.clone()]).is_empty());
+        assert!(check_executions_paused(&zombie, std::slice::from_ref(&pause)).is_empty());
         assert_eq!(
             check_executions(&zombie).len(),
             1,
