@@ -388,7 +388,12 @@ impl Stack {
             cmd.stdout(Stdio::from(file));
         }
         let child = cmd.spawn().map_err(io(format!("spawn {name}")))?;
-        self.procs.retain(|p| p.name != name);
+        // A restarted process keeps its place, so `stop` still takes agents down before
+        // the API they deregister from.
+        if let Some(i) = self.procs.iter().position(|p| p.name == name) {
+            self.procs[i].child = Some(child);
+            return Ok(i);
+        }
         self.procs.push(Proc {
             name: name.to_owned(),
             role,
