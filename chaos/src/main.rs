@@ -80,6 +80,8 @@ struct RunArgs {
     /// Where the drover binaries are (default: next to drover-chaos).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// `RUST_LOG` of the stack's processes; keep `info` or more verbose: zombie-agent reads
+    /// the agent's log for the stale-epoch calls it had refused.
     #[arg(long, default_value = "info")]
     stack_log: String,
     #[arg(

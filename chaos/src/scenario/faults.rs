@@ -102,10 +102,11 @@ async fn agent_kill(ctx: &mut Ctx, restart: bool) -> Res {
     Ok(())
 }
 
-/// Waits (at most 10 s) until the agent holds a RUNNING run, so a kill hits work in flight.
-async fn wait_for_running(ctx: &Ctx, name: &str) {
+/// Waits (at most 10 s) until the agent holds a RUNNING run, so a kill hits work in flight;
+/// returns how many it holds.
+async fn wait_for_running(ctx: &Ctx, name: &str) -> i64 {
     let (Ok(db), Some(id)) = (ctx.stack.db(), ctx.stack.agent_id(name)) else {
-        return;
+        return 0;
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
@@ -118,10 +119,11 @@ async fn wait_for_running(ctx: &Ctx, name: &str) {
         .unwrap_or(0);
         if n > 0 {
             ctx.timeline.note(format!("{name} holds {n} running runs"));
-            return;
+            return n;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    0
 }
 
 async fn dispatcher_kill(ctx: &mut Ctx) -> Res {
@@ -416,7 +418,7 @@ async fn duplicate_poison(ctx: &mut Ctx) -> Res {
 async fn zombie(ctx: &mut Ctx) -> Res {
     let jitter = ctx.rng.f64() * 0.1;
     ctx.at(0.25 + jitter).await;
-    wait_for_running(ctx, "agent-0").await;
+    let held = wait_for_running(ctx, "agent-0").await;
     let id = ctx
         .stack
         .agent_id("agent-0")
@@ -446,8 +448,21 @@ async fn zombie(ctx: &mut Ctx) -> Res {
     let fenced_after = fenced_reports(&ctx.stack.api_metrics).await;
     if let (Some(a), Some(b)) = (fenced_before, fenced_after) {
         ctx.timeline.note(format!(
-            "api refused {} stale-epoch reports (drover_fenced_reports_total)",
+            "api refused {} stale-epoch completion reports (drover_fenced_reports_total)",
             b - a
+        ));
+    }
+    // The zombie's own record of what the API refused it once it woke up: uploads and
+    // reports under its old epoch, and assignments that had moved on.
+    let log = std::fs::read_to_string(ctx.stack.log_path("agent-0")).unwrap_or_default();
+    let refused = log.lines().filter(|l| l.contains("stale")).count();
+    ctx.timeline.note(format!(
+        "agent-0 logged {refused} stale-epoch calls refused or dropped after waking"
+    ));
+    if held > 0 && refused == 0 {
+        ctx.violations.push(format!(
+            "zombie-agent: agent-0 held {held} running runs when frozen but logged no refused \
+             stale-epoch call; fencing was not exercised"
         ));
     }
     Ok(())
