@@ -76,6 +76,8 @@ pub struct History {
     pub dead_queue_depth: Option<u32>,
     pub submissions: Vec<Submission>,
     pub pauses: Vec<Pause>,
+    /// Outbox rows due for publishing but still unpublished.
+    pub unpublished_outbox: i64,
 }
 
 /// What the scenario did on purpose.
@@ -145,6 +147,8 @@ pub enum Violation {
     SucceededWithoutArtifact { run: String, path: String },
     #[error("run {run} has {count} committed uploads")]
     ManyUploads { run: String, count: usize },
+    #[error("{0} outbox rows due but never published")]
+    OutboxStuck(i64),
     #[error("evidence unreadable: {0}")]
     Evidence(String),
 }
@@ -269,6 +273,9 @@ pub fn judge(h: &History, e: &Expectations) -> Vec<Violation> {
     {
         out.push(Violation::DeadQueueNotDrained(n));
     }
+    if h.unpublished_outbox > 0 {
+        out.push(Violation::OutboxStuck(h.unpublished_outbox));
+    }
     out
 }
 
@@ -355,6 +362,7 @@ pub async fn collect(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let unpublished_outbox = unpublished_outbox(src.db).await?;
     let paths: Vec<&std::path::Path> = src.journals.iter().map(PathBuf::as_path).collect();
     let journal = match ledger::read_journals(&paths) {
         Ok(j) => j,
@@ -378,9 +386,20 @@ pub async fn collect(
             dead_queue_depth,
             submissions,
             pauses,
+            unpublished_outbox,
         },
         problems,
     ))
+}
+
+/// Outbox rows due (a second ago or earlier) that the relay has not published.
+pub async fn unpublished_outbox(db: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE published_at IS NULL \
+         AND available_at < now() - interval '1 second'",
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Ready messages on `drover.dead` (a passive declare: nothing is created).
@@ -464,6 +483,7 @@ mod tests {
             dead_queue_depth: Some(0),
             submissions: vec![sub("a"), sub("b")],
             pauses: Vec::new(),
+            unpublished_outbox: 0,
         }
     }
 
@@ -571,6 +591,7 @@ mod tests {
             run_id: None,
         });
         h.dead_queue_depth = Some(1);
+        h.unpublished_outbox = 2;
         let e = Expectations {
             poison: 2,
             ..expect()
@@ -583,7 +604,8 @@ mod tests {
                     expected: 2,
                     found: 1
                 },
-                Violation::DeadQueueNotDrained(1)
+                Violation::DeadQueueNotDrained(1),
+                Violation::OutboxStuck(2)
             ]
         );
         // A run that exhausted its attempts belongs there; its missing record does not.

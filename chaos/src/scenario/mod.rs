@@ -544,7 +544,7 @@ async fn exercise(
 }
 
 /// Waits (bounded by the plan's recovery window) until no run is left non-terminal, every
-/// expected dead letter is archived and `drover.dead` is drained.
+/// expected dead letter is archived, `drover.dead` is drained and the outbox is published.
 async fn recover(ctx: &Ctx) -> Result<(), String> {
     let db = ctx.stack.db().map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + ctx.plan.recovery;
@@ -566,15 +566,17 @@ async fn recover(ctx: &Ctx) -> Result<(), String> {
         let depth = verdict::dead_queue_depth(&ctx.stack.amqp_direct_url)
             .await
             .ok();
-        if open == 0 && archived >= expected_dead && depth == Some(0) {
+        let outbox = verdict::unpublished_outbox(db).await.unwrap_or(-1);
+        if open == 0 && archived >= expected_dead && depth == Some(0) && outbox == 0 {
             ctx.timeline
-                .note("recovered: every run terminal, drover.dead drained");
+                .note("recovered: every run terminal, drover.dead drained, outbox published");
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             ctx.timeline.note(format!(
                 "recovery window ({} s) over: {open} runs not terminal, {archived}/{expected_dead} \
-                 injected dead letters archived, drover.dead depth {depth:?}",
+                 injected dead letters archived, drover.dead depth {depth:?}, {outbox} outbox \
+                 rows due",
                 ctx.plan.recovery.as_secs()
             ));
             return Ok(());
