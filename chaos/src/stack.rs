@@ -352,6 +352,16 @@ impl Stack {
         self.cfg.log_dir.join(format!("{name}.log"))
     }
 
+    /// `bin` from the build directory, under `setpriv --pdeathsig KILL` (which execs it, so
+    /// the PID is the binary's): if drover-chaos itself is killed, its stack dies with it
+    /// instead of lingering.
+    fn command(&self, bin: &str) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--"])
+            .arg(self.cfg.bin_dir.join(bin));
+        cmd
+    }
+
     fn env(&self, cmd: &mut Command) {
         cmd.env("DROVER_DATABASE__URL", &self.database_url)
             .env("DROVER_DATABASE__MAX_CONNECTIONS", "10")
@@ -405,7 +415,7 @@ impl Stack {
     /// Starts the API (again, on the same address once it had one) and waits for its
     /// "listening" line.
     pub async fn start_api(&mut self) -> Result<(), StackError> {
-        let mut cmd = Command::new(self.cfg.bin_dir.join("drover-api"));
+        let mut cmd = self.command("drover-api");
         self.env(&mut cmd);
         cmd.env("DROVER_LISTEN_ADDR", &self.api_addr)
             .env("DROVER_METRICS__LISTEN_ADDR", "127.0.0.1:0");
@@ -466,7 +476,7 @@ impl Stack {
 
     /// Starts (or restarts) a dispatcher process called `name`.
     pub fn start_dispatcher(&mut self, name: &str) -> Result<(), StackError> {
-        let mut cmd = Command::new(self.cfg.bin_dir.join("drover-dispatcher"));
+        let mut cmd = self.command("drover-dispatcher");
         self.env(&mut cmd);
         self.spawn(name, Role::Dispatcher, cmd, false)?;
         Ok(())
@@ -491,7 +501,7 @@ impl Stack {
             .flatten()
         };
         let before = registered(db.clone(), id.clone()).await;
-        let mut cmd = Command::new(self.cfg.bin_dir.join("drover-agent"));
+        let mut cmd = self.command("drover-agent");
         self.env(&mut cmd);
         cmd.env("DROVER_AGENT_ID", &id)
             .env("DROVER_API_ENDPOINT", self.agent_endpoint())
