@@ -242,15 +242,15 @@ pub fn judge(h: &History, e: &Expectations) -> Vec<Violation> {
         let Some(run) = d.run_id.as_deref() else {
             continue;
         };
-        let state = by_id.get(run).map_or("missing", |r| r.state.as_str());
-        if state == "DEAD_LETTERED" {
-            *archived_runs.entry(run).or_default() += 1;
-        } else if d.kind != "unknown_run" {
-            out.push(Violation::UnexpectedDeadLetter {
+        match (d.kind.as_str(), by_id.get(run).map(|r| r.state.as_str())) {
+            // A message naming no run: what an injected unknown-run message becomes.
+            ("unknown_run", None) => {}
+            (_, Some("DEAD_LETTERED")) => *archived_runs.entry(run).or_default() += 1,
+            (_, state) => out.push(Violation::UnexpectedDeadLetter {
                 dl_kind: d.kind.clone(),
                 run: run.to_owned(),
-                state: state.to_owned(),
-            });
+                state: state.unwrap_or("missing").to_owned(),
+            }),
         }
     }
     for (kind, expected) in [("unparseable", e.poison), ("unknown_run", e.unknown_run)] {
@@ -581,6 +581,24 @@ mod tests {
             vec![Violation::UnexpectedDeadLetter {
                 dl_kind: "delivery_limit".into(),
                 run: "a".into(),
+                state: "SUCCEEDED".into()
+            }]
+        );
+        // "Unknown" is wrong for a run that exists.
+        let mut h = healthy();
+        h.dead_letters.push(DeadLetterRecord {
+            kind: "unknown_run".into(),
+            run_id: Some("b".into()),
+        });
+        let e = Expectations {
+            unknown_run: 1,
+            ..expect()
+        };
+        assert_eq!(
+            judge(&h, &e),
+            vec![Violation::UnexpectedDeadLetter {
+                dl_kind: "unknown_run".into(),
+                run: "b".into(),
                 state: "SUCCEEDED".into()
             }]
         );
