@@ -33,7 +33,8 @@ else
   args=(--runs 200 --concurrency 8 --baseline docker --baseline celery)
 fi
 target=${CARGO_TARGET_DIR:-target}
-out="stress-reports/$(date -u +%Y%m%dT%H%M%SZ)"
+# DROVER_STRESS_OUT: where the report goes instead (deploy/nightly.sh sets it).
+out="${DROVER_STRESS_OUT:-stress-reports/$(date -u +%Y%m%dT%H%M%SZ)}"
 "$target/$profile/drover-chaos" stress --spawn-stack --bin-dir "$target/$profile" \
   --out "$out" "${args[@]}" "${extra[@]}"
 echo "summary: $out/summary.md"

@@ -43,7 +43,7 @@ const TERMINAL: [&str; 6] = [
 ];
 
 /// `(seq, from_state, to_state)` of one event.
-type Event = (i32, Option<String>, String);
+pub type Event = (i32, Option<String>, String);
 
 /// Checks every run of the database (or only `runs` when given) against its event history.
 pub async fn check_events(
@@ -73,27 +73,39 @@ pub async fn check_events(
     }
     let mut out = Vec::new();
     for (id, state, events) in by_run {
-        let id = id.to_string();
-        if !events.iter().enumerate().all(|(i, e)| e.0 == i as i32 + 1) {
-            out.push(LedgerViolation::Gaps(id.clone()));
-        }
-        if !TERMINAL.contains(&state.as_str()) {
-            out.push(LedgerViolation::NotTerminal(id.clone(), state));
-            continue;
-        }
-        let since_redrive = events
-            .iter()
-            .rposition(|e| e.1.as_deref() == Some("DEAD_LETTERED") && e.2 == "QUEUED")
-            .map_or(&events[..], |i| &events[i + 1..]);
-        let terminals = since_redrive
-            .iter()
-            .filter(|e| TERMINAL.contains(&e.2.as_str()))
-            .count();
-        if terminals != 1 {
-            out.push(LedgerViolation::ManyTerminal(id, terminals));
-        }
+        out.extend(check_run(&id.to_string(), &state, &events));
     }
     Ok(out)
+}
+
+/// Whether a state name is terminal.
+pub fn is_terminal(state: &str) -> bool {
+    TERMINAL.contains(&state)
+}
+
+/// One run's current state against its events (in `seq` order): gap-free, terminal, and
+/// exactly one terminal event since its last redrive.
+pub fn check_run(id: &str, state: &str, events: &[Event]) -> Vec<LedgerViolation> {
+    let mut out = Vec::new();
+    if !events.iter().enumerate().all(|(i, e)| e.0 == i as i32 + 1) {
+        out.push(LedgerViolation::Gaps(id.to_owned()));
+    }
+    if !is_terminal(state) {
+        out.push(LedgerViolation::NotTerminal(
+            id.to_owned(),
+            state.to_owned(),
+        ));
+        return out;
+    }
+    let since_redrive = events
+        .iter()
+        .rposition(|e| e.1.as_deref() == Some("DEAD_LETTERED") && e.2 == "QUEUED")
+        .map_or(events, |i| &events[i + 1..]);
+    let terminals = since_redrive.iter().filter(|e| is_terminal(&e.2)).count();
+    if terminals != 1 {
+        out.push(LedgerViolation::ManyTerminal(id.to_owned(), terminals));
+    }
+    out
 }
 
 /// One line of an agent's execution journal.
@@ -103,6 +115,18 @@ pub struct JournalEntry {
     pub run_id: String,
     pub epoch: i64,
     pub at_ms: i64,
+    /// The agent that wrote the line.
+    #[serde(default)]
+    pub agent_id: String,
+}
+
+/// A window in which an agent's process was frozen (SIGSTOP … SIGCONT): whatever it was
+/// executing made no progress then, so the window does not count as execution time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    pub agent_id: String,
+    pub from_ms: i64,
+    pub to_ms: i64,
 }
 
 /// Reads journal files (missing files are empty: the agent never executed anything).
@@ -133,20 +157,31 @@ pub fn read_journals(paths: &[&Path]) -> Result<Vec<JournalEntry>, LedgerViolati
 /// the end of the record if it never ended: the agent was killed, and the container with it
 /// or it was adopted later, which keeps the same epoch).
 pub fn check_executions(entries: &[JournalEntry]) -> Vec<LedgerViolation> {
-    let mut spans: HashMap<(String, i64), (usize, i64, i64)> = HashMap::new();
+    check_executions_paused(entries, &[])
+}
+
+/// [`check_executions`], where the time an execution's agent spent frozen (`pauses`) is not
+/// execution time: a zombie agent's execution stands still while it is stopped.
+pub fn check_executions_paused(entries: &[JournalEntry], pauses: &[Pause]) -> Vec<LedgerViolation> {
+    // (starts, from, to, agent)
+    let mut spans: HashMap<(String, i64), (usize, i64, i64, String)> = HashMap::new();
     for e in entries {
-        let span = spans
-            .entry((e.run_id.clone(), e.epoch))
-            .or_insert((0, i64::MAX, i64::MIN));
+        let span = spans.entry((e.run_id.clone(), e.epoch)).or_insert((
+            0,
+            i64::MAX,
+            i64::MIN,
+            e.agent_id.clone(),
+        ));
         if e.event == "started" {
             span.0 += 1;
+            span.3.clone_from(&e.agent_id);
         }
         span.1 = span.1.min(e.at_ms);
         span.2 = span.2.max(e.at_ms);
     }
     let mut out = Vec::new();
-    let mut by_run: HashMap<&str, Vec<(i64, i64, i64)>> = HashMap::new();
-    for ((run, epoch), (starts, from, to)) in &spans {
+    let mut by_run: HashMap<&str, Vec<EpochSegments>> = HashMap::new();
+    for ((run, epoch), (starts, from, to, agent)) in &spans {
         if *starts > 1 {
             out.push(LedgerViolation::EpochTwice {
                 run: run.clone(),
@@ -154,21 +189,61 @@ pub fn check_executions(entries: &[JournalEntry]) -> Vec<LedgerViolation> {
                 count: *starts,
             });
         }
-        by_run.entry(run).or_default().push((*epoch, *from, *to));
+        let agent_pauses: Vec<&Pause> = pauses.iter().filter(|p| &p.agent_id == agent).collect();
+        by_run
+            .entry(run)
+            .or_default()
+            .push((*epoch, unpaused(*from, *to, &agent_pauses)));
     }
     for (run, mut list) in by_run {
-        list.sort_by_key(|s| s.1);
-        for pair in list.windows(2) {
-            if pair[1].1 < pair[0].2 {
-                out.push(LedgerViolation::Overlap {
-                    run: run.to_owned(),
-                    a: pair[0].0,
-                    b: pair[1].0,
+        list.sort_by_key(|s| (s.1.first().map_or(i64::MAX, |x| x.0), s.0));
+        for (i, a) in list.iter().enumerate() {
+            for b in &list[i + 1..] {
+                // Half-open, at least 1 ms long: an execution that only started (its
+                // agent died at once) still occupies its instant.
+                let overlaps = a.1.iter().any(|x| {
+                    b.1.iter()
+                        .any(|y| x.0.max(y.0) < x.1.max(x.0 + 1).min(y.1.max(y.0 + 1)))
                 });
+                if overlaps {
+                    out.push(LedgerViolation::Overlap {
+                        run: run.to_owned(),
+                        a: a.0,
+                        b: b.0,
+                    });
+                }
             }
         }
     }
     out
+}
+
+/// An epoch and the time segments its execution ran in.
+type EpochSegments = (i64, Vec<(i64, i64)>);
+
+/// `[from, to]` minus the pauses, as closed segments.
+fn unpaused(from: i64, to: i64, pauses: &[&Pause]) -> Vec<(i64, i64)> {
+    let mut segs = vec![(from, to)];
+    for p in pauses {
+        segs = segs
+            .into_iter()
+            .flat_map(|(a, b)| {
+                if p.to_ms <= a || p.from_ms >= b {
+                    vec![(a, b)]
+                } else {
+                    let mut v = Vec::new();
+                    if p.from_ms > a {
+                        v.push((a, p.from_ms));
+                    }
+                    if p.to_ms < b {
+                        v.push((p.to_ms, b));
+                    }
+                    v
+                }
+            })
+            .collect();
+    }
+    segs
 }
 
 #[cfg(test)]
@@ -181,6 +256,7 @@ mod tests {
             run_id: run.into(),
             epoch,
             at_ms,
+            agent_id: format!("agent-{epoch}"),
         }
     }
 
@@ -209,6 +285,24 @@ mod tests {
             }]
         );
         let twice = [e("started", "b", 1, 0), e("started", "b", 1, 5)];
+        // Agent 1 frozen from 3 to 40: its execution of epoch 1 did not overlap epoch 2's.
+        let pause = Pause {
+            agent_id: "agent-1".into(),
+            from_ms: 3,
+            to_ms: 40,
+        };
+        let zombie = [
+            e("started", "z", 1, 0),
+            e("started", "z", 2, 5),
+            e("ended", "z", 2, 30),
+            e("ended", "z", 1, 41),
+        ];
+        assert!(check_executions_paused(&zombie, std::slice::from_ref(&pause)).is_empty());
+        assert_eq!(
+            check_executions(&zombie).len(),
+            1,
+            "without the pause it overlaps"
+        );
         assert_eq!(
             check_executions(&twice),
             vec![LedgerViolation::EpochTwice {

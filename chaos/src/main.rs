@@ -1,3 +1,4 @@
+//! `drover-chaos run [--scenario NAME ...|--all|--smoke] --seed N --out DIR`
 //! `drover-chaos smoke --endpoint URL [--runs N] [--concurrency C]`
 //! `drover-chaos stress [--spawn-stack] [--concurrency C | --rate R] [--runs N | --duration D]
 //!  [--baseline docker] [--baseline celery] --out DIR`
@@ -8,7 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use drover_chaos::scenario::{self, RunConfig, Scenario};
 use drover_chaos::smoke::{self, SmokeConfig};
+use drover_chaos::stack::SharedServices;
 use drover_chaos::stress::celery::{self, CeleryConfig, CeleryTask};
 use drover_chaos::stress::load::{Mode, Stop};
 use drover_chaos::stress::procstat::Watched;
@@ -26,6 +29,9 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     endpoint: String,
+    /// Bearer token for the API (none: an API without authentication).
+    #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +54,101 @@ enum Command {
     /// report.json, summary.md, latency.svg and throughput.svg to --out. Exit code 1 if the
     /// oracle found a violation or a baseline could not be measured.
     Stress(Box<StressArgs>),
+    /// Fault scenarios against stacks of the real binaries, judged by the oracle; writes
+    /// report.json and report.md to --out. Exit code 1 on any violation or scenario error.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A scenario to run; repeatable.
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Every scenario.
+    #[arg(long, conflicts_with = "scenarios")]
+    all: bool,
+    /// Short workloads and recovery windows; without --scenario/--all, the CI set
+    /// (agent-kill-restart, dispatcher-kill, duplicate-poison, redis-flushall).
+    #[arg(long)]
+    smoke: bool,
+    /// Seeds fault timing and workload; the same seed gives the same fault schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Report directory (created); each scenario's logs and journals go below it.
+    #[arg(long, default_value = "chaos-report")]
+    out: PathBuf,
+    /// Where the drover binaries are (default: next to drover-chaos).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// `RUST_LOG` of the stack's processes; keep `info` or more verbose: zombie-agent reads
+    /// the agent's log for the stale-epoch calls it had refused.
+    #[arg(long, default_value = "info")]
+    stack_log: String,
+    #[arg(
+        long,
+        env = "DROVER_TEST_PG_URL",
+        default_value = "postgres://drover:drover@127.0.0.1:5432/drover"
+    )]
+    pg_admin_url: String,
+    #[arg(
+        long,
+        env = "DROVER_TEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    #[arg(long, default_value = "127.0.0.1:5672")]
+    rabbit_host: String,
+}
+
+async fn chaos_run(token: Option<String>, a: RunArgs) -> anyhow::Result<ExitCode> {
+    let scenarios = if a.all {
+        Scenario::ALL.to_vec()
+    } else if !a.scenarios.is_empty() {
+        a.scenarios
+    } else if a.smoke {
+        Scenario::SMOKE.to_vec()
+    } else {
+        anyhow::bail!("name scenarios with --scenario, or pass --all or --smoke");
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted; stopping the scenario in progress");
+            on_signal.cancel();
+        }
+    });
+    let report = scenario::run(RunConfig {
+        bin_dir: a.bin_dir.unwrap_or_else(spawn::default_bin_dir),
+        shared: SharedServices {
+            pg_admin_url: a.pg_admin_url,
+            redis_url: a.redis_url,
+            rabbit_host: a.rabbit_host,
+        },
+        out: a.out.clone(),
+        seed: a.seed,
+        scenarios,
+        smoke: a.smoke,
+        token,
+        rust_log: a.stack_log,
+        cancel,
+    })
+    .await?;
+    for s in &report.scenarios {
+        for v in &s.violations {
+            eprintln!("VIOLATION [{}]: {v}", s.name);
+        }
+        if let Some(e) = &s.error {
+            eprintln!("ERROR [{}]: {e}", s.name);
+        }
+    }
+    println!("{}", report.one_line());
+    eprintln!("report: {}", a.out.join("report.md").display());
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[derive(Args)]
@@ -140,7 +241,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
 }
 
-async fn stress(endpoint: String, a: StressArgs) -> anyhow::Result<ExitCode> {
+async fn stress(
+    endpoint: String,
+    token: Option<String>,
+    a: StressArgs,
+) -> anyhow::Result<ExitCode> {
     let mode = match a.rate {
         Some(rate) if rate > 0.0 => Mode::Open {
             rate,
@@ -189,6 +294,7 @@ async fn stress(endpoint: String, a: StressArgs) -> anyhow::Result<ExitCode> {
         pids: a.pids,
         out: a.out.clone(),
         progress: std::io::stdout().is_terminal(),
+        token,
     };
     let report = stress::run(cfg).await?;
     for v in &report.violations {
@@ -220,6 +326,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         } => {
             let report = smoke::run(
                 &cli.endpoint,
+                cli.token.as_deref(),
                 SmokeConfig {
                     runs,
                     concurrency,
@@ -238,6 +345,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Stress(args) => stress(cli.endpoint, *args).await,
+        Command::Stress(args) => stress(cli.endpoint, cli.token, *args).await,
+        Command::Run(args) => chaos_run(cli.token, *args).await,
     }
 }

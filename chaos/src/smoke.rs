@@ -5,10 +5,9 @@
 use std::time::{Duration, Instant};
 
 use drover_proto::v1 as pb;
-use drover_proto::v1::run_service_client::RunServiceClient;
 use futures::future::try_join_all;
-use tonic::transport::Channel;
 
+use crate::client::{self, RunClient};
 use crate::oracle::{self, Observed, Violation};
 
 #[derive(Debug, Clone)]
@@ -44,7 +43,7 @@ impl std::fmt::Display for SmokeReport {
 }
 
 async fn one_run(
-    client: &mut RunServiceClient<Channel>,
+    client: &mut RunClient,
     cfg: &SmokeConfig,
 ) -> Result<(Observed, Duration), tonic::Status> {
     let started = Instant::now();
@@ -82,12 +81,16 @@ async fn one_run(
     ))
 }
 
-pub async fn run(endpoint: &str, cfg: SmokeConfig) -> anyhow::Result<SmokeReport> {
-    let channel = Channel::from_shared(endpoint.to_owned())?.connect().await?;
+pub async fn run(
+    endpoint: &str,
+    token: Option<&str>,
+    cfg: SmokeConfig,
+) -> anyhow::Result<SmokeReport> {
+    let conn = client::connect(endpoint, token).await?;
     let started = Instant::now();
     let per_worker = cfg.runs.div_ceil(cfg.concurrency.max(1));
     let workers = (0..cfg.concurrency.max(1)).map(|w| {
-        let mut client = RunServiceClient::new(channel.clone());
+        let mut client = conn.runs();
         let cfg = cfg.clone();
         let n = per_worker.min(cfg.runs.saturating_sub(w * per_worker));
         async move {

@@ -12,11 +12,10 @@ use std::time::Duration;
 use drover_core::convert::state_from_proto;
 use drover_core::state::RunState;
 use drover_proto::v1 as pb;
-use drover_proto::v1::run_service_client::RunServiceClient;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use super::metrics::{Outcome, Sample};
+use crate::client::RunClient;
 use crate::oracle::{self, Observed};
 
 fn code(s: &tonic::Status) -> String {
@@ -37,7 +36,7 @@ fn between(events: &[pb::RunEvent], from: pb::RunState, to: pb::RunState) -> Opt
 
 /// Runs one operation; the second value is the oracle's findings for this run.
 pub async fn one(
-    mut client: RunServiceClient<Channel>,
+    mut client: RunClient,
     spec: pb::RunSpec,
     scheduled: Instant,
 ) -> (Outcome, Vec<String>) {

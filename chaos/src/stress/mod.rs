@@ -22,10 +22,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_proto::v1::run_service_client::RunServiceClient;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use load::{Mode, Stop};
 use procstat::Watched;
@@ -53,6 +51,8 @@ pub struct StressConfig {
     pub out: PathBuf,
     /// Draw progress bars (only when stdout is a terminal in the binary).
     pub progress: bool,
+    /// Bearer token for the API's calls (none: an API without authentication).
+    pub token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ pub enum StressError {
     #[error("spawning the stack: {0}")]
     Spawn(#[from] spawn::SpawnError),
     #[error("connecting to {0}")]
-    Connect(String, #[source] tonic::transport::Error),
+    Connect(String, #[source] crate::client::ClientError),
     #[error("warm-up run failed: {0}")]
     Warmup(String),
     #[error("writing the report: {0}")]
@@ -209,12 +209,10 @@ async fn run_drover(
     spec: drover_proto::v1::RunSpec,
     pids: Vec<Watched>,
 ) -> Result<DroverResult, StressError> {
-    let channel = Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| StressError::Warmup(format!("bad endpoint {endpoint}: {e}")))?
-        .connect()
+    let client = crate::client::connect(endpoint, cfg.token.as_deref())
         .await
-        .map_err(|e| StressError::Connect(endpoint.to_owned(), e))?;
-    let client = RunServiceClient::new(channel);
+        .map_err(|e| StressError::Connect(endpoint.to_owned(), e))?
+        .runs();
     for _ in 0..cfg.warmup {
         let (outcome, _) =
             drover::one(client.clone(), spec.clone(), tokio::time::Instant::now()).await;
