@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use drover_core::repo::tokens;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sqlx::PgPool;
@@ -134,6 +135,9 @@ pub struct Stack {
     pub amqp_direct_url: String,
     pub redis_url: String,
     pub redis_prefix: String,
+    /// A token of the operator tenant `default` with every user role, bootstrapped once the
+    /// API has migrated the database (as `drover admin bootstrap` does).
+    pub token: String,
     cfg: StackConfig,
     api_addr: String,
     /// Agent name (`agent-0`) → agent id.
@@ -211,6 +215,7 @@ impl Stack {
             amqp_url: String::new(),
             amqp_direct_url: String::new(),
             redis_url: String::new(),
+            token: String::new(),
             cfg,
             api_addr: "127.0.0.1:0".into(),
             agent_ids: HashMap::new(),
@@ -291,6 +296,11 @@ impl Stack {
             .await?;
 
         self.start_api().await?;
+        self.token = tokens::bootstrap(self.db()?, "default")
+            .await
+            .map_err(|e| StackError::Setup(format!("bootstrap the default tenant: {e}")))?
+            .token
+            .token;
         for i in 0..self.cfg.dispatchers.max(1) {
             self.start_dispatcher(&format!("dispatcher-{i}"))?;
         }
@@ -501,9 +511,15 @@ impl Stack {
             .flatten()
         };
         let before = registered(db.clone(), id.clone()).await;
+        // Each life gets a fresh agent token bound to the agent's id.
+        let agent_token = tokens::create_agent(&db, &id, name, "drover-chaos", None)
+            .await
+            .map_err(|e| StackError::Setup(format!("agent token for {id}: {e}")))?
+            .token;
         let mut cmd = self.command("drover-agent");
         self.env(&mut cmd);
         cmd.env("DROVER_AGENT_ID", &id)
+            .env("DROVER_AGENT_TOKEN", agent_token)
             .env("DROVER_API_ENDPOINT", self.agent_endpoint())
             .env("DROVER_CAPACITY", self.cfg.agent_capacity.to_string())
             .env("DROVER_EXECUTOR", &self.cfg.agent_executor);

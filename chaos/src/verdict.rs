@@ -78,6 +78,18 @@ pub struct History {
     pub pauses: Vec<Pause>,
     /// Outbox rows due for publishing but still unpublished.
     pub unpublished_outbox: i64,
+    /// Each tenant's audit chain as `drover audit verify` recomputes it: the first broken
+    /// link, if any.
+    pub audit: Vec<AuditVerdict>,
+}
+
+/// One tenant's recomputed audit chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditVerdict {
+    pub tenant: String,
+    pub links: i64,
+    /// `(chain_seq, location, problem)` of the first broken link.
+    pub broken: Option<(i64, String, String)>,
 }
 
 /// What the scenario did on purpose.
@@ -151,11 +163,28 @@ pub enum Violation {
     OutboxStuck(i64),
     #[error("evidence unreadable: {0}")]
     Evidence(String),
+    #[error("audit chain of tenant {tenant} broken at link {seq} ({location}): {problem}")]
+    AuditChainBroken {
+        tenant: String,
+        seq: i64,
+        location: String,
+        problem: String,
+    },
 }
 
 /// Every violation the history shows; empty when every invariant holds.
 pub fn judge(h: &History, e: &Expectations) -> Vec<Violation> {
     let mut out = Vec::new();
+    for a in &h.audit {
+        if let Some((seq, location, problem)) = &a.broken {
+            out.push(Violation::AuditChainBroken {
+                tenant: a.tenant.clone(),
+                seq: *seq,
+                location: location.clone(),
+                problem: problem.clone(),
+            });
+        }
+    }
     let by_id: HashMap<&str, &RunRecord> = h.runs.iter().map(|r| (r.id.as_str(), r)).collect();
     let mut by_key: HashMap<&str, Vec<&str>> = HashMap::new();
     for r in &h.runs {
@@ -363,6 +392,20 @@ pub async fn collect(
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let unpublished_outbox = unpublished_outbox(src.db).await?;
+    let mut audit = Vec::new();
+    let tenants: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants")
+        .fetch_all(src.db)
+        .await?;
+    for (id, name) in tenants {
+        match drover_core::audit::verify(src.db, drover_core::ids::TenantId(id)).await {
+            Ok(v) => audit.push(AuditVerdict {
+                tenant: name,
+                links: v.checked,
+                broken: v.broken.map(|b| (b.chain_seq, b.location, b.problem)),
+            }),
+            Err(e) => problems.push(Violation::Evidence(format!("audit chain of {name}: {e}"))),
+        }
+    }
     let paths: Vec<&std::path::Path> = src.journals.iter().map(PathBuf::as_path).collect();
     let journal = match ledger::read_journals(&paths) {
         Ok(j) => j,
@@ -387,6 +430,7 @@ pub async fn collect(
             submissions,
             pauses,
             unpublished_outbox,
+            audit,
         },
         problems,
     ))
@@ -484,6 +528,11 @@ mod tests {
             submissions: vec![sub("a"), sub("b")],
             pauses: Vec::new(),
             unpublished_outbox: 0,
+            audit: vec![AuditVerdict {
+                tenant: "default".into(),
+                links: 9,
+                broken: None,
+            }],
         }
     }
 
@@ -520,6 +569,21 @@ mod tests {
             a: 1,
             b: 2
         }));
+    }
+
+    #[test]
+    fn a_broken_audit_chain_is_flagged() {
+        let mut h = healthy();
+        h.audit[0].broken = Some((
+            4,
+            "run_events run=a seq=2".into(),
+            "content does not match its hash (edited)".into(),
+        ));
+        let v = judge(&h, &expect());
+        assert!(
+            matches!(v.as_slice(), [Violation::AuditChainBroken { seq: 4, .. }]),
+            "{v:?}"
+        );
     }
 
     #[test]

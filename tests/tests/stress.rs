@@ -33,7 +33,7 @@ fn config(stack: &Stack, out: &Path, baselines: Vec<Baseline>) -> StressConfig {
         pids,
         out: out.to_path_buf(),
         progress: false,
-        token: None,
+        token: Some(stack.token.clone()),
     }
 }
 

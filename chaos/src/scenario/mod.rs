@@ -446,12 +446,10 @@ async fn exercise(
     seed: u64,
     rep: &mut ScenarioReport,
 ) -> Result<(), String> {
-    let conn = client::connect_lazy(
-        &ctx.stack.endpoint,
-        cfg.token.as_deref(),
-        Duration::from_secs(10),
-    )
-    .map_err(|e| e.to_string())?;
+    // The scenario's own stack brings its token; --token overrides it.
+    let token = cfg.token.clone().unwrap_or_else(|| ctx.stack.token.clone());
+    let conn = client::connect_lazy(&ctx.stack.endpoint, Some(&token), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
     let stop = CancellationToken::new();
     ctx.t0 = ctx.timeline.elapsed_s();
     let workload = tokio::spawn(workload::drive(

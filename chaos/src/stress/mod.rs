@@ -119,7 +119,12 @@ pub async fn run(cfg: StressConfig) -> Result<Report, StressError> {
     if let Some(s) = &stack {
         pids.extend(s.watched());
     }
-    let drover_result = run_drover(&cfg, &endpoint, spec, pids).await;
+    // A spawned stack brings its own token; otherwise the one given (--token).
+    let token = stack
+        .as_ref()
+        .map(|s| s.token.clone())
+        .or_else(|| cfg.token.clone());
+    let drover_result = run_drover(&cfg, &endpoint, token.as_deref(), spec, pids).await;
     if let Some(s) = stack {
         s.stop().await;
     }
@@ -206,10 +211,11 @@ type DroverResult = (
 async fn run_drover(
     cfg: &StressConfig,
     endpoint: &str,
+    token: Option<&str>,
     spec: drover_proto::v1::RunSpec,
     pids: Vec<Watched>,
 ) -> Result<DroverResult, StressError> {
-    let client = crate::client::connect(endpoint, cfg.token.as_deref())
+    let client = crate::client::connect(endpoint, token)
         .await
         .map_err(|e| StressError::Connect(endpoint.to_owned(), e))?
         .runs();

@@ -30,6 +30,8 @@ pub type SpawnError = StackError;
 #[derive(Debug)]
 pub struct SpawnedStack {
     pub endpoint: String,
+    /// The spawned stack's bootstrapped token.
+    pub token: String,
     stack: Stack,
 }
 
@@ -61,6 +63,7 @@ impl SpawnedStack {
         .await?;
         Ok(SpawnedStack {
             endpoint: stack.endpoint.clone(),
+            token: stack.token.clone(),
             stack,
         })
     }
