@@ -234,9 +234,14 @@ async fn counters_move_by_what_the_runs_did() {
         6.0
     );
     assert_eq!(hist_delta(&disp0, &disp1, "drover_queue_wait_seconds"), 6.0);
+    // Dispatch latency covers runs assigned on arrival; a run that found no free slot is
+    // parked and assigned later by the parked-run scheduler. Each run is one or the other.
     assert_eq!(
-        hist_delta(&disp0, &disp1, "drover_dispatch_latency_seconds"),
-        6.0
+        hist_delta(&disp0, &disp1, "drover_dispatch_latency_seconds")
+            + delta(&disp0, &disp1, "drover_runs_parked_total", &[]),
+        6.0,
+        "{}",
+        disp1.text
     );
     assert_eq!(
         delta(&disp0, &disp1, "drover_runs_ended_total", &[]),

@@ -18,17 +18,17 @@
 
 mod container_config;
 mod found;
+mod log_follow;
 mod log_frame;
 
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions,
-    LogsOptions, RemoveContainerOptions, WaitContainerOptions,
+    RemoveContainerOptions, WaitContainerOptions,
 };
 use drover_core::ids::AgentId;
 use drover_core::spec::PullPolicy;
@@ -44,8 +44,8 @@ pub use found::found_from_inspect;
 use found::running_for;
 
 use crate::executor::{
-    ExecError, ExecHandle, Executor, ExitStatus, FoundExecution, Job, OutputChunk, OutputSource,
-    OutputStream, Started, Termination,
+    ExecError, ExecHandle, Executor, ExitStatus, FoundExecution, Job, OutputStream, Started,
+    Termination,
 };
 
 /// While terminating, how often to look whether the process has exited.
@@ -401,36 +401,7 @@ impl Executor for DockerExecutor {
     }
 
     fn output(&self, handle: &ExecHandle) -> OutputStream {
-        let options = LogsOptions {
-            follow: true,
-            stdout: true,
-            stderr: true,
-            timestamps: true,
-            ..Default::default()
-        };
-        let chunk = |source, frame: &[u8]| {
-            let (at, data) = log_frame::split_timestamp(frame);
-            OutputChunk {
-                source,
-                data: data.to_vec(),
-                at,
-            }
-        };
-        self.docker
-            .logs(&handle.id, Some(options))
-            .filter_map(move |item| async move {
-                match item {
-                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                        Some(Ok(chunk(OutputSource::Stdout, &message)))
-                    }
-                    Ok(LogOutput::StdErr { message }) => {
-                        Some(Ok(chunk(OutputSource::Stderr, &message)))
-                    }
-                    Ok(LogOutput::StdIn { .. }) => None,
-                    Err(e) => Some(Err(ExecError::backend("follow container logs", e))),
-                }
-            })
-            .boxed()
+        log_follow::follow(self.docker.clone(), handle.id.clone())
     }
 
     fn wait<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<ExitStatus, ExecError>> {

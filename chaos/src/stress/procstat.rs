@@ -56,7 +56,30 @@ pub struct ProcessReport {
     pub peak_cpu_pct: f64,
     /// False if the process vanished while being watched.
     pub alive_at_end: bool,
+    /// Least-squares slope of RSS over the second half of the samples, in MiB per hour: a
+    /// soak run's leak shows as a slope that stays positive once the caches are warm.
+    #[serde(default)]
+    pub rss_slope_mib_per_hour: Option<f64>,
     pub samples: Vec<ProcSample>,
+}
+
+/// The least-squares slope of `(t_s, rss)` over the later half of `samples`, in MiB per hour;
+/// `None` with fewer than 10 points there.
+pub fn rss_slope_mib_per_hour(samples: &[ProcSample]) -> Option<f64> {
+    let tail = &samples[samples.len() / 2..];
+    if tail.len() < 10 {
+        return None;
+    }
+    let n = tail.len() as f64;
+    let mean_t = tail.iter().map(|s| s.t_s).sum::<f64>() / n;
+    let mean_r = tail.iter().map(|s| s.rss_kib as f64).sum::<f64>() / n;
+    let (mut cov, mut var) = (0.0, 0.0);
+    for s in tail {
+        let dt = s.t_s - mean_t;
+        cov += dt * (s.rss_kib as f64 - mean_r);
+        var += dt * dt;
+    }
+    (var > 0.0).then(|| cov / var * 3600.0 / 1024.0)
 }
 
 /// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
@@ -101,6 +124,7 @@ pub async fn sample(
             mean_cpu_pct: 0.0,
             peak_cpu_pct: 0.0,
             alive_at_end: true,
+            rss_slope_mib_per_hour: None,
             samples: Vec::new(),
         })
         .collect();
@@ -131,6 +155,7 @@ pub async fn sample(
     }
     for r in &mut reports {
         r.peak_rss_kib = r.samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+        r.rss_slope_mib_per_hour = rss_slope_mib_per_hour(&r.samples);
         let cpus: Vec<f64> = r.samples.iter().filter_map(|s| s.cpu_pct).collect();
         r.peak_cpu_pct = cpus.iter().copied().fold(0.0, f64::max);
         r.mean_cpu_pct = if cpus.is_empty() {
@@ -150,6 +175,25 @@ mod tests {
     fn parses_proc_files() {
         let status = "Name:\tdrover-api\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
         assert_eq!(parse_rss_kib(status), Some(12345));
+        // 1 MiB every 36 s is 100 MiB per hour; a flat line has no slope.
+        let growing: Vec<ProcSample> = (0..40)
+            .map(|i| ProcSample {
+                t_s: f64::from(i) * 36.0,
+                rss_kib: 50_000 + 1024 * i as u64,
+                cpu_pct: None,
+            })
+            .collect();
+        let slope = rss_slope_mib_per_hour(&growing).expect("enough samples");
+        assert!((slope - 100.0).abs() < 1e-6, "{slope}");
+        let flat: Vec<ProcSample> = growing
+            .iter()
+            .map(|s| ProcSample {
+                rss_kib: 50_000,
+                ..*s
+            })
+            .collect();
+        assert_eq!(rss_slope_mib_per_hour(&flat), Some(0.0));
+        assert_eq!(rss_slope_mib_per_hour(&growing[..8]), None);
         assert_eq!(parse_rss_kib("Name: x\n"), None);
         let stat = "42 (drover (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1 2 3";
         assert_eq!(parse_cpu_ticks(stat), Some(300));

@@ -162,14 +162,18 @@ impl Report {
             }
         }
         if !self.processes.is_empty() {
-            md.push_str("\n## drover processes\n\n| process | pid | peak RSS (MiB) | mean CPU (% of a core) | peak CPU |\n|---|---:|---:|---:|---:|\n");
+            md.push_str("\n## drover processes\n\n| process | pid | peak RSS (MiB) | RSS slope, 2nd half (MiB/h) | mean CPU (% of a core) | peak CPU |\n|---|---:|---:|---:|---:|---:|\n");
             for p in &self.processes {
+                let slope = p
+                    .rss_slope_mib_per_hour
+                    .map_or_else(|| "-".to_owned(), |s| format!("{s:+.1}"));
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.1} | {:.1} | {:.1} |",
+                    "| {} | {} | {:.1} | {} | {:.1} | {:.1} |",
                     p.name,
                     p.pid,
                     p.peak_rss_kib as f64 / 1024.0,
+                    slope,
                     p.mean_cpu_pct,
                     p.peak_cpu_pct
                 );
@@ -319,6 +323,7 @@ mod tests {
                 mean_cpu_pct: 12.5,
                 peak_cpu_pct: 40.0,
                 alive_at_end: true,
+                rss_slope_mib_per_hour: None,
                 samples: vec![ProcSample {
                     t_s: 0.0,
                     rss_kib: 20480,
