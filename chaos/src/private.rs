@@ -2,11 +2,10 @@
 //! and data directories, stopped, started, restarted and flushed by PID, so a scenario that
 //! restarts or flushes a service never touches the machine's shared ones.
 //!
-//! The same recipe as the end-to-end tests' `tests/src/private.rs` (that crate is test-only
-//! and depends on this one, so it cannot be shared): every server is a direct child in its own
-//! process group under `setpriv --pdeathsig`, so a chaos process that dies abruptly still
-//! takes its servers with it; [`Daemon`]'s `Drop` SIGKILLs the group. Errors are values here,
-//! not panics: a scenario that cannot start its services reports why.
+//! The end-to-end tests use these too (`tests/src/private.rs` wraps them). Every server is a
+//! direct child in its own process group under `setpriv --pdeathsig`, so a process that dies
+//! abruptly still takes its servers with it; [`Daemon`]'s `Drop` SIGKILLs the group. Errors
+//! are values here, not panics: a scenario that cannot start its services reports why.
 
 use std::fs::{self, OpenOptions};
 use std::net::TcpListener;
