@@ -4,25 +4,11 @@
 
 use std::time::Duration;
 
+pub use drover_core::bearer::Bearer as Auth;
 use drover_proto::v1::admin_service_client::AdminServiceClient;
 use drover_proto::v1::run_service_client::RunServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
-
-/// Adds `authorization: Bearer <token>` to every call when a token is set.
-#[derive(Clone, Debug, Default)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
 
 pub type RunClient = RunServiceClient<InterceptedService<Channel, Auth>>;
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Auth>>;
@@ -55,14 +41,10 @@ impl Connection {
 }
 
 fn auth(token: Option<&str>) -> Result<Auth, ClientError> {
-    token
-        .map(|t| {
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| ClientError::Token)
-        })
-        .transpose()
-        .map(Auth)
+    match token {
+        Some(t) => Auth::new(t).map_err(|_| ClientError::Token),
+        None => Ok(Auth::none()),
+    }
 }
 
 fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
@@ -101,6 +83,7 @@ pub fn connect_lazy(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Request;
     use tonic::service::Interceptor;
 
     #[test]

@@ -84,20 +84,8 @@ struct RunArgs {
     /// the agent's log for the stale-epoch calls it had refused.
     #[arg(long, default_value = "info")]
     stack_log: String,
-    #[arg(
-        long,
-        env = "DROVER_TEST_PG_URL",
-        default_value = "postgres://drover:drover@127.0.0.1:5432/drover"
-    )]
-    pg_admin_url: String,
-    #[arg(
-        long,
-        env = "DROVER_TEST_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
-    #[arg(long, default_value = "127.0.0.1:5672")]
-    rabbit_host: String,
+    #[command(flatten)]
+    services: ServiceArgs,
 }
 
 async fn chaos_run(token: Option<String>, a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -121,9 +109,9 @@ async fn chaos_run(token: Option<String>, a: RunArgs) -> anyhow::Result<ExitCode
     let report = scenario::run(RunConfig {
         bin_dir: a.bin_dir.unwrap_or_else(spawn::default_bin_dir),
         shared: SharedServices {
-            pg_admin_url: a.pg_admin_url,
-            redis_url: a.redis_url,
-            rabbit_host: a.rabbit_host,
+            pg_admin_url: a.services.pg_admin_url,
+            redis_url: a.services.redis_url,
+            rabbit_host: a.services.rabbit_host,
         },
         out: a.out.clone(),
         seed: a.seed,
@@ -196,20 +184,8 @@ struct StressArgs {
     agent_capacity: Option<u32>,
     #[arg(long, default_value = "warn")]
     stack_log: String,
-    #[arg(
-        long,
-        env = "DROVER_TEST_PG_URL",
-        default_value = "postgres://drover:drover@127.0.0.1:5432/drover"
-    )]
-    pg_admin_url: String,
-    #[arg(
-        long,
-        env = "DROVER_TEST_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
-    #[arg(long, default_value = "127.0.0.1:5672")]
-    rabbit_host: String,
+    #[command(flatten)]
+    services: ServiceArgs,
     /// What each Celery task does: `noop` (control plane) or `docker` (the same container).
     #[arg(long, value_enum, default_value = "docker")]
     celery_task: CeleryTask,
@@ -269,9 +245,9 @@ async fn stress(
         bin_dir: a.bin_dir.clone().unwrap_or_else(spawn::default_bin_dir),
         agents,
         agent_capacity: capacity,
-        pg_admin_url: a.pg_admin_url.clone(),
-        redis_url: a.redis_url.clone(),
-        rabbit_host: a.rabbit_host.clone(),
+        pg_admin_url: a.services.pg_admin_url.clone(),
+        redis_url: a.services.redis_url.clone(),
+        rabbit_host: a.services.rabbit_host.clone(),
         log_dir: a.out.join("logs"),
         rust_log: a.stack_log.clone(),
     });
@@ -287,9 +263,9 @@ async fn stress(
             task: a.celery_task,
             venv: a.celery_venv.unwrap_or_else(celery::default_venv),
             python: a.python,
-            redis_url: a.redis_url,
+            redis_url: a.services.redis_url,
             redis_db: a.celery_redis_db,
-            rabbit_host: a.rabbit_host,
+            rabbit_host: a.services.rabbit_host,
         },
         pids: a.pids,
         out: a.out.clone(),
@@ -312,6 +288,25 @@ async fn stress(
             ExitCode::FAILURE
         },
     )
+}
+
+/// The machine's shared services a spawned stack uses (fresh database, vhost, key prefix).
+#[derive(Args)]
+struct ServiceArgs {
+    #[arg(
+        long,
+        env = "DROVER_TEST_PG_URL",
+        default_value = "postgres://drover:drover@127.0.0.1:5432/drover"
+    )]
+    pg_admin_url: String,
+    #[arg(
+        long,
+        env = "DROVER_TEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    #[arg(long, default_value = "127.0.0.1:5672")]
+    rabbit_host: String,
 }
 
 #[tokio::main]

@@ -2,24 +2,12 @@
 //! `DROVER_TOKEN`), and the one place where a failed call becomes a line for people.
 
 use anyhow::Context;
+pub use drover_core::bearer::Bearer as Auth;
 use drover_proto::v1::admin_service_client::AdminServiceClient;
 use drover_proto::v1::run_service_client::RunServiceClient;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
-
-#[derive(Clone)]
-pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+use tonic::{Code, Status};
 
 pub type Client = RunServiceClient<InterceptedService<Channel, Auth>>;
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Auth>>;
@@ -69,17 +57,10 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> anyhow::Result<Conn
         .await
         .with_context(|| format!("cannot reach drover at {endpoint}"))?;
     let auth = match token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .context("token contains characters not allowed in a header")?,
-        ),
-        None => None,
+        Some(t) => Auth::new(t)?,
+        None => Auth::none(),
     };
-    Ok(Connection {
-        channel,
-        auth: Auth(auth),
-    })
+    Ok(Connection { channel, auth })
 }
 
 /// What a call was about, so NOT_FOUND can say "no such run" or "no such agent".

@@ -343,11 +343,14 @@ where
     }
 }
 
-/// Submits `spec` and returns the run id.
+/// Submits `spec` with the stack's token and returns the run id.
 pub async fn submit(stack: &Stack, spec: pb::RunSpec) -> String {
-    stack
-        .client()
-        .await
+    submit_run(&mut stack.client().await, spec).await.id
+}
+
+/// Submits `spec` (no idempotency key) with `client`; the run as accepted.
+pub async fn submit_run(client: &mut crate::stack::RunClient, spec: pb::RunSpec) -> pb::Run {
+    client
         .submit_run(pb::SubmitRunRequest {
             spec: Some(spec),
             idempotency_key: String::new(),
@@ -357,7 +360,6 @@ pub async fn submit(stack: &Stack, spec: pb::RunSpec) -> String {
         .into_inner()
         .run
         .expect("run")
-        .id
 }
 
 pub fn in_state(s: pb::RunState) -> impl Fn(&pb::Run) -> bool {

@@ -19,18 +19,7 @@ fn gated(timeout_secs: u32) -> pb::RunSpec {
     }
 }
 
-async fn submit(client: &mut drover_tests::stack::RunClient, spec: pb::RunSpec) -> pb::Run {
-    client
-        .submit_run(pb::SubmitRunRequest {
-            spec: Some(spec),
-            idempotency_key: String::new(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .run
-        .expect("run")
-}
+use drover_tests::fake_agent::submit_run as submit;
 
 async fn state_of(stack: &Stack, id: &str) -> (String, Option<String>) {
     let row: (String, Option<String>) =

@@ -57,17 +57,7 @@ async fn mock_stack(capacity: u32, env: &[(&str, &str)], agent: bool) -> Stack {
 }
 
 async fn submit_as(client: &mut RunClient, spec: pb::RunSpec) -> String {
-    client
-        .submit_run(pb::SubmitRunRequest {
-            spec: Some(spec),
-            idempotency_key: String::new(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .run
-        .expect("run")
-        .id
+    drover_tests::fake_agent::submit_run(client, spec).await.id
 }
 
 /// Submits `n` copies of `spec`, 16 at a time; the run ids in submission order.

@@ -372,7 +372,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| docker | 0.50 | 2.00 | 2.00 |"), "{md}");
-        assert!(md.contains("| api | 7 | 20.0 | 12.5 | 40.0 |"), "{md}");
+        assert!(md.contains("| api | 7 | 20.0 | - | 12.5 | 40.0 |"), "{md}");
         assert!(md.contains("0 violation(s)"));
 
         let line = r.one_line();

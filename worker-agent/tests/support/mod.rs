@@ -436,21 +436,22 @@ impl TestEnv {
             .expect("the run after the cancel")
     }
 
+    async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.api_addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the api")
+    }
+
     /// A RunService client with the test's user token.
     pub async fn runs_client(
         &self,
     ) -> pb::run_service_client::RunServiceClient<
         tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
     > {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.api_addr))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect to the api");
-        pb::run_service_client::RunServiceClient::with_interceptor(
-            channel,
-            Bearer::new(&self.token).expect("token"),
-        )
+        let bearer = Bearer::new(&self.token).expect("token");
+        pb::run_service_client::RunServiceClient::with_interceptor(self.channel().await, bearer)
     }
 
     /// An AdminService client with the test's user token (an operator tenant's admin).
@@ -459,15 +460,8 @@ impl TestEnv {
     ) -> pb::admin_service_client::AdminServiceClient<
         tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
     > {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.api_addr))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect to the api");
-        pb::admin_service_client::AdminServiceClient::with_interceptor(
-            channel,
-            Bearer::new(&self.token).expect("token"),
-        )
+        let bearer = Bearer::new(&self.token).expect("token");
+        pb::admin_service_client::AdminServiceClient::with_interceptor(self.channel().await, bearer)
     }
 
     /// Moves the lease away from this agent behind its back, as the reaper and a dispatcher
