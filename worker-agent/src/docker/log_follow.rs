@@ -1,11 +1,15 @@
 //! Following a container's output so that nothing is lost when Docker's own follow stream
 //! ends early. Under load the daemon can close a `follow=true` log stream when the container
 //! exits before it has sent everything the json-file log holds (seen here: 2.2 MB of a 25 MB
-//! run's stdout, with no error). So when a stream ends (or breaks), the reader asks again
-//! from the second of the last frame it saw — following again while the container runs, a
-//! plain read once it has exited — and skips, by their nanosecond timestamps, the frames it
-//! already passed on. A bounded number of such resumptions keeps a daemon that keeps closing
-//! streams from looping forever.
+//! run's stdout, with no error). So when a stream ends (or breaks), the reader asks again —
+//! following again while the container runs, a plain read once it has exited — and skips, by
+//! their nanosecond timestamps, the frames it already passed on.
+//!
+//! Timestamps are monotonic within stdout and within stderr, not across them (Docker copies
+//! each stream on its own), so there is one [`Cursor`] per stream, and the re-read starts a
+//! second before the older of the two streams' last frames. A stream that had shown nothing
+//! yet had nothing delivered, so all of its frames in the re-read are new. A bounded number of
+//! resumptions keeps a daemon that keeps closing streams from looping forever.
 
 use bollard::Docker;
 use bollard::container::LogOutput;
@@ -62,12 +66,17 @@ impl Cursor {
     fn restart(&mut self) {
         self.skipped_at_last = 0;
     }
+}
 
-    /// The `since` of the next read: the second of the newest frame passed on.
-    fn since(&self) -> i32 {
-        self.last
-            .map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(i32::MAX))
-    }
+/// Where to start reading again: a second before the older stream's last frame (the streams'
+/// clocks interleave), or the beginning when neither has shown anything.
+fn since(cursors: &[Cursor; 2]) -> i32 {
+    cursors
+        .iter()
+        .filter_map(|c| c.last)
+        .map(|t| t.timestamp() - 1)
+        .min()
+        .map_or(0, |s| i32::try_from(s.max(0)).unwrap_or(i32::MAX))
 }
 
 type Frames = BoxStream<'static, Result<LogOutput, bollard::errors::Error>>;
@@ -88,7 +97,8 @@ struct State {
     docker: Docker,
     id: String,
     frames: Option<Frames>,
-    cursor: Cursor,
+    /// stdout's and stderr's.
+    cursors: [Cursor; 2],
     resuming: bool,
     resumes: u32,
     /// The current read is the last one (the container had exited when it began).
@@ -111,7 +121,7 @@ pub fn follow(docker: Docker, id: String) -> OutputStream {
         docker,
         id,
         frames,
-        cursor: Cursor::default(),
+        cursors: [Cursor::default(); 2],
         resuming: false,
         resumes: 0,
         last_read: false,
@@ -122,14 +132,14 @@ pub fn follow(docker: Docker, id: String) -> OutputStream {
                 match frames.next().await {
                     Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                         let c = chunk(OutputSource::Stdout, &message);
-                        if st.cursor.admit(c.at, st.resuming) {
+                        if st.cursors[0].admit(c.at, st.resuming) {
                             return Some((Ok(c), st));
                         }
                         continue;
                     }
                     Some(Ok(LogOutput::StdErr { message })) => {
                         let c = chunk(OutputSource::Stderr, &message);
-                        if st.cursor.admit(c.at, st.resuming) {
+                        if st.cursors[1].admit(c.at, st.resuming) {
                             return Some((Ok(c), st));
                         }
                         continue;
@@ -155,9 +165,15 @@ pub fn follow(docker: Docker, id: String) -> OutputStream {
                 Err(_) => return None,
             };
             st.last_read = !running;
+            tracing::debug!(
+                container = %st.id,
+                running,
+                since = since(&st.cursors),
+                "container log stream ended; reading on from the last frames seen"
+            );
             st.resuming = true;
-            st.cursor.restart();
-            st.frames = Some(open(&st.docker, &st.id, running, st.cursor.since()));
+            st.cursors.iter_mut().for_each(Cursor::restart);
+            st.frames = Some(open(&st.docker, &st.id, running, since(&st.cursors)));
         }
     })
     .boxed()
@@ -198,7 +214,27 @@ mod tests {
             .map(|at| c.admit(at, true))
             .collect();
         assert_eq!(third, [false, false, false, false, true]);
-        assert_eq!(c.since(), 1_700_000_000);
+    }
+
+    #[test]
+    fn the_re_read_starts_before_the_older_stream() {
+        let mut out = Cursor::default();
+        let mut err = Cursor::default();
+        assert_eq!(since(&[out, err]), 0);
+        out.admit(
+            Some(DateTime::from_timestamp_nanos(1_700_000_010_000_000_000)),
+            false,
+        );
+        assert_eq!(
+            since(&[out, err]),
+            1_700_000_009,
+            "stderr showed nothing yet"
+        );
+        err.admit(
+            Some(DateTime::from_timestamp_nanos(1_700_000_005_500_000_000)),
+            false,
+        );
+        assert_eq!(since(&[out, err]), 1_700_000_004);
     }
 
     #[test]
