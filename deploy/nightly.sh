@@ -8,7 +8,8 @@
 #   nightly-reports/YYYY-MM-DD-HHMM/summary.md        (both one-liners and the exit codes)
 #
 #   deploy/nightly.sh           # release build, all 13 scenarios full size, stress profile
-#                               # (about 35-50 min on the 2-core build machine, build included)
+#                               # (measured on the 2-core build machine: 534 s with a warm
+#                               # release build; a cold release build adds about 10 min)
 #   deploy/nightly.sh --smoke   # debug build, the CI set of 4 scenarios (~20 s of load each)
 #                               # and the tiny stress (20 runs); a few minutes
 #   SEED=1234 deploy/nightly.sh # replay a night's fault schedule (the seed is in the report)
