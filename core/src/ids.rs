@@ -6,8 +6,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The tenant every run belongs to until authentication introduces real tenants. Rows carry
-/// `tenant_id` from the start so isolation never has to be retrofitted.
+/// Tenant `default`, created by the first migration: `drover admin bootstrap` (and `drover dev`)
+/// reuse it by name, and run messages written before they carried a tenant belong to it.
 pub const DEFAULT_TENANT: TenantId = TenantId(Uuid::from_u128(1));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
