@@ -30,7 +30,7 @@ use drover_core::events::EventBus;
 use drover_core::observe::{self, Health};
 use drover_core::outbox_relay::OutboxRelay;
 use drover_core::secrets_crypto::SecretKeys;
-use drover_core::{CoreError, db};
+use drover_core::{CoreError, audit, db};
 use drover_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -142,6 +142,13 @@ impl Application {
             "drover-api",
         );
         tasks.spawn(relay.run(cancel.child_token()));
+        tasks.spawn(
+            audit::Sealer {
+                pool: self.state.pool.clone(),
+                settings: settings.audit.clone(),
+            }
+            .run(cancel.child_token()),
+        );
         tasks.spawn(artifacts::collect_garbage(
             self.state.clone(),
             cancel.child_token(),

@@ -3,6 +3,7 @@
 //! `DROVER_REDIS__URL`, `DROVER_REDIS__PREFIX`, `DROVER_SECRETS__KEYS`,
 //! `DROVER_SECRETS__ACTIVE_KEY_ID`).
 
+use drover_core::audit::SealSettings;
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
@@ -22,6 +23,8 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub lease: LeaseSettings,
     pub relay: RelaySettings,
+    /// The audit-chain sealer (`DROVER_AUDIT__INTERVAL_MS`, `DROVER_AUDIT__BATCH_SIZE`).
+    pub audit: SealSettings,
     /// How often WatchRun re-reads Postgres when Redis stays silent (it may have lost messages).
     pub watch_poll_ms: u64,
     /// Keys that seal tenant secrets at rest; none = the secret RPCs answer
@@ -106,6 +109,7 @@ impl Default for Settings {
             redis: RedisSettings::default(),
             lease: LeaseSettings::default(),
             relay: RelaySettings::default(),
+            audit: SealSettings::default(),
             watch_poll_ms: 1_000,
             secrets: SecretsSettings::default(),
             artifacts: ArtifactSettings::default(),

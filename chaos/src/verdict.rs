@@ -83,6 +83,22 @@ pub struct History {
     pub audit: Vec<AuditVerdict>,
 }
 
+/// Verifies `tenant`'s chain once every event is sealed, or after 30 s with what is left: an
+/// event can wait for the sealing horizon while any write transaction of the cluster runs.
+async fn verify_sealed(
+    db: &sqlx::PgPool,
+    tenant: drover_core::ids::TenantId,
+) -> Result<drover_core::audit::Verdict, drover_core::CoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = drover_core::audit::verify(db, tenant).await?;
+        if v.unsealed == 0 || v.broken.is_some() || std::time::Instant::now() > deadline {
+            return Ok(v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// One tenant's recomputed audit chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditVerdict {
@@ -90,6 +106,8 @@ pub struct AuditVerdict {
     pub links: i64,
     /// `(chain_seq, location, problem)` of the first broken link.
     pub broken: Option<(i64, String, String)>,
+    /// Events still not linked into the chain once the sealers had time to link them all.
+    pub unsealed: i64,
 }
 
 /// What the scenario did on purpose.
@@ -170,6 +188,8 @@ pub enum Violation {
         location: String,
         problem: String,
     },
+    #[error("audit chain of tenant {tenant}: {unsealed} event(s) never linked into it")]
+    AuditUnsealed { tenant: String, unsealed: i64 },
 }
 
 /// Every violation the history shows; empty when every invariant holds.
@@ -182,6 +202,12 @@ pub fn judge(h: &History, e: &Expectations) -> Vec<Violation> {
                 seq: *seq,
                 location: location.clone(),
                 problem: problem.clone(),
+            });
+        }
+        if a.unsealed > 0 {
+            out.push(Violation::AuditUnsealed {
+                tenant: a.tenant.clone(),
+                unsealed: a.unsealed,
             });
         }
     }
@@ -397,11 +423,12 @@ pub async fn collect(
         .fetch_all(src.db)
         .await?;
     for (id, name) in tenants {
-        match drover_core::audit::verify(src.db, drover_core::ids::TenantId(id)).await {
+        match verify_sealed(src.db, drover_core::ids::TenantId(id)).await {
             Ok(v) => audit.push(AuditVerdict {
                 tenant: name,
                 links: v.checked,
                 broken: v.broken.map(|b| (b.chain_seq, b.location, b.problem)),
+                unsealed: v.unsealed,
             }),
             Err(e) => problems.push(Violation::Evidence(format!("audit chain of {name}: {e}"))),
         }
@@ -532,6 +559,7 @@ mod tests {
                 tenant: "default".into(),
                 links: 9,
                 broken: None,
+                unsealed: 0,
             }],
         }
     }
@@ -569,6 +597,19 @@ mod tests {
             a: 1,
             b: 2
         }));
+    }
+
+    #[test]
+    fn an_event_never_linked_into_the_chain_is_flagged() {
+        let mut h = healthy();
+        h.audit[0].unsealed = 2;
+        assert_eq!(
+            judge(&h, &expect()),
+            vec![Violation::AuditUnsealed {
+                tenant: "default".into(),
+                unsealed: 2
+            }]
+        );
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub mod names {
     pub const DEAD_LETTERS: &str = "drover_dead_letters_archived_total";
     pub const LEASE_EXPIRIES: &str = "drover_lease_expiries_total";
     pub const FENCED_REPORTS: &str = "drover_fenced_reports_total";
+    /// Run and audit events linked into their tenant's audit chain by this process's sealer.
+    pub const AUDIT_SEALED: &str = "drover_audit_events_sealed_total";
     pub const OUTBOX_BACKLOG: &str = "drover_outbox_backlog";
     pub const OUTBOX_OLDEST_AGE: &str = "drover_outbox_oldest_pending_age_seconds";
     pub const OUTBOX_PUBLISHED: &str = "drover_outbox_published_total";
@@ -124,6 +126,10 @@ fn describe() {
     describe_counter!(DEAD_LETTERS, "Messages archived from drover.dead");
     describe_counter!(LEASE_EXPIRIES, "Attempts lost because their lease expired");
     describe_counter!(FENCED_REPORTS, "Agent reports refused as stale (old epoch)");
+    describe_counter!(
+        AUDIT_SEALED,
+        "Run and audit events linked into their tenant's audit chain"
+    );
     describe_gauge!(
         OUTBOX_BACKLOG,
         "Due outbox rows not yet published (sampled)"

@@ -126,6 +126,13 @@ impl Dispatcher {
             .run(cancel.child_token()),
         );
         tasks.spawn(
+            drover_core::audit::Sealer {
+                pool: self.db.clone(),
+                settings: self.settings.audit.clone(),
+            }
+            .run(cancel.child_token()),
+        );
+        tasks.spawn(
             dead_letters::Archiver {
                 db: self.db.clone(),
                 amqp_url: self.settings.amqp.url.clone(),

@@ -1,6 +1,7 @@
 //! `drover-dispatcher` settings: defaults, optional TOML file, then `DROVER_…` variables
 //! (`DROVER_POOLS` as a TOML array, e.g. `DROVER_POOLS='["default","gpu"]'`).
 
+use drover_core::audit::SealSettings;
 use drover_core::config::{
     AmqpSettings, DatabaseSettings, LeaseSettings, RedisSettings, RelaySettings,
 };
@@ -19,6 +20,8 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub lease: LeaseSettings,
     pub relay: RelaySettings,
+    /// The audit-chain sealer (`DROVER_AUDIT__INTERVAL_MS`, `DROVER_AUDIT__BATCH_SIZE`).
+    pub audit: SealSettings,
     /// Longest the parked-run scheduler sleeps before looking again if no wake-up came.
     pub capacity_recheck_ms: u64,
     /// Per-tenant quotas the dispatcher enforces (`DROVER_QUOTA__…`).
@@ -37,6 +40,7 @@ impl Default for Settings {
             redis: RedisSettings::default(),
             lease: LeaseSettings::default(),
             relay: RelaySettings::default(),
+            audit: SealSettings::default(),
             capacity_recheck_ms: 5_000,
             quota: QuotaSettings::default(),
             reaper: ReaperSettings::default(),

@@ -32,6 +32,33 @@ pub async fn create_database(tag: &str) -> (String, String) {
     (name.clone(), format!("{base}/{name}"))
 }
 
+/// A fresh database with drover's migrations applied, for repository-level tests: its name
+/// (for [`drop_database`]) and a pool of at most `connections`.
+pub async fn migrated_database(connections: u32) -> (String, sqlx::PgPool) {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (name, url) = create_database(&tag).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the fresh database {name}: {e}"));
+    drover_core::db::migrate(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("migrate {name}: {e}"));
+    (name, pool)
+}
+
+/// The smallest valid run spec: `true` in the test image.
+pub fn noop_spec() -> drover_core::spec::RunSpec {
+    drover_core::spec::RawSpec {
+        image: "drover/busybox:latest".into(),
+        command: vec!["true".into()],
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_or_else(|e| panic!("the no-op spec is valid: {e}"))
+}
+
 pub async fn drop_database(name: &str) {
     if let Ok(mut conn) = PgConnection::connect(&pg_admin_url()).await {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

@@ -6,31 +6,20 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+use drover_core::CoreError;
 use drover_core::error::Refusal;
 use drover_core::ids::DEFAULT_TENANT;
 use drover_core::repo::{Transition, TransitionPatch, runs};
-use drover_core::spec::RawSpec;
 use drover_core::state::RunState;
-use drover_core::{CoreError, db};
 use drover_tests::services;
 use sqlx::PgPool;
 
-async fn fresh_db() -> (String, PgPool) {
-    let tag = uuid::Uuid::now_v7().simple().to_string();
-    let (name, url) = services::create_database(&tag).await;
-    let pool = PgPool::connect(&url).await.unwrap();
-    db::migrate(&pool).await.unwrap();
-    (name, pool)
+async fn fresh_db(connections: u32) -> (String, PgPool) {
+    services::migrated_database(connections).await
 }
 
 fn spec() -> drover_core::spec::RunSpec {
-    RawSpec {
-        image: "drover/busybox:latest".into(),
-        command: vec!["true".into()],
-        ..Default::default()
-    }
-    .validate()
-    .unwrap()
+    services::noop_spec()
 }
 
 async fn apply(pool: &PgPool, t: Transition) -> Result<RunState, CoreError> {
@@ -61,7 +50,7 @@ fn assign(run: drover_core::ids::RunId, agent: &str) -> Transition {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_transitions_change_nothing() {
-    let (name, pool) = fresh_db().await;
+    let (name, pool) = fresh_db(10).await;
     let run = runs::submit(
         &pool,
         DEFAULT_TENANT,
@@ -172,7 +161,7 @@ async fn refused_transitions_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_assignments_have_exactly_one_winner() {
-    let (name, pool) = fresh_db().await;
+    let (name, pool) = fresh_db(10).await;
     let run = runs::submit(
         &pool,
         DEFAULT_TENANT,

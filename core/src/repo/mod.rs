@@ -15,6 +15,7 @@ pub mod logs;
 pub mod outbox;
 pub mod overdue;
 pub mod parking;
+pub mod quota_locks;
 pub mod runs;
 pub mod secrets;
 pub mod stats;

@@ -8,16 +8,15 @@
 //! ([`parked_tenants`], [`lock_next`]). The state lives in Postgres only: nothing is lost with
 //! a dispatcher, and any transition clears it ([`super::runs::transition`]).
 //!
-//! The quota is counted under the tenant's audit-chain lock ([`crate::audit::lock_chain`]),
-//! which every assignment's transition takes anyway, so dispatchers assigning the same
-//! tenant's runs at once cannot overshoot it.
+//! The quota is counted under the tenant's concurrency-quota lock
+//! ([`super::quota_locks::lock_active`]), so dispatchers assigning the same tenant's runs at
+//! once cannot overshoot it.
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::runs::{RUN_COLUMNS, RunRecord};
-use crate::audit;
 use crate::error::CoreError;
 use crate::ids::{RunId, TenantId};
 
@@ -175,7 +174,7 @@ pub fn effective_limit(own: Option<i32>, default_limit: u32) -> Option<i64> {
 }
 
 /// Checks the tenant's concurrency quota for one more assignment inside the caller's
-/// transaction: when a limit applies, takes the tenant's chain lock first, so the count
+/// transaction: when a limit applies, takes the tenant's concurrency-quota lock first, so the count
 /// cannot change until the transaction ends. `Some` = at the limit, do not assign.
 pub async fn check_quota(
     conn: &mut PgConnection,
@@ -190,7 +189,7 @@ pub async fn check_quota(
     let Some(limit) = effective_limit(own.flatten(), default_limit) else {
         return Ok(None);
     };
-    audit::lock_chain(conn, tenant).await?;
+    super::quota_locks::lock_active(conn, tenant).await?;
     let active: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM runs WHERE tenant_id = $1 AND state IN ('ASSIGNED', 'RUNNING')",
     )

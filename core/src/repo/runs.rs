@@ -8,6 +8,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+use super::quota_locks;
 use crate::audit;
 use crate::error::{CoreError, Refusal};
 use crate::ids::{RunId, TenantId};
@@ -161,8 +162,8 @@ pub async fn submit(
 
 /// [`submit`], refused with [`CoreError::OverQuota`] when the tenant already has
 /// `max_queued` runs QUEUED or PENDING_APPROVAL. The count and the insert happen under the
-/// tenant's audit-chain lock (which the insert takes anyway), so concurrent submits cannot
-/// overshoot. A deduplicated submit is never refused: it adds nothing.
+/// tenant's queued-runs lock ([`super::quota_locks`]), so concurrent submits cannot overshoot.
+/// A deduplicated submit is never refused: it adds nothing.
 pub async fn submit_within(
     pool: &PgPool,
     tenant: TenantId,
@@ -178,17 +179,18 @@ pub async fn submit_within(
     } else {
         RunState::Queued
     };
-    let mut tx = pool.begin().await?;
-    if let Some(max) = max_queued {
-        audit::lock_chain(&mut tx, tenant).await?;
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 \
-             AND state IN ('QUEUED', 'PENDING_APPROVAL') LIMIT $2) w",
-        )
-        .bind(tenant.0)
-        .bind(max)
-        .fetch_one(&mut *tx)
-        .await?;
+    let mut mode = quota_locks::Mode::Shared;
+    let mut tx = loop {
+        let mut tx = pool.begin().await?;
+        let Some(max) = max_queued else { break tx };
+        quota_locks::lock_waiting(&mut tx, tenant, mode).await?;
+        let (waiting, in_flight) = quota_locks::count_waiting(&mut tx, tenant, max).await?;
+        if mode == quota_locks::Mode::Shared && waiting.saturating_add(in_flight) >= max {
+            // Near the limit: count again with no other submit of the tenant in flight.
+            tx.rollback().await?;
+            mode = quota_locks::Mode::Exclusive;
+            continue;
+        }
         if waiting >= max {
             let dup = match idempotency_key {
                 Some(k) => sqlx::query_scalar::<_, bool>(
@@ -207,7 +209,8 @@ pub async fn submit_within(
                 )));
             }
         }
-    }
+        break tx;
+    };
     let inserted = sqlx::query(&format!(
         "INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, pool, priority, \
          attempt, max_attempts, queue_deadline, submitted_by, approval_deadline, traceparent) \
@@ -312,7 +315,8 @@ pub async fn enqueue_run_message_after(
     super::outbox::enqueue_message(conn, run.tenant_id, message, delay_ms).await
 }
 
-/// Appends the run's next event, linked into its tenant's audit chain ([`crate::audit`]).
+/// Appends the run's next event. It is linked into its tenant's audit chain by the sealer
+/// after this transaction commits ([`crate::audit`]), so no tenant-wide lock is taken here.
 async fn insert_event(
     conn: &mut PgConnection,
     run: &RunRecord,
@@ -321,50 +325,23 @@ async fn insert_event(
     actor: &str,
 ) -> Result<EventRecord, CoreError> {
     // The run row is locked by the caller's insert/update, so MAX(seq)+1 cannot race.
-    let seq: i32 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM run_events WHERE run_id = $1")
-            .bind(run.id.0)
-            .fetch_one(&mut *conn)
-            .await?;
-    let from_name = from.map(RunState::as_str);
-    let mut entry = audit::Entry {
-        tenant: run.tenant_id.0,
-        chain_seq: 0,
-        kind: "run".to_owned(),
-        actor: actor.to_owned(),
-        at: audit::now(),
-        fields: audit::run_event_fields(
-            run.id.0,
-            seq,
-            from_name,
-            run.state.as_str(),
-            run.attempt,
-            run.lease_epoch,
-            run.agent_id.as_deref(),
-            reason,
-        ),
-    };
-    let link = audit::append(conn, &mut entry).await?;
     let row = sqlx::query(
         "INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
-         lease_epoch, agent_id, reason, at, actor, chain_seq, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         lease_epoch, agent_id, reason, at, actor) \
+         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
+         FROM run_events WHERE run_id = $1 \
          RETURNING run_id, seq, from_state, to_state, attempt, lease_epoch, reason, at",
     )
     .bind(run.id.0)
-    .bind(seq)
     .bind(run.tenant_id.0)
-    .bind(from_name)
+    .bind(from.map(RunState::as_str))
     .bind(run.state.as_str())
     .bind(run.attempt)
     .bind(run.lease_epoch)
     .bind(run.agent_id.as_deref())
     .bind(reason)
-    .bind(entry.at)
+    .bind(audit::now())
     .bind(actor)
-    .bind(link.chain_seq)
-    .bind(&link.prev_hash)
-    .bind(&link.hash)
     .fetch_one(conn)
     .await?;
     EventRecord::from_row(&row)
