@@ -37,6 +37,39 @@ fn epoch(v: u64) -> ApiResult<i64> {
     i64::try_from(v).map_err(|_| ApiError::bad("lease_epoch", "out of range"))
 }
 
+/// The run, if `agent` holds its lease under `epoch` right now: the one rule for every
+/// AgentService call, reports and artifact transfers alike. A refusal from an agent that lost
+/// the lease (to another agent, or to a newer epoch of its own) is a fenced call and counted.
+pub(crate) async fn leased_run(
+    state: &AppState,
+    agent: &AgentId,
+    run: RunId,
+    epoch: i64,
+) -> ApiResult<RunRecord> {
+    let rec = runs::get_unscoped(&state.pool, run)
+        .await?
+        .ok_or(ApiError::NotFound("run not found"))?;
+    let span = tracing::Span::current();
+    drover_core::telemetry::record_lease(&span, run, agent.as_str(), epoch);
+    drover_core::telemetry::record_run(&span, &rec);
+    if rec.agent_id.as_deref() != Some(agent.as_str()) {
+        metrics::counter!(observe::names::FENCED_REPORTS).increment(1);
+        tracing::warn!(run_id = %run, agent_id = %agent, "call for a run not leased to this agent refused");
+        return Err(ApiError::Precondition(
+            "run is not leased to this agent".into(),
+        ));
+    }
+    if rec.lease_epoch != epoch {
+        metrics::counter!(observe::names::FENCED_REPORTS).increment(1);
+        tracing::info!(run_id = %run, agent_id = %agent, given = epoch, current = rec.lease_epoch, "stale lease epoch refused");
+        return Err(ApiError::Precondition(format!(
+            "stale lease epoch {epoch}; current epoch is {}",
+            rec.lease_epoch
+        )));
+    }
+    Ok(rec)
+}
+
 impl AgentApi {
     pub fn new(state: AppState) -> Self {
         Self { state }
@@ -44,27 +77,7 @@ impl AgentApi {
 
     /// The run, if `agent` holds its lease under `epoch` right now.
     async fn leased_run(&self, agent: &AgentId, run: RunId, epoch: i64) -> ApiResult<RunRecord> {
-        let rec = runs::get_unscoped(&self.state.pool, run)
-            .await?
-            .ok_or(ApiError::NotFound("run not found"))?;
-        let span = tracing::Span::current();
-        drover_core::telemetry::record_lease(&span, run, agent.as_str(), epoch);
-        drover_core::telemetry::record_run(&span, &rec);
-        if rec.agent_id.as_deref() != Some(agent.as_str()) {
-            tracing::warn!(run_id = %run, agent_id = %agent, "report for a run not leased to this agent");
-            return Err(ApiError::Precondition(
-                "run is not leased to this agent".into(),
-            ));
-        }
-        if rec.lease_epoch != epoch {
-            metrics::counter!(observe::names::FENCED_REPORTS).increment(1);
-            tracing::info!(run_id = %run, agent_id = %agent, given = epoch, current = rec.lease_epoch, "stale lease epoch refused");
-            return Err(ApiError::Precondition(format!(
-                "stale lease epoch {epoch}; current epoch is {}",
-                rec.lease_epoch
-            )));
-        }
-        Ok(rec)
+        leased_run(&self.state, agent, run, epoch).await
     }
 
     async fn apply(&self, t: Transition) -> Result<RunRecord, CoreError> {

@@ -41,7 +41,7 @@ fn path_error(field: &'static str, e: &PathError) -> ApiError {
 }
 
 /// The run, if `agent` holds its lease under `epoch` right now and it is executing. The
-/// same rule as every other AgentService call.
+/// same rule as every other AgentService call ([`crate::agent_service::leased_run`]).
 async fn leased_run(
     state: &AppState,
     agent: &str,
@@ -51,24 +51,7 @@ async fn leased_run(
     let agent = AgentId::parse(agent).map_err(|m| ApiError::bad("agent_id", m))?;
     let run = parse_run_id("run_id", run)?;
     let epoch = i64::try_from(epoch).map_err(|_| ApiError::bad("lease_epoch", "out of range"))?;
-    let rec = runs::get_unscoped(&state.pool, run)
-        .await?
-        .ok_or(ApiError::NotFound("run not found"))?;
-    let span = tracing::Span::current();
-    drover_core::telemetry::record_lease(&span, run, agent.as_str(), epoch);
-    drover_core::telemetry::record_run(&span, &rec);
-    if rec.agent_id.as_deref() != Some(agent.as_str()) {
-        return Err(ApiError::Precondition(
-            "run is not leased to this agent".into(),
-        ));
-    }
-    if rec.lease_epoch != epoch {
-        tracing::info!(run_id = %run, agent_id = %agent, given = epoch, current = rec.lease_epoch, "artifact call under a stale epoch refused");
-        return Err(ApiError::Precondition(format!(
-            "stale lease epoch {epoch}; current epoch is {}",
-            rec.lease_epoch
-        )));
-    }
+    let rec = crate::agent_service::leased_run(state, &agent, run, epoch).await?;
     if !matches!(rec.state, RunState::Assigned | RunState::Running) {
         return Err(ApiError::Precondition(format!("run is {}", rec.state)));
     }

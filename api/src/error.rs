@@ -72,6 +72,18 @@ impl From<ApiError> for Status {
                 }
                 status
             }
+            // A full store is the deployment's capacity, not a bug: say so, and the agent
+            // retries it as it does any RESOURCE_EXHAUSTED.
+            ApiError::Store(ref e) if store_is_full(e) => {
+                let r = error_ref();
+                tracing::error!(error = %e, error_ref = %r, "artifact store full");
+                with_ref(
+                    Status::resource_exhausted(format!(
+                        "artifact store is full; retry later (ref {r})"
+                    )),
+                    &r,
+                )
+            }
             ApiError::Store(e) => {
                 let r = error_ref();
                 tracing::error!(error = %e, error_ref = %r, "artifact store error");
@@ -126,6 +138,18 @@ fn with_ref(mut status: Status, r: &str) -> Status {
     status
 }
 
+/// Out of space or over a disk quota (ENOSPC, EDQUOT).
+fn store_is_full(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+    )
+}
+
 fn is_unavailable(e: &sqlx::Error) -> bool {
     matches!(
         e,
@@ -134,3 +158,38 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_error(kind: std::io::ErrorKind) -> Status {
+        Status::from(ApiError::Store(StoreError::Io {
+            what: "/var/lib/drover/uploads/0192/3".into(),
+            source: std::io::Error::new(kind, "No space left on device (os error 28)"),
+        }))
+    }
+
+    #[test]
+    fn a_full_store_is_resource_exhausted_and_other_store_errors_internal() {
+        for kind in [
+            std::io::ErrorKind::StorageFull,
+            std::io::ErrorKind::QuotaExceeded,
+        ] {
+            let s = store_error(kind);
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{kind:?}");
+            assert!(s.message().starts_with("artifact store is full"), "{s:?}");
+            assert!(s.metadata().get("x-drover-error-ref").is_some());
+        }
+        let s = store_error(std::io::ErrorKind::PermissionDenied);
+        assert_eq!(s.code(), tonic::Code::Internal);
+        for s in [
+            store_error(std::io::ErrorKind::StorageFull),
+            store_error(std::io::ErrorKind::PermissionDenied),
+        ] {
+            // The path and the OS text stay in the server log.
+            assert!(!s.message().contains("/var/lib"), "{s:?}");
+            assert!(!s.message().contains("os error"), "{s:?}");
+        }
+    }
+}

@@ -125,7 +125,10 @@ fn describe() {
     describe_counter!(RETRIES, "Failed attempts re-queued as a new attempt");
     describe_counter!(DEAD_LETTERS, "Messages archived from drover.dead");
     describe_counter!(LEASE_EXPIRIES, "Attempts lost because their lease expired");
-    describe_counter!(FENCED_REPORTS, "Agent reports refused as stale (old epoch)");
+    describe_counter!(
+        FENCED_REPORTS,
+        "Agent reports and artifact calls refused because the agent no longer holds the lease"
+    );
     describe_counter!(
         AUDIT_SEALED,
         "Run and audit events linked into their tenant's audit chain"

@@ -473,6 +473,18 @@ async fn lease_expiry_and_fenced_reports_are_counted() {
     assert_eq!(late.code(), tonic::Code::FailedPrecondition);
     let started = agent.started(&run, old).await.unwrap_err();
     assert_eq!(started.code(), tonic::Code::FailedPrecondition);
+    // An artifact upload under the lost lease is fenced (and counted) the same way.
+    let upload = agent
+        .upload(
+            &run,
+            old,
+            &[drover_tests::fake_agent::UploadFile::file(
+                "late.txt", b"late",
+            )],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(upload.code(), tonic::Code::FailedPrecondition);
 
     let disp1 = scrape_until(&stack, &dispatcher, "lease expiry counted", |m| {
         delta(&disp0, m, "drover_lease_expiries_total", &[]) >= 1.0
@@ -490,7 +502,7 @@ async fn lease_expiry_and_fenced_reports_are_counted() {
     let api1 = scrape(&api).await;
     assert_eq!(
         delta(&api0, &api1, "drover_fenced_reports_total", &[]),
-        2.0,
+        3.0,
         "{}",
         api1.text
     );

@@ -448,7 +448,7 @@ async fn zombie(ctx: &mut Ctx) -> Res {
     let fenced_after = fenced_reports(&ctx.stack.api_metrics).await;
     if let (Some(a), Some(b)) = (fenced_before, fenced_after) {
         ctx.timeline.note(format!(
-            "api refused {} stale-epoch completion reports (drover_fenced_reports_total)",
+            "api refused {} calls from an agent that lost the lease (drover_fenced_reports_total)",
             b - a
         ));
     }

@@ -60,6 +60,7 @@ where
 {
     let op = Arc::new(op);
     let start = Instant::now();
+    let busy_before = super::procstat::host_busy();
     let mut rec = Recorder::default();
     let mut in_flight = FuturesUnordered::new();
     let mut started = 0u64;
@@ -115,6 +116,9 @@ where
                 }
             }
         }
+    }
+    if let (Some(before), Some(after)) = (busy_before, super::procstat::host_busy()) {
+        rec.set_host_busy(after.saturating_sub(before));
     }
     (rec, start.elapsed())
 }

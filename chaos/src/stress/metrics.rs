@@ -60,6 +60,9 @@ pub struct Recorder {
     seconds: Vec<Second>,
     errors: BTreeMap<String, u64>,
     ok: u64,
+    /// CPU time the whole host spent while this system ran (every process: the system, its
+    /// services, the load generator).
+    host_busy: Option<Duration>,
 }
 
 impl Default for Recorder {
@@ -73,6 +76,7 @@ impl Default for Recorder {
             seconds: Vec::new(),
             errors: BTreeMap::new(),
             ok: 0,
+            host_busy: None,
         }
     }
 }
@@ -117,6 +121,11 @@ impl Recorder {
         self.ok
     }
 
+    /// The host's CPU time over the run (see [`SystemReport::host_cpu_ms_per_op`]).
+    pub fn set_host_busy(&mut self, busy: Duration) {
+        self.host_busy = Some(busy);
+    }
+
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -134,6 +143,10 @@ impl Recorder {
             dispatch: Percentiles::of(&self.dispatch),
             execution: Percentiles::of(&self.execution),
             end_to_end: Percentiles::of(&self.e2e),
+            host_cpu_ms_per_op: self
+                .host_busy
+                .filter(|_| self.ok > 0)
+                .map(|b| b.as_secs_f64() * 1000.0 / self.ok as f64),
             timeline: self
                 .seconds
                 .iter()
@@ -206,6 +219,11 @@ pub struct SystemReport {
     pub dispatch: Percentiles,
     pub execution: Percentiles,
     pub end_to_end: Percentiles,
+    /// CPU the whole host spent per successful operation while this system ran (every
+    /// process: the system itself, Postgres, RabbitMQ, Redis, the load generator). What one
+    /// operation costs the machine: on a saturated host, throughput ≈ cores × 1000 / this.
+    #[serde(default)]
+    pub host_cpu_ms_per_op: Option<f64>,
     pub timeline: Vec<SecondReport>,
 }
 

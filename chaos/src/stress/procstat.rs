@@ -102,6 +102,30 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Busy clock ticks of the whole host, all CPUs, from the text of `/proc/stat` (its `cpu` line):
+/// user, nice, system, irq, softirq and steal; idle and iowait are not busy.
+pub fn parse_host_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    (v.len() >= 4).then(|| at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+}
+
+/// The host's busy time so far, for CPU spent per operation (`None` off Linux).
+pub fn host_busy() -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks = parse_host_busy_ticks(&stat)?;
+    Some(std::time::Duration::from_secs_f64(
+        ticks as f64 / TICKS_PER_S,
+    ))
+}
+
 fn read(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -198,6 +222,9 @@ mod tests {
         let stat = "42 (drover (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1 2 3";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
         assert_eq!(parse_cpu_ticks("garbage"), None);
+        let host = "cpu  100 5 50 1000 20 3 2 1 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n";
+        assert_eq!(parse_host_busy_ticks(host), Some(100 + 5 + 50 + 3 + 2 + 1));
+        assert_eq!(parse_host_busy_ticks("intr 1 2 3"), None);
         assert_eq!(
             "api=12".parse(),
             Ok(Watched {

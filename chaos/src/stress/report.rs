@@ -86,6 +86,9 @@ impl Report {
                 s.end_to_end.p50_ms,
                 s.end_to_end.p99_ms
             );
+            if let Some(cpu) = s.host_cpu_ms_per_op {
+                let _ = write!(out, " cpu {cpu:.1}ms/op");
+            }
         }
         for r in &self.ratios {
             let _ = write!(
@@ -134,7 +137,7 @@ impl Report {
                 );
             }
         }
-        md.push_str("\n## Throughput and errors\n\n| system | ok | errors | elapsed (s) | throughput (/s) |\n|---|---:|---|---:|---:|\n");
+        md.push_str("\n## Throughput and errors\n\nHost CPU per operation: the whole machine's CPU time (every process) while the system ran, per successful operation.\n\n| system | ok | errors | elapsed (s) | throughput (/s) | host CPU per op (ms) |\n|---|---:|---|---:|---:|---:|\n");
         for sys in &self.systems {
             let errors = if sys.errors.is_empty() {
                 "0".to_owned()
@@ -147,8 +150,14 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:.1} | {:.2} |",
-                sys.name, sys.ok, errors, sys.elapsed_s, sys.throughput_per_s
+                "| {} | {} | {} | {:.1} | {:.2} | {} |",
+                sys.name,
+                sys.ok,
+                errors,
+                sys.elapsed_s,
+                sys.throughput_per_s,
+                sys.host_cpu_ms_per_op
+                    .map_or("-".to_owned(), |c| format!("{c:.2}"))
             );
         }
         if !self.ratios.is_empty() {
