@@ -80,6 +80,14 @@ impl OutboxRelay {
                 loop {
                     match self.publish_batch(l).await {
                         Ok(0) => break,
+                        // A short batch took every row due and unclaimed when it looked: rows
+                        // written since will wake this loop (the NOTIFY interest is already
+                        // registered), so another look now would find nothing. At a steady
+                        // trickle that look was most of the relay's queries.
+                        Ok(n) if (n as i64) < self.settings.batch_size => {
+                            tracing::debug!(published = n, "outbox batch published");
+                            break;
+                        }
                         Ok(n) => tracing::debug!(published = n, "outbox batch published"),
                         Err(e) => {
                             tracing::warn!(error = %e, "outbox relay batch failed");
