@@ -76,9 +76,13 @@ impl OutboxRelay {
                     return; // cancelled while connecting
                 }
             }
+            // When to look again if no NOTIFY comes, from the drain's last claim.
+            let mut next_due = Err(());
             if let Some(l) = link.as_mut() {
                 loop {
-                    match self.publish_batch(l).await {
+                    let batch = self.publish_batch(l).await;
+                    next_due = batch.as_ref().map(|(_, due)| *due).map_err(drop);
+                    match batch.map(|(n, _)| n) {
                         Ok(0) => break,
                         // A short batch took every row due and unclaimed when it looked: rows
                         // written since will wake this loop (the NOTIFY interest is already
@@ -100,10 +104,12 @@ impl OutboxRelay {
                 }
             }
             // Sleep until a NOTIFY, the next delayed row falls due, or the poll interval.
-            let nap = match outbox::next_due_in(&self.pool).await {
-                Ok(Some(due)) => due.clamp(Duration::from_millis(20), poll),
-                _ => poll,
+            let due = match next_due {
+                Ok(due) => due,
+                // The drain failed before it could say: ask.
+                Err(()) => outbox::next_due_in(&self.pool).await.ok().flatten(),
             };
+            let nap = due.map_or(poll, |d| d.clamp(Duration::from_millis(20), poll));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut notified => {},
@@ -145,13 +151,15 @@ impl OutboxRelay {
         }
     }
 
-    /// Publishes one batch of due rows; returns how many were published.
-    async fn publish_batch(&self, link: &mut Link) -> Result<usize, CoreError> {
+    /// Publishes one batch of due rows; returns how many were published, and how long until
+    /// the earliest row it left falls due.
+    async fn publish_batch(&self, link: &mut Link) -> Result<(usize, Option<Duration>), CoreError> {
         let mut tx = self.pool.begin().await?;
-        let rows = outbox::claim(&mut tx, self.settings.batch_size).await?;
+        let outbox::Claim { rows, next_due } =
+            outbox::claim(&mut tx, self.settings.batch_size).await?;
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(0);
+            return Ok((0, next_due));
         }
         for row in &rows {
             if row.exchange == topology::RUNS_EXCHANGE
@@ -225,7 +233,15 @@ impl OutboxRelay {
         if let Some(e) = broken {
             return Err(e.into());
         }
-        Ok(published.len())
+        // A row put back for a retry is due later than the claim saw.
+        let next_due = if published.len() < rows.len() {
+            Some(next_due.map_or(Duration::from_millis(100), |d| {
+                d.min(Duration::from_millis(100))
+            }))
+        } else {
+            next_due
+        };
+        Ok((published.len(), next_due))
     }
 }
 

@@ -65,9 +65,13 @@ pub async fn enqueue_message(
     message: Message<'_>,
     delay_ms: i64,
 ) -> Result<(), CoreError> {
+    // One round trip: the insert, and the NOTIFY that wakes the relays (delivered at commit,
+    // folded when repeated).
     sqlx::query(
-        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload, available_at, \
-         traceparent) VALUES ($1, $2, $3, $4, now() + $5::bigint * interval '1 millisecond', $6)",
+        "WITH row AS (INSERT INTO outbox (tenant_id, exchange, routing_key, payload, \
+         available_at, traceparent) \
+         VALUES ($1, $2, $3, $4, now() + $5::bigint * interval '1 millisecond', $6) RETURNING id) \
+         SELECT pg_notify($7, '') FROM row",
     )
     .bind(tenant.0)
     .bind(message.exchange)
@@ -75,40 +79,58 @@ pub async fn enqueue_message(
     .bind(message.payload)
     .bind(delay_ms.max(0))
     .bind(message.traceparent)
-    .execute(&mut *conn)
+    .bind(super::OUTBOX_CHANNEL)
+    .execute(conn)
     .await?;
-    // NOTIFYs are delivered at commit and folded when repeated, so this is cheap.
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(super::OUTBOX_CHANNEL)
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
-/// Claims due rows for this transaction; other relays skip them.
-pub async fn claim(
-    tx: &mut Transaction<'_, Postgres>,
-    limit: i64,
-) -> Result<Vec<OutboxRow>, CoreError> {
+/// What [`claim`] took, and when the relay should look again.
+#[derive(Debug)]
+pub struct Claim {
+    pub rows: Vec<OutboxRow>,
+    /// How long until the earliest unpublished row it did not take is due (zero if one is due
+    /// now, e.g. held by another relay); `None` when there is none.
+    pub next_due: Option<std::time::Duration>,
+}
+
+/// Claims due rows for this transaction (other relays skip them) and, in the same statement,
+/// finds when the earliest row left behind falls due, so the relay need not ask separately.
+pub async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Claim, CoreError> {
     let rows = sqlx::query(
-        "SELECT id, exchange, routing_key, payload, traceparent FROM outbox \
-         WHERE published_at IS NULL AND available_at <= now() \
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "WITH claimed AS (SELECT id, exchange, routing_key, payload, traceparent FROM outbox \
+           WHERE published_at IS NULL AND available_at <= now() \
+           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         SELECT id, exchange, routing_key, payload, traceparent, NULL::float8 AS next_due_ms \
+           FROM claimed \
+         UNION ALL \
+         SELECT NULL, NULL, NULL, NULL, NULL, \
+           GREATEST(0, EXTRACT(EPOCH FROM (min(available_at) - now())) * 1000)::float8 \
+           FROM outbox WHERE published_at IS NULL AND id NOT IN (SELECT id FROM claimed)",
     )
     .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(OutboxRow {
-                id: r.try_get("id")?,
+    let mut claim = Claim {
+        rows: Vec::with_capacity(rows.len()),
+        next_due: None,
+    };
+    for r in &rows {
+        match r.try_get::<Option<i64>, _>("id")? {
+            Some(id) => claim.rows.push(OutboxRow {
+                id,
                 exchange: r.try_get("exchange")?,
                 routing_key: r.try_get("routing_key")?,
                 payload: r.try_get("payload")?,
                 traceparent: r.try_get("traceparent")?,
-            })
-        })
-        .collect()
+            }),
+            None => {
+                let ms: Option<f64> = r.try_get("next_due_ms")?;
+                claim.next_due = ms.map(|ms| std::time::Duration::from_millis(ms as u64));
+            }
+        }
+    }
+    Ok(claim)
 }
 
 /// How long until the earliest unpublished row is due (zero if one is due now); `None` when
