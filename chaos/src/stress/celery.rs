@@ -276,7 +276,14 @@ async fn run_in(
     driver
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(dir.join("driver.log"))?));
-    let outcome = drive(driver, progress).await;
+    let busy_before = super::procstat::host_busy();
+    let mut outcome = drive(driver, progress).await;
+    if let (Ok((rec, _)), Some(before), Some(after)) =
+        (&mut outcome, busy_before, super::procstat::host_busy())
+    {
+        // Includes the Python driver's start-up, a fraction of a second.
+        rec.set_host_busy(after.saturating_sub(before));
+    }
     stop(worker).await;
     // Flush our result keys from the spare database.
     let _ = Command::new(bin.join("python"))
