@@ -75,11 +75,6 @@ impl AgentApi {
         Self { state }
     }
 
-    /// The run, if `agent` holds its lease under `epoch` right now.
-    async fn leased_run(&self, agent: &AgentId, run: RunId, epoch: i64) -> ApiResult<RunRecord> {
-        leased_run(&self.state, agent, run, epoch).await
-    }
-
     async fn apply(&self, t: Transition) -> Result<RunRecord, CoreError> {
         let mut tx = self.state.pool.begin().await?;
         let (run, event) = runs::transition(&mut tx, &t).await?;
@@ -157,9 +152,7 @@ impl AgentApi {
     ) -> ApiResult<pb::GetAssignmentResponse> {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
-        let rec = self
-            .leased_run(&agent, run, epoch(req.lease_epoch)?)
-            .await?;
+        let rec = leased_run(&self.state, &agent, run, epoch(req.lease_epoch)?).await?;
         if !matches!(rec.state, RunState::Assigned | RunState::Running) {
             return Err(ApiError::Precondition(format!("run is {}", rec.state)));
         }
@@ -235,9 +228,7 @@ impl AgentApi {
                 format!("at most {MAX_CHUNK_BYTES} bytes per chunk"),
             ));
         }
-        let rec = self
-            .leased_run(&agent, run, epoch(req.lease_epoch)?)
-            .await?;
+        let rec = leased_run(&self.state, &agent, run, epoch(req.lease_epoch)?).await?;
         if !matches!(rec.state, RunState::Assigned | RunState::Running) {
             return Err(ApiError::Precondition(format!("run is {}", rec.state)));
         }

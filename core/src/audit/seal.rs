@@ -47,11 +47,6 @@ pub enum Wait {
     No,
 }
 
-/// Seals every tenant's pending rows; returns how many rows it linked.
-pub async fn seal_all(pool: &PgPool) -> Result<u64, CoreError> {
-    seal_all_with(pool, SealSettings::default().batch_size).await
-}
-
 /// Seals `tenant`'s pending rows whose transactions have ended; returns how many it linked.
 pub async fn seal_tenant(pool: &PgPool, tenant: TenantId, wait: Wait) -> Result<u64, CoreError> {
     seal_tenant_in_batches(pool, tenant, wait, SealSettings::default().batch_size).await
@@ -63,11 +58,12 @@ async fn seal_tenant_in_batches(
     wait: Wait,
     batch: i64,
 ) -> Result<u64, CoreError> {
+    let batch = batch.max(1);
     let mut total = 0;
     loop {
-        let n = seal_batch(pool, tenant, wait, batch.max(1)).await?;
+        let n = seal_batch(pool, tenant, wait, batch).await?;
         total += n;
-        if n < batch.max(1) as u64 {
+        if n < batch as u64 {
             return Ok(total);
         }
     }
@@ -211,14 +207,15 @@ impl Sealer {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = seal_all_with(&self.pool, self.settings.batch_size).await {
+            if let Err(e) = seal_all(&self.pool, self.settings.batch_size).await {
                 tracing::warn!(error = %e, "audit sealer: will retry");
             }
         }
     }
 }
 
-async fn seal_all_with(pool: &PgPool, batch: i64) -> Result<u64, CoreError> {
+/// Seals every tenant's pending rows, `batch` rows per transaction; returns how many it linked.
+pub async fn seal_all(pool: &PgPool, batch: i64) -> Result<u64, CoreError> {
     let tenants: Vec<Uuid> = sqlx::query_scalar(
         "SELECT tenant_id FROM run_events WHERE chain_seq IS NULL AND xid IS NOT NULL \
          UNION SELECT tenant_id FROM audit_events WHERE chain_seq IS NULL AND xid IS NOT NULL",
