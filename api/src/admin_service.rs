@@ -449,6 +449,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         tokens::set_policy(&self.state.pool, user.tenant, &p, &user.actor())
             .await
             .map_err(ApiError::from)?;
+        self.state.tokens.clear();
         tracing::info!(tenant = %user.tenant, policy = ?p, "tenant policy changed");
         Ok(Response::new(admin_tokens::policy_to_proto(&p)))
     }

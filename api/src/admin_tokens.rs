@@ -85,6 +85,8 @@ pub async fn revoke(state: &AppState, user: &User, req: pb::RevokeTokenRequest) 
     let id = Uuid::parse_str(req.id.trim()).map_err(|_| ApiError::bad("id", "must be a UUID"))?;
     let operator = user.require_operator().is_ok();
     if tokens::revoke(&state.pool, user.tenant, operator, id, &user.actor()).await? {
+        // This instance forgets at once; the others when the trigger's NOTIFY reaches them.
+        state.tokens.clear();
         tracing::info!(tenant = %user.tenant, token_id = %id, "token revoked");
         Ok(())
     } else {

@@ -13,6 +13,7 @@ use tonic::Request;
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use crate::token_cache::Lookup;
 
 /// An authenticated user-token caller of one tenant.
 #[derive(Debug, Clone)]
@@ -75,9 +76,23 @@ fn bearer<T>(req: &Request<T>) -> Option<&str> {
 }
 
 impl AppState {
+    /// The principal of a token hash: from the cache, else from Postgres (and then cached).
+    /// Unknown and revoked tokens are never cached, so they always cost a lookup.
+    async fn authenticate(&self, hash: &[u8]) -> ApiResult<Option<Principal>> {
+        let generation = match self.tokens.get(hash) {
+            Lookup::Hit(p) => return Ok(Some(p)),
+            Lookup::Miss(generation) => generation,
+        };
+        let found = tokens::authenticate(&self.pool, hash).await?;
+        if let Some(p) = &found {
+            self.tokens.put(hash, p, generation);
+        }
+        Ok(found)
+    }
+
     async fn principal<T>(&self, req: &Request<T>) -> ApiResult<Principal> {
         let found = match bearer(req) {
-            Some(token) => tokens::authenticate(&self.pool, &tokens::hash(token)).await?,
+            Some(token) => self.authenticate(&tokens::hash(token)).await?,
             None => None,
         };
         match found {

@@ -19,6 +19,7 @@ pub mod rate_limit;
 pub mod run_service;
 pub mod settings;
 pub mod state;
+pub mod token_cache;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -105,10 +106,13 @@ impl Application {
             state: AppState {
                 pool,
                 bus,
-                settings: Arc::new(settings),
                 secret_keys,
                 artifacts: Arc::new(store),
                 limiter,
+                tokens: Arc::new(token_cache::TokenCache::new(Duration::from_millis(
+                    settings.token_cache_ms,
+                ))),
+                settings: Arc::new(settings),
             },
             listener,
             addr,
@@ -148,6 +152,12 @@ impl Application {
                 settings: settings.audit.clone(),
             }
             .run(cancel.child_token()),
+        );
+        tasks.spawn(
+            self.state
+                .tokens
+                .clone()
+                .listen(self.state.pool.clone(), cancel.child_token()),
         );
         tasks.spawn(artifacts::collect_garbage(
             self.state.clone(),

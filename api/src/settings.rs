@@ -37,6 +37,10 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     /// Quotas applied when a tenant sets none (`DROVER_QUOTA__…`).
     pub quota: QuotaSettings,
+    /// How long a token's principal is reused without asking Postgres again; 0 = ask every
+    /// call. Revocations and policy changes still apply at once (they empty the cache over
+    /// NOTIFY), so this only bounds the damage of a notification that never arrives.
+    pub token_cache_ms: u64,
 }
 
 /// Default per-tenant quotas; a tenant's own policy (AdminService.SetTenantPolicy) overrides.
@@ -116,6 +120,7 @@ impl Default for Settings {
             metrics: MetricsSettings::default(),
             rate_limit: RateLimitSettings::default(),
             quota: QuotaSettings::default(),
+            token_cache_ms: 1000,
         }
     }
 }

@@ -11,6 +11,7 @@ use sqlx::PgPool;
 use crate::error::{ApiError, ApiResult};
 use crate::rate_limit::RateLimiter;
 use crate::settings::Settings;
+use crate::token_cache::TokenCache;
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -21,6 +22,8 @@ pub struct AppState {
     pub secret_keys: Option<Arc<SecretKeys>>,
     pub artifacts: Arc<dyn ArtifactStore>,
     pub limiter: Arc<RateLimiter>,
+    /// Principals of recently seen tokens (`DROVER_TOKEN_CACHE_MS`).
+    pub tokens: Arc<TokenCache>,
 }
 
 /// Parses a run id from a request field; a malformed id is INVALID_ARGUMENT naming the field.
