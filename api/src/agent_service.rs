@@ -70,6 +70,17 @@ pub(crate) async fn leased_run(
     Ok(rec)
 }
 
+/// The guarded ASSIGNED → RUNNING of `agent`'s lease under `epoch`.
+fn start(agent: &AgentId, run: RunId, epoch: i64, executor: String, reason: String) -> Transition {
+    Transition {
+        expected_epoch: Some(epoch),
+        expected_agent: Some(agent.as_str().to_owned()),
+        reason: Some(reason),
+        patch: TransitionPatch::Start { executor },
+        ..Transition::new(run, RunState::Running)
+    }
+}
+
 impl AgentApi {
     pub fn new(state: AppState) -> Self {
         Self { state }
@@ -191,14 +202,8 @@ impl AgentApi {
         } else {
             req.executor
         };
-        let t = Transition {
-            expected_epoch: Some(ep),
-            expected_agent: Some(agent.as_str().to_owned()),
-            reason: Some(format!("started on {agent} ({executor})")),
-            patch: TransitionPatch::Start { executor },
-            ..Transition::new(run, RunState::Running)
-        };
-        match self.apply(t).await {
+        let reason = format!("started on {agent} ({executor})");
+        match self.apply(start(&agent, run, ep, executor, reason)).await {
             Ok(rec) => {
                 drover_core::telemetry::record_run(&tracing::Span::current(), &rec);
                 tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, "run started");
@@ -248,13 +253,19 @@ impl AgentApi {
 
     async fn report_completion(
         &self,
-        req: pb::ReportCompletionRequest,
+        mut req: pb::ReportCompletionRequest,
     ) -> ApiResult<pb::ReportCompletionResponse> {
         let agent = agent_id(&req.agent_id)?;
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
         drover_core::telemetry::record_lease(&tracing::Span::current(), run, agent.as_str(), ep);
         let upload = crate::artifacts::parse_upload_id(&req.artifact_upload_id)?;
+        // A run that ended inside the agent's fold window: its start goes in first.
+        let fold_start = (!req.started_executor.is_empty()).then(|| {
+            let executor = std::mem::take(&mut req.started_executor);
+            let reason = format!("started on {agent} ({executor}); reported with its end");
+            start(&agent, run, ep, executor, reason)
+        });
         let kind = match pb::Outcome::try_from(req.outcome) {
             Ok(pb::Outcome::Succeeded) => EndKind::Succeeded,
             Ok(pb::Outcome::Failed) if req.infrastructure_error => {
@@ -305,9 +316,22 @@ impl AgentApi {
         };
         let ended = async {
             let mut tx = self.state.pool.begin().await?;
+            let started = match fold_start {
+                Some(t) => match runs::transition(&mut tx, &t).await {
+                    Ok((_, event)) => Some(event),
+                    // Reported after all, or the lease is gone: the end decides below, under
+                    // the same lock, and refuses what is stale.
+                    Err(CoreError::Refused(_)) => None,
+                    Err(e) => return Err(e),
+                },
+                None => None,
+            };
             let done =
                 attempts::end_attempt_with_artifacts(&mut tx, run, &holder, end, upload).await?;
             tx.commit().await?;
+            if let Some(event) = &started {
+                observe::record_transition(event);
+            }
             Ok::<_, CoreError>(done)
         };
         match ended.await {

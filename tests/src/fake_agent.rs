@@ -121,6 +121,29 @@ impl FakeAgent {
                 reason: String::new(),
                 infrastructure_error: false,
                 artifact_upload_id: String::new(),
+                started_executor: String::new(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Reports completion of a run whose start was never reported (it ended inside a real
+    /// agent's fold window): the completion names the executor it started on.
+    pub async fn complete_unreported_start(
+        &mut self,
+        run: &str,
+        epoch: u64,
+        executor: &str,
+    ) -> Result<pb::ReportCompletionResponse, tonic::Status> {
+        self.client
+            .report_completion(pb::ReportCompletionRequest {
+                agent_id: self.id.clone(),
+                run_id: run.into(),
+                lease_epoch: epoch,
+                outcome: pb::Outcome::Succeeded as i32,
+                exit_code: Some(0),
+                started_executor: executor.into(),
+                ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner)

@@ -326,3 +326,90 @@ async fn a_live_agent_keeps_an_unstarted_assignment_until_the_assign_timeout() {
     assert!(violations.is_empty(), "{violations:?}");
     stack.stop().await;
 }
+
+/// `(to_state, reason)` of every event of `run`, in order.
+async fn history(stack: &Stack, run: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT to_state, COALESCE(reason, '') FROM run_events WHERE run_id = $1 ORDER BY seq",
+    )
+    .bind(uuid::Uuid::parse_str(run).unwrap())
+    .fetch_all(&stack.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_completion_carrying_its_start_records_running_then_the_end_once() {
+    let stack = fake_stack().await;
+    let mut agent = FakeAgent::register(&stack, "fake-fold", 4, &[]).await;
+    let assigned = |run: String| {
+        let stack = &stack;
+        async move {
+            let r = wait_run(
+                stack,
+                &run,
+                Duration::from_secs(30),
+                in_state(pb::RunState::Assigned),
+            )
+            .await;
+            (run, r.lease_epoch)
+        }
+    };
+
+    // Ended inside the fold window: RUNNING and SUCCEEDED in one report, both in the history.
+    let (run, epoch) = assigned(submit(&stack, spec(1)).await).await;
+    let stale = agent
+        .complete_unreported_start(&run, epoch + 1, "mock")
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+    assert_eq!(
+        history(&stack, &run).await.len(),
+        2,
+        "a stale report changes nothing"
+    );
+    let done = agent
+        .complete_unreported_start(&run, epoch, "mock")
+        .await
+        .unwrap();
+    assert_eq!(done.state, pb::RunState::Succeeded as i32);
+    // A repeat after a lost answer: says what stands, adds nothing.
+    let again = agent
+        .complete_unreported_start(&run, epoch, "mock")
+        .await
+        .unwrap();
+    assert_eq!(again.state, pb::RunState::Succeeded as i32);
+    let events = history(&stack, &run).await;
+    let states: Vec<&str> = events.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(states, ["QUEUED", "ASSIGNED", "RUNNING", "SUCCEEDED"]);
+    assert!(
+        events[2].1.contains("(mock); reported with its end"),
+        "{:?}",
+        events[2]
+    );
+    let (executor, started): (Option<String>, bool) =
+        sqlx::query_as("SELECT executor, started_at IS NOT NULL FROM runs WHERE id = $1")
+            .bind(uuid::Uuid::parse_str(&run).unwrap())
+            .fetch_one(&stack.db)
+            .await
+            .unwrap();
+    assert_eq!((executor.as_deref(), started), (Some("mock"), true));
+
+    // The start was reported after all (the window had passed): the completion's copy of it
+    // is ignored, and the history has one RUNNING.
+    let (run, epoch) = assigned(submit(&stack, spec(1)).await).await;
+    agent.started(&run, epoch).await.unwrap();
+    agent
+        .complete_unreported_start(&run, epoch, "mock")
+        .await
+        .unwrap();
+    let states: Vec<String> = history(&stack, &run)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(states, ["QUEUED", "ASSIGNED", "RUNNING", "SUCCEEDED"]);
+    let violations = ledger::check_events(&stack.db, None).await.unwrap();
+    assert!(violations.is_empty(), "{violations:?}");
+    stack.stop().await;
+}

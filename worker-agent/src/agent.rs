@@ -265,6 +265,7 @@ impl Agent {
             hand_back: CancellationToken::new(),
             journal,
             workspaces,
+            start_fold: Duration::from_millis(settings.start_fold_ms),
         });
         let tracker = TaskTracker::new();
 

@@ -17,12 +17,12 @@ use drover_proto::v1 as pb;
 
 use crate::api::{ApiError, epoch_to_wire};
 use crate::execution::RunContext;
-use crate::executor::{Job, OutputChunk, OutputSource, Started};
+use crate::executor::{ExecHandle, Job, OutputChunk, OutputSource, Started};
 use crate::log_files::LogFiles;
 use crate::log_shipper::ship_logs;
 use crate::outcome::Verdict;
 use crate::redact::Redactor;
-use crate::running::RunClaim;
+use crate::running::{LeaseSignals, RunClaim};
 use crate::settle::{self, Execution};
 use crate::supervise::{Ending, Supervision, supervise};
 use crate::transfer;
@@ -53,34 +53,6 @@ pub async fn follow(
         handle: &handle,
     };
 
-    if state != Some(RunState::Running) {
-        match ctx
-            .api
-            .report_started(
-                run_id,
-                epoch,
-                &handle.id,
-                ctx.executor.name_for(&handle),
-                &signals.stop,
-            )
-            .await
-        {
-            Ok(()) => tracing::info!("start reported"),
-            Err(e @ (ApiError::Stale { .. } | ApiError::Permanent { .. })) => {
-                tracing::warn!(error = %e, "start report refused; stopping and removing the container");
-                settle::discard(ctx, execution).await;
-                return;
-            }
-            Err(ApiError::Cancelled | ApiError::Transient { .. }) => {
-                tracing::info!(
-                    "lease revoked before the start was reported; removing the container"
-                );
-                settle::discard(ctx, execution).await;
-                return;
-            }
-        }
-    }
-
     let (logs_tx, logs_rx) = mpsc::channel(LOG_CHANNEL_CAPACITY);
     let Some(redactor) = redactor_of(&job, started.adopted, &logs_tx).await else {
         // Never let output past an unusable redactor: fail the attempt and stop it.
@@ -104,7 +76,7 @@ pub async fn follow(
             None
         }
     };
-    let (finished, ()) = async {
+    let supervision = async {
         tokio::join!(
             supervise(ctx.executor.as_ref(), &handle, limits, &signals, logs_tx),
             ship_logs(
@@ -117,8 +89,16 @@ pub async fn follow(
             ),
         )
     }
-    .instrument(tracing::info_span!("agent.wait", container = %handle.name))
-    .await;
+    .instrument(tracing::info_span!("agent.wait", container = %handle.name));
+    let ((finished, ()), start) = if state == Some(RunState::Running) {
+        (supervision.await, StartReport::Reported)
+    } else {
+        reporting_start(ctx, &job, &handle, &signals, supervision).await
+    };
+    if start == StartReport::Refused {
+        // The stop signal ended the supervision; what follows removes the container.
+        tracing::warn!("start report refused or the lease was revoked first");
+    }
     let finished = match finished {
         Ok(f) => f,
         Err(e) => {
@@ -206,10 +186,70 @@ pub async fn follow(
         finished.output_truncated,
     );
     request.artifact_upload_id = upload_id;
+    if start == StartReport::Folded {
+        request.started_executor = ctx.executor.name_for(&handle).to_owned();
+    }
     if settle::report(ctx, request, &signals.stop).await {
         settle::remove(ctx, &handle).await;
     }
     drop(claim);
+}
+
+/// How the start of an execution reached the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartReport {
+    Reported,
+    /// The execution ended inside the fold window: the completion carries the start.
+    Folded,
+    /// Refused as stale, or the lease was revoked before it was accepted: the lease's stop
+    /// signal has fired, so the supervision ends Stopped and the container goes.
+    Refused,
+}
+
+/// Runs `supervision` while the start report waits out `ctx.start_fold`: an execution that
+/// ends inside the window has its start folded into the completion report; a longer one has
+/// it reported while it runs (logs may be shipped before: the API takes them from an ASSIGNED
+/// lease too).
+async fn reporting_start<T>(
+    ctx: &RunContext,
+    job: &Job,
+    handle: &ExecHandle,
+    signals: &LeaseSignals,
+    supervision: impl Future<Output = T>,
+) -> (T, StartReport) {
+    let mut supervision = std::pin::pin!(supervision);
+    if !ctx.start_fold.is_zero() {
+        tokio::select! {
+            biased;
+            out = &mut supervision => return (out, StartReport::Folded),
+            () = tokio::time::sleep(ctx.start_fold) => {}
+        }
+    }
+    let report = async {
+        let reported = ctx
+            .api
+            .report_started(
+                job.run_id,
+                job.lease_epoch,
+                &handle.id,
+                ctx.executor.name_for(handle),
+                &signals.stop,
+            )
+            .await;
+        match reported {
+            Ok(()) => {
+                tracing::info!("start reported");
+                StartReport::Reported
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "start report not accepted; stopping the execution");
+                signals.stop.cancel();
+                StartReport::Refused
+            }
+        }
+    };
+    let (start, out) = tokio::join!(report, supervision);
+    (out, start)
 }
 
 /// The job's redactor. Once per execution (not again on adoption), the run's log gets the

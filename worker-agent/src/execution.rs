@@ -54,6 +54,9 @@ pub struct RunContext {
     pub journal: ExecutionJournal,
     /// Per-attempt workspace directories.
     pub workspaces: Workspaces,
+    /// How long a start waits to be reported (`start_fold_ms`): a run ending sooner reports
+    /// it with its completion.
+    pub start_fold: std::time::Duration,
 }
 
 /// A decoded `AgentCommand::Execute`.

@@ -179,6 +179,7 @@ impl Verdict {
             reason: self.reason,
             infrastructure_error: self.infrastructure_error,
             artifact_upload_id: String::new(),
+            started_executor: String::new(),
         }
     }
 }

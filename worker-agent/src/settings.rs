@@ -64,6 +64,11 @@ pub struct Settings {
     pub execution_journal: Option<PathBuf>,
     /// `/metrics`, `/healthz`, `/readyz` (`DROVER_METRICS__LISTEN_ADDR`; empty = off).
     pub metrics: MetricsSettings,
+    /// A started run's start is reported once it has run this long; a run that ends sooner
+    /// reports its start with its completion (one call and one transaction fewer, the same
+    /// history). The run shows ASSIGNED for up to this long after its process started.
+    /// 0 = report every start at once.
+    pub start_fold_ms: u64,
 }
 
 impl Default for Settings {
@@ -84,6 +89,7 @@ impl Default for Settings {
             drain_timeout_secs: 30,
             execution_journal: None,
             metrics: MetricsSettings::default(),
+            start_fold_ms: 100,
         }
     }
 }
