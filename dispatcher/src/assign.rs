@@ -12,7 +12,7 @@ use drover_core::CoreError;
 use drover_core::ids::LeaseEpoch;
 use drover_core::messages::{self, AgentCommand, RunMessage};
 use drover_core::observe;
-use drover_core::repo::parking::{self, OverQuota};
+use drover_core::repo::parking::{self, OverQuota, Precheck};
 use drover_core::repo::{RunRecord, Transition, TransitionPatch, agents, outbox, runs};
 use drover_core::state::RunState;
 use drover_core::topology;
@@ -52,16 +52,11 @@ pub async fn try_assign(
     msg: &RunMessage,
     limits: Limits,
 ) -> Result<Outcome, CoreError> {
-    // Cheap pre-check outside the transaction: duplicates (the common redelivery case) cost
-    // one read. The locking read below re-checks state and attempt.
-    let Some(run) = runs::get(pool, msg.tenant_id, msg.run_id).await? else {
-        return Ok(Outcome::UnknownRun);
-    };
-    if run.state != RunState::Queued || run.attempt != msg.attempt {
-        return Ok(Outcome::Obsolete);
-    }
-    if parking::any_parked(pool, &run.spec.pool).await? {
-        return Ok(Outcome::BehindParked);
+    match parking::precheck(pool, msg.tenant_id, msg.run_id, msg.attempt).await? {
+        Precheck::Unknown => return Ok(Outcome::UnknownRun),
+        Precheck::Obsolete => return Ok(Outcome::Obsolete),
+        Precheck::BehindParked => return Ok(Outcome::BehindParked),
+        Precheck::Dispatchable => {}
     }
     let mut tx = pool.begin().await?;
     let Some(queued) =

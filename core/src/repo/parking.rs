@@ -62,17 +62,44 @@ pub async fn park(
     Ok(done.rows_affected() == 1)
 }
 
-/// Whether the pool has parked runs: a newly arrived run then queues behind them (it is
-/// parked too) instead of jumping ahead of runs that waited longer.
-pub async fn any_parked(pool: &PgPool, pool_name: &str) -> Result<bool, CoreError> {
-    let found: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM runs WHERE pool = $1 AND state = 'QUEUED' \
-         AND parked_at IS NOT NULL)",
+/// Where a run's dispatch message stands before any lock is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precheck {
+    /// No such run of that tenant.
+    Unknown,
+    /// No longer QUEUED at that attempt: the message is a duplicate.
+    Obsolete,
+    /// Runs of its pool are parked: it queues behind them.
+    BehindParked,
+    Dispatchable,
+}
+
+/// One unlocked read deciding whether a dispatch message is worth a transaction: duplicates
+/// (the common redelivery case) and runs that must queue behind parked ones cost this read
+/// alone. The locking read re-checks state and attempt.
+pub async fn precheck(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: RunId,
+    attempt: i32,
+) -> Result<Precheck, CoreError> {
+    let row: Option<(bool, Option<bool>)> = sqlx::query_as(
+        "SELECT r.state = 'QUEUED' AND r.attempt = $3, \
+           CASE WHEN r.state = 'QUEUED' AND r.attempt = $3 THEN EXISTS (SELECT 1 FROM runs p \
+             WHERE p.pool = r.pool AND p.state = 'QUEUED' AND p.parked_at IS NOT NULL) END \
+         FROM runs r WHERE r.id = $1 AND r.tenant_id = $2",
     )
-    .bind(pool_name)
-    .fetch_one(pool)
+    .bind(id.0)
+    .bind(tenant.0)
+    .bind(attempt)
+    .fetch_optional(pool)
     .await?;
-    Ok(found)
+    Ok(match row {
+        None => Precheck::Unknown,
+        Some((false, _)) => Precheck::Obsolete,
+        Some((true, Some(true))) => Precheck::BehindParked,
+        Some((true, _)) => Precheck::Dispatchable,
+    })
 }
 
 /// A tenant with parked runs in a pool, with what the fair order needs.
