@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::io::AsyncWriteExt;
+use std::io::Write;
 use uuid::Uuid;
 
 use super::{ArtifactStore, BlobReader, BlobSink, StoreError};
@@ -34,30 +34,71 @@ impl LocalStore {
     }
 }
 
+/// Writes are buffered and handed to the blocking pool in large pieces: a small blob (most
+/// are: a run's `.drover/` records) costs two trips to the pool, its creation and then one
+/// write + fsync, instead of one per tokio file operation.
 struct FileSink {
-    file: tokio::fs::File,
+    file: Option<std::fs::File>,
     path: PathBuf,
+    buf: Vec<u8>,
+}
+
+/// Buffered bytes that go to the file before more are taken.
+const SINK_BUFFER: usize = 1 << 20;
+
+/// Runs blocking file work off the async workers; `what` names the file in errors.
+async fn blocking<T: Send + 'static>(
+    what: &Path,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done.map_err(|e| StoreError::io(what.display().to_string(), e)),
+        Err(e) => Err(StoreError::io(
+            what.display().to_string(),
+            std::io::Error::other(e.to_string()),
+        )),
+    }
+}
+
+impl FileSink {
+    /// Writes the buffer out (and fsyncs when `sync`), on the blocking pool.
+    async fn drain(&mut self, sync: bool) -> Result<(), StoreError> {
+        let Some(mut file) = self.file.take() else {
+            return Err(StoreError::io(
+                self.path.display().to_string(),
+                std::io::Error::other("blob sink used after a failed write"),
+            ));
+        };
+        let buf = std::mem::take(&mut self.buf);
+        let (file, mut buf) = blocking(&self.path, move || {
+            file.write_all(&buf)?;
+            if sync {
+                file.sync_all()?;
+            }
+            Ok((file, buf))
+        })
+        .await?;
+        buf.clear();
+        self.buf = buf;
+        self.file = Some(file);
+        Ok(())
+    }
 }
 
 impl BlobSink for FileSink {
     fn write<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
         async move {
-            self.file
-                .write_all(data)
-                .await
-                .map_err(|e| StoreError::io(self.path.display().to_string(), e))
+            self.buf.extend_from_slice(data);
+            if self.buf.len() >= SINK_BUFFER {
+                self.drain(false).await?;
+            }
+            Ok(())
         }
         .boxed()
     }
 
-    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
-        async move {
-            let FileSink { mut file, path } = *self;
-            let what = || path.display().to_string();
-            file.flush().await.map_err(|e| StoreError::io(what(), e))?;
-            file.sync_all().await.map_err(|e| StoreError::io(what(), e))
-        }
-        .boxed()
+    fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
+        async move { self.drain(true).await }.boxed()
     }
 }
 
@@ -80,13 +121,19 @@ impl ArtifactStore for LocalStore {
         let path = self.blob(upload, index);
         async move {
             // create_new: never overwrite, and fail if the upload directory is gone.
-            let file = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .await
-                .map_err(|e| StoreError::io(path.display().to_string(), e))?;
-            Ok(Box::new(FileSink { file, path }) as Box<dyn BlobSink>)
+            let at = path.clone();
+            let file = blocking(&path, move || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(at)
+            })
+            .await?;
+            Ok(Box::new(FileSink {
+                file: Some(file),
+                path,
+                buf: Vec::new(),
+            }) as Box<dyn BlobSink>)
         }
         .boxed()
     }
@@ -94,12 +141,8 @@ impl ArtifactStore for LocalStore {
     fn commit(&self, upload: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
         let dir = self.dir(upload);
         async move {
-            let d = tokio::fs::File::open(&dir)
-                .await
-                .map_err(|e| StoreError::io(dir.display().to_string(), e))?;
-            d.sync_all()
-                .await
-                .map_err(|e| StoreError::io(dir.display().to_string(), e))
+            let at = dir.clone();
+            blocking(&dir, move || std::fs::File::open(at)?.sync_all()).await
         }
         .boxed()
     }
