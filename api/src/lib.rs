@@ -13,6 +13,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod error;
 pub mod limits;
+pub mod live;
 pub mod log_stream;
 pub mod quota;
 pub mod rate_limit;
@@ -102,8 +103,10 @@ impl Application {
             bus.client().clone(),
             &settings.redis.prefix,
         ));
+        let live = live::LiveHub::new(bus.client().clone());
         Ok(Self {
             state: AppState {
+                live,
                 pool,
                 bus,
                 secret_keys,

@@ -11,14 +11,13 @@ use drover_core::convert::timestamp;
 use drover_core::ids::{RunId, TenantId};
 use drover_core::repo::{logs, runs};
 use drover_proto::v1 as pb;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::watch::subscribe;
 
 /// Chunks read (and sent as one response) at a time: up to 64 × 64 KiB.
 const BATCH: i64 = 64;
@@ -65,7 +64,7 @@ async fn pump(
     let keys = state.bus.keys();
     let channels = vec![keys.run_logs_channel(run), keys.run_events_channel(run)];
     let mut pubsub = if follow {
-        subscribe(state, run, channels.clone()).await
+        state.live.subscribe(&channels).await
     } else {
         None
     };
@@ -104,7 +103,7 @@ async fn pump(
         }
         let redis_hint = async {
             match pubsub.as_mut() {
-                Some(ps) => ps.on_message().next().await.is_some(),
+                Some(ps) => ps.changed().await,
                 None => std::future::pending::<bool>().await,
             }
         };
@@ -115,7 +114,7 @@ async fn pump(
             },
             _ = tokio::time::sleep(poll) => {
                 if pubsub.is_none() {
-                    pubsub = subscribe(state, run, channels.clone()).await;
+                    pubsub = state.live.subscribe(&channels).await;
                 }
             },
         }

@@ -9,6 +9,7 @@ use drover_core::secrets_crypto::SecretKeys;
 use sqlx::PgPool;
 
 use crate::error::{ApiError, ApiResult};
+use crate::live::LiveHub;
 use crate::rate_limit::RateLimiter;
 use crate::settings::Settings;
 use crate::token_cache::TokenCache;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Principals of recently seen tokens (`DROVER_TOKEN_CACHE_MS`).
     pub tokens: Arc<TokenCache>,
+    /// The process's one Redis pub/sub connection for WatchRun and StreamLogs.
+    pub live: Arc<LiveHub>,
 }
 
 /// Parses a run id from a request field; a malformed id is INVALID_ARGUMENT naming the field.

@@ -8,7 +8,7 @@ use drover_core::convert;
 use drover_core::ids::{RunId, TenantId};
 use drover_core::repo::runs;
 use drover_proto::v1 as pb;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -30,29 +30,6 @@ pub fn watch(
     ReceiverStream::new(rx)
 }
 
-/// A Redis subscription to `channels`, or `None` when Redis does not answer within 2 s (the
-/// caller then polls Postgres only, and tries again later).
-pub(crate) async fn subscribe(
-    state: &AppState,
-    run: RunId,
-    channels: Vec<String>,
-) -> Option<redis::aio::PubSub> {
-    let client = state.bus.client().clone();
-    let attempt = async move {
-        let mut ps = client.get_async_pubsub().await?;
-        ps.subscribe(channels).await?;
-        Ok::<_, redis::RedisError>(ps)
-    };
-    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-        Ok(Ok(ps)) => Some(ps),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, run_id = %run, "redis subscribe failed; polling postgres");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
 async fn pump(
     state: &AppState,
     tenant: TenantId,
@@ -61,7 +38,7 @@ async fn pump(
 ) -> Result<(), Status> {
     // Subscribe before the first read so nothing committed in between is missed.
     let channels = vec![state.bus.keys().run_events_channel(run)];
-    let mut pubsub = subscribe(state, run, channels.clone()).await;
+    let mut pubsub = state.live.subscribe(&channels).await;
     let poll = Duration::from_millis(state.settings.watch_poll_ms);
     let mut last_seq = 0;
     loop {
@@ -92,7 +69,7 @@ async fn pump(
         }
         let redis_hint = async {
             match pubsub.as_mut() {
-                Some(ps) => ps.on_message().next().await.is_some(),
+                Some(ps) => ps.changed().await,
                 None => std::future::pending::<bool>().await,
             }
         };
@@ -104,7 +81,7 @@ async fn pump(
             },
             _ = tokio::time::sleep(poll) => {
                 if pubsub.is_none() {
-                    pubsub = subscribe(state, run, channels.clone()).await;
+                    pubsub = state.live.subscribe(&channels).await;
                 }
             },
         }
