@@ -114,6 +114,9 @@ pub struct RelaySettings {
     pub poll_interval_ms: u64,
     /// Rows published per batch (publishes are pipelined, confirms awaited together).
     pub batch_size: i64,
+    /// How long a claimed row is left to its relay before any relay may publish it again: the
+    /// delay before the rows of a relay that died mid-publish go out.
+    pub claim_lease_ms: u64,
 }
 
 impl Default for RelaySettings {
@@ -121,6 +124,7 @@ impl Default for RelaySettings {
         Self {
             poll_interval_ms: 1_000,
             batch_size: 200,
+            claim_lease_ms: 5_000,
         }
     }
 }

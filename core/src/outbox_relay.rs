@@ -1,7 +1,9 @@
 //! The outbox relay: publishes committed outbox rows to RabbitMQ with publisher confirms and
-//! marks them published. Runs in every API and dispatcher process; `FOR UPDATE SKIP LOCKED`
-//! keeps relays off each other's rows. A crash between confirm and mark republishes a row,
-//! which receivers recognise as a duplicate (messages carry ids and fencing numbers only).
+//! marks them published. Runs in every API and dispatcher process; a claim leases its rows
+//! for `claim_lease_ms` (no transaction stays open across the publish) and keeps relays off
+//! each other's rows. A crash between confirm and mark, or a publish outliving its lease,
+//! republishes a row, which receivers recognise as a duplicate (messages carry ids and
+//! fencing numbers only).
 //!
 //! Publishes are `mandatory`: an unroutable message (no queue bound yet) comes back and the row
 //! is retried later with backoff instead of vanishing. Pool queues are declared on first use.
@@ -154,11 +156,13 @@ impl OutboxRelay {
     /// Publishes one batch of due rows; returns how many were published, and how long until
     /// the earliest row it left falls due.
     async fn publish_batch(&self, link: &mut Link) -> Result<(usize, Option<Duration>), CoreError> {
-        let mut tx = self.pool.begin().await?;
-        let outbox::Claim { rows, next_due } =
-            outbox::claim(&mut tx, self.settings.batch_size).await?;
+        let outbox::Claim { rows, next_due } = outbox::claim(
+            &self.pool,
+            self.settings.batch_size,
+            i64::try_from(self.settings.claim_lease_ms).unwrap_or(i64::MAX),
+        )
+        .await?;
         if rows.is_empty() {
-            tx.commit().await?;
             return Ok((0, next_due));
         }
         for row in &rows {
@@ -212,22 +216,21 @@ impl OutboxRelay {
                 Ok(Confirmation::Ack(None)) => published.push(id),
                 Ok(Confirmation::Ack(Some(_))) => {
                     tracing::warn!(outbox_id = id, "message unroutable; will retry");
-                    outbox::mark_failed(&mut tx, id, "unroutable: no queue bound").await?;
+                    outbox::mark_failed(&self.pool, id, "unroutable: no queue bound").await?;
                 }
                 Ok(Confirmation::Nack(_)) => {
-                    outbox::mark_failed(&mut tx, id, "nacked by broker").await?;
+                    outbox::mark_failed(&self.pool, id, "nacked by broker").await?;
                 }
                 Ok(Confirmation::NotRequested) => published.push(id),
                 Err(e) => {
-                    outbox::mark_failed(&mut tx, id, "publish failed").await?;
+                    outbox::mark_failed(&self.pool, id, "publish failed").await?;
                     broken.get_or_insert(e);
                 }
             }
         }
         metrics::histogram!(crate::observe::names::PUBLISH_CONFIRM)
             .record(sent_at.elapsed().as_secs_f64());
-        outbox::mark_published(&mut tx, &published).await?;
-        tx.commit().await?;
+        outbox::mark_published(&self.pool, &published).await?;
         metrics::counter!(crate::observe::names::OUTBOX_PUBLISHED)
             .increment(published.len() as u64);
         if let Some(e) = broken {

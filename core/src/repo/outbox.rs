@@ -2,7 +2,7 @@
 //! by the relay, marked afterwards. A crash between publish and mark republishes the row;
 //! consumers treat duplicates as normal.
 
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Row};
 
 use crate::error::CoreError;
 use crate::ids::TenantId;
@@ -94,13 +94,19 @@ pub struct Claim {
     pub next_due: Option<std::time::Duration>,
 }
 
-/// Claims due rows for this transaction (other relays skip them) and, in the same statement,
-/// finds when the earliest row left behind falls due, so the relay need not ask separately.
-pub async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Claim, CoreError> {
+/// Claims due rows for `lease_ms` by pushing their `available_at` that far out (other relays
+/// skip them meanwhile) and, in the same statement, finds when the earliest row left behind
+/// falls due. One autocommitted statement, not a transaction held open across the publish:
+/// a relay that dies mid-publish leaves its rows to any relay once the lease ends (and a row
+/// it had published goes out twice, as after a crash between confirm and mark).
+pub async fn claim(pool: &PgPool, limit: i64, lease_ms: i64) -> Result<Claim, CoreError> {
     let rows = sqlx::query(
-        "WITH claimed AS (SELECT id, exchange, routing_key, payload, traceparent FROM outbox \
-           WHERE published_at IS NULL AND available_at <= now() \
-           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+        "WITH claimed AS (UPDATE outbox o \
+           SET available_at = now() + $2::bigint * interval '1 millisecond' \
+           WHERE o.id IN (SELECT id FROM outbox \
+             WHERE published_at IS NULL AND available_at <= now() \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+           RETURNING o.id, o.exchange, o.routing_key, o.payload, o.traceparent) \
          SELECT id, exchange, routing_key, payload, traceparent, NULL::float8 AS next_due_ms \
            FROM claimed \
          UNION ALL \
@@ -109,7 +115,8 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Cla
            FROM outbox WHERE published_at IS NULL AND id NOT IN (SELECT id FROM claimed)",
     )
     .bind(limit)
-    .fetch_all(&mut **tx)
+    .bind(lease_ms.max(1))
+    .fetch_all(pool)
     .await?;
     let mut claim = Claim {
         rows: Vec::with_capacity(rows.len()),
@@ -135,7 +142,7 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Cla
 
 /// How long until the earliest unpublished row is due (zero if one is due now); `None` when
 /// nothing is pending. The relay sleeps exactly that long, so delayed rows go out on time.
-pub async fn next_due_in(pool: &sqlx::PgPool) -> Result<Option<std::time::Duration>, CoreError> {
+pub async fn next_due_in(pool: &PgPool) -> Result<Option<std::time::Duration>, CoreError> {
     let ms: Option<f64> = sqlx::query_scalar(
         "SELECT GREATEST(0, EXTRACT(EPOCH FROM (min(available_at) - now())) * 1000)::float8 \
          FROM outbox WHERE published_at IS NULL",
@@ -145,26 +152,19 @@ pub async fn next_due_in(pool: &sqlx::PgPool) -> Result<Option<std::time::Durati
     Ok(ms.map(|ms| std::time::Duration::from_millis(ms as u64)))
 }
 
-pub async fn mark_published(
-    tx: &mut Transaction<'_, Postgres>,
-    ids: &[i64],
-) -> Result<(), CoreError> {
+pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), CoreError> {
     if ids.is_empty() {
         return Ok(());
     }
     sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
         .bind(ids)
-        .execute(&mut **tx)
+        .execute(pool)
         .await?;
     Ok(())
 }
 
 /// Puts a row back for a later try, with a delay growing with its attempts (capped at 30 s).
-pub async fn mark_failed(
-    tx: &mut Transaction<'_, Postgres>,
-    id: i64,
-    error: &str,
-) -> Result<(), CoreError> {
+pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), CoreError> {
     sqlx::query(
         "UPDATE outbox SET publish_attempts = publish_attempts + 1, last_error = $2, \
          available_at = now() + least(30000, 100 * power(2, least(publish_attempts, 10))) \
@@ -173,7 +173,7 @@ pub async fn mark_failed(
     )
     .bind(id)
     .bind(error)
-    .execute(&mut **tx)
+    .execute(pool)
     .await?;
     Ok(())
 }
