@@ -240,13 +240,7 @@ impl pb::run_service_server::RunService for RunApi {
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let tenant = self.state.reader(&request).await?.tenant;
         let id = parse_run_id("run_id", &request.get_ref().run_id)?;
-        if !runs::exists(&self.state.pool, tenant, id)
-            .await
-            .map_err(ApiError::from)?
-        {
-            return Err(ApiError::NotFound("run not found").into());
-        }
-        let stream = watch::watch(self.state.clone(), tenant, id);
+        let stream = watch::watch(self.state.clone(), tenant, id).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -16,35 +16,63 @@ use tonic::Status;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub fn watch(
+/// The stream of `run`'s events; NOT_FOUND (before any stream) for a run the tenant does not
+/// have. The first read doubles as the existence check: every run has at least one event.
+pub async fn watch(
     state: AppState,
     tenant: TenantId,
     run: RunId,
-) -> impl Stream<Item = Result<pb::WatchRunResponse, Status>> + Send + 'static {
+) -> Result<impl Stream<Item = Result<pb::WatchRunResponse, Status>> + Send + 'static, ApiError> {
+    // Subscribe before the first read so nothing committed in between is missed.
+    let channels = vec![state.bus.keys().run_events_channel(run)];
+    let pubsub = state.live.subscribe(&channels).await;
+    let first = runs::events_after(&state.pool, tenant, run, 0).await?;
+    if first.is_empty() {
+        return Err(ApiError::NotFound("run not found"));
+    }
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        if let Err(status) = pump(&state, tenant, run, &tx).await {
+        let from = Start {
+            channels,
+            pubsub,
+            first,
+        };
+        if let Err(status) = pump(&state, tenant, run, from, &tx).await {
             let _ = tx.send(Err(status)).await;
         }
     });
-    ReceiverStream::new(rx)
+    Ok(ReceiverStream::new(rx))
+}
+
+/// Where the pump starts: the subscription and the events the handler already read.
+struct Start {
+    channels: Vec<String>,
+    pubsub: Option<crate::live::Subscription>,
+    first: Vec<runs::EventRecord>,
 }
 
 async fn pump(
     state: &AppState,
     tenant: TenantId,
     run: RunId,
+    from: Start,
     tx: &mpsc::Sender<Result<pb::WatchRunResponse, Status>>,
 ) -> Result<(), Status> {
-    // Subscribe before the first read so nothing committed in between is missed.
-    let channels = vec![state.bus.keys().run_events_channel(run)];
-    let mut pubsub = state.live.subscribe(&channels).await;
+    let Start {
+        channels,
+        mut pubsub,
+        first,
+    } = from;
+    let mut first = Some(first);
     let poll = Duration::from_millis(state.settings.watch_poll_ms);
     let mut last_seq = 0;
     loop {
-        let events = runs::events_after(&state.pool, tenant, run, last_seq)
-            .await
-            .map_err(ApiError::from)?;
+        let events = match first.take() {
+            Some(events) => events,
+            None => runs::events_after(&state.pool, tenant, run, last_seq)
+                .await
+                .map_err(ApiError::from)?,
+        };
         for ev in events {
             last_seq = ev.seq;
             let terminal = ev.to_state.is_terminal();

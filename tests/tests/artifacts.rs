@@ -822,3 +822,72 @@ async fn cli_artifacts_ls_and_get() {
     assert!(err.contains("run not found"), "{err}");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_redriven_run_that_ends_again_replaces_its_manifest() {
+    let root = tempfile::tempdir().unwrap();
+    let stack = fake_stack(root.path()).await;
+    let mut agent = FakeAgent::register(&stack, "fake-redrive", 4, &[]).await;
+    let retried = pb::RunSpec {
+        max_attempts: 1,
+        retry: Some(pb::RetryPolicy {
+            retry_exit_codes: vec![3],
+            ..Default::default()
+        }),
+        ..spec()
+    };
+
+    // The only attempt fails retryably with its artifacts: dead-lettered, manifest committed.
+    let (run, epoch) = leased(&stack, &mut agent, retried).await;
+    let first = agent
+        .upload(&run, epoch, &[UploadFile::file("first.txt", b"one")])
+        .await
+        .unwrap()
+        .upload_id;
+    let ended = agent
+        .complete_with_artifacts(&run, epoch, pb::Outcome::Failed, Some(3), &first)
+        .await
+        .unwrap();
+    assert_eq!(ended.state, pb::RunState::DeadLettered as i32);
+    let paths = |entries: Vec<pb::ArtifactEntry>| -> Vec<String> {
+        entries.into_iter().map(|e| e.path).collect()
+    };
+    assert_eq!(paths(list(&stack, &run).await.unwrap()), ["first.txt"]);
+
+    // Redriven, it succeeds with other artifacts: they replace the first manifest whole.
+    stack
+        .admin()
+        .await
+        .redrive_run(pb::RedriveRunRequest {
+            run_id: run.clone(),
+            reason: "again".into(),
+        })
+        .await
+        .unwrap();
+    let assigned = wait_run(&stack, &run, WAIT, |r| {
+        r.attempt == 2 && r.state == pb::RunState::Assigned as i32
+    })
+    .await;
+    let epoch = assigned.lease_epoch;
+    agent.started(&run, epoch).await.unwrap();
+    let second = agent
+        .upload(&run, epoch, &[UploadFile::file("second.txt", b"two")])
+        .await
+        .unwrap()
+        .upload_id;
+    let ended = agent
+        .complete_with_artifacts(&run, epoch, pb::Outcome::Succeeded, Some(0), &second)
+        .await
+        .unwrap();
+    assert_eq!(ended.state, pb::RunState::Succeeded as i32);
+    assert_eq!(paths(list(&stack, &run).await.unwrap()), ["second.txt"]);
+    let committed: Vec<String> = sqlx::query_scalar(
+        "SELECT id::text FROM artifact_uploads WHERE run_id = $1 AND committed_at IS NOT NULL",
+    )
+    .bind(uuid::Uuid::parse_str(&run).unwrap())
+    .fetch_all(&stack.db)
+    .await
+    .unwrap();
+    assert_eq!(committed, [second], "one committed upload: the last");
+    stack.stop().await;
+}

@@ -145,34 +145,30 @@ pub async fn commit_upload(
         return Ok(());
     }
     // A redriven run ends again: the attempt that ends it now replaces the manifest of the
-    // one that ended it before, whose upload becomes garbage for the collector.
-    sqlx::query("DELETE FROM artifacts WHERE run_id = $1")
-        .bind(run_id.0)
-        .execute(&mut *conn)
-        .await?;
+    // one that ended it before, whose upload becomes garbage for the collector. Two
+    // statements: the clearing, then the new manifest (a delete and an insert of the same
+    // keys in one statement would race each other).
     sqlx::query(
-        "UPDATE artifact_uploads SET committed_at = NULL \
+        "WITH gone AS (DELETE FROM artifacts WHERE run_id = $1) \
+         UPDATE artifact_uploads SET committed_at = NULL \
          WHERE run_id = $1 AND committed_at IS NOT NULL",
     )
     .bind(run_id.0)
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "INSERT INTO artifacts (run_id, path, tenant_id, attempt, upload_id, blob, size, sha256, \
-         mode, is_symlink, link_target) \
+        "WITH manifest AS (INSERT INTO artifacts (run_id, path, tenant_id, attempt, upload_id, \
+         blob, size, sha256, mode, is_symlink, link_target) \
          SELECT u.run_id, e.path, u.tenant_id, u.attempt, u.id, e.blob, e.size, e.sha256, \
          e.mode, e.is_symlink, e.link_target \
          FROM artifact_uploads u, jsonb_to_recordset(u.manifest) AS e(path text, blob integer, \
          size bigint, sha256 text, mode integer, is_symlink boolean, link_target text) \
-         WHERE u.id = $1",
+         WHERE u.id = $1) \
+         UPDATE artifact_uploads SET committed_at = now() WHERE id = $1",
     )
     .bind(upload)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE artifact_uploads SET committed_at = now() WHERE id = $1")
-        .bind(upload)
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 
