@@ -216,6 +216,9 @@ async fn one_run_is_one_trace_from_submit_through_dispatch_to_the_agent() {
     let mut opts = exporting_to(&endpoint, StackOptions::default());
     opts.env
         .push(("DROVER_LOG_FORMAT".to_owned(), "json".to_owned()));
+    // Every start reported on its own, so the trace has a ReportStarted to check.
+    opts.agent_env
+        .push(("DROVER_START_FOLD_MS".to_owned(), "0".to_owned()));
     let stack = Stack::start_with(opts).await;
 
     let run = submit(&stack, submit_request(spec(&["echo", "traced"], 1))).await;

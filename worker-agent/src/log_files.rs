@@ -3,20 +3,27 @@
 //! so the whole log survives whatever the live path (PushLogs, which gives up on a batch the
 //! API will not take) or Redis forgets. Appended to, so a re-adopted execution keeps what an
 //! earlier life of the agent wrote; output between that life's last write and the adoption
-//! is not in the files.
+//! is not in the files, nor what was still buffered (at most [`BUFFER`] per stream, at most a
+//! flush interval old: the log shipper flushes on its tick).
+//!
+//! Buffered because output arrives in small pieces (Docker frames a line at a time): a write
+//! to a tokio file per piece is a trip to the blocking pool per line.
 
 use std::path::Path;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufWriter};
 
 use crate::executor::{OutputChunk, OutputSource};
 
 pub const STDOUT_LOG: &str = "stdout.log";
 pub const STDERR_LOG: &str = "stderr.log";
 
+/// Bytes buffered per stream before they are written.
+pub const BUFFER: usize = 64 * 1024;
+
 pub struct LogFiles {
-    stdout: tokio::fs::File,
-    stderr: tokio::fs::File,
+    stdout: BufWriter<tokio::fs::File>,
+    stderr: BufWriter<tokio::fs::File>,
     /// Set after the first failed write: the files are then incomplete, said once in the log.
     broken: bool,
 }
@@ -27,8 +34,8 @@ impl LogFiles {
         let mut options = tokio::fs::OpenOptions::new();
         options.create(true).append(true);
         Ok(Self {
-            stdout: options.open(dir.join(STDOUT_LOG)).await?,
-            stderr: options.open(dir.join(STDERR_LOG)).await?,
+            stdout: BufWriter::with_capacity(BUFFER, options.open(dir.join(STDOUT_LOG)).await?),
+            stderr: BufWriter::with_capacity(BUFFER, options.open(dir.join(STDERR_LOG)).await?),
             broken: false,
         })
     }
@@ -47,8 +54,18 @@ impl LogFiles {
         }
     }
 
+    /// Writes out what is buffered. A failure marks the files incomplete, as a failed write
+    /// does.
     pub async fn flush(&mut self) {
-        let _ = self.stdout.flush().await;
-        let _ = self.stderr.flush().await;
+        if self.broken {
+            return;
+        }
+        for file in [&mut self.stdout, &mut self.stderr] {
+            if let Err(e) = file.flush().await {
+                tracing::warn!(error = %e, "could not write the stored log; it will be incomplete");
+                self.broken = true;
+                return;
+            }
+        }
     }
 }

@@ -57,6 +57,9 @@ pub async fn ship_logs(
                 if !shipper.batch.is_empty() {
                     shipper.flush_one().await;
                 }
+                if let Some(f) = files.as_mut() {
+                    f.flush().await;
+                }
             }
         }
     }
