@@ -102,6 +102,34 @@ impl FakeAgent {
             .map(|_| ())
     }
 
+    /// A completion of `run` under `epoch` by this agent, the rest left empty.
+    fn completion(
+        &self,
+        run: &str,
+        epoch: u64,
+        outcome: pb::Outcome,
+        exit_code: Option<i32>,
+    ) -> pb::ReportCompletionRequest {
+        pb::ReportCompletionRequest {
+            agent_id: self.id.clone(),
+            run_id: run.into(),
+            lease_epoch: epoch,
+            outcome: outcome as i32,
+            exit_code,
+            ..Default::default()
+        }
+    }
+
+    async fn send_completion(
+        &mut self,
+        request: pb::ReportCompletionRequest,
+    ) -> Result<pb::ReportCompletionResponse, tonic::Status> {
+        self.client
+            .report_completion(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn complete(
         &mut self,
         run: &str,
@@ -109,25 +137,14 @@ impl FakeAgent {
         outcome: pb::Outcome,
         exit_code: Option<i32>,
     ) -> Result<pb::ReportCompletionResponse, tonic::Status> {
-        self.client
-            .report_completion(pb::ReportCompletionRequest {
-                agent_id: self.id.clone(),
-                run_id: run.into(),
-                lease_epoch: epoch,
-                outcome: outcome as i32,
-                exit_code,
-                output: b"fake output\n".to_vec(),
-                output_truncated: false,
-                reason: String::new(),
-                infrastructure_error: false,
-                artifact_upload_id: String::new(),
-                started_executor: String::new(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
+        let request = pb::ReportCompletionRequest {
+            output: b"fake output\n".to_vec(),
+            ..self.completion(run, epoch, outcome, exit_code)
+        };
+        self.send_completion(request).await
     }
 
-    /// Reports completion of a run whose start was never reported (it ended inside a real
+    /// Reports success of a run whose start was never reported (it ended inside a real
     /// agent's fold window): the completion names the executor it started on.
     pub async fn complete_unreported_start(
         &mut self,
@@ -135,18 +152,11 @@ impl FakeAgent {
         epoch: u64,
         executor: &str,
     ) -> Result<pb::ReportCompletionResponse, tonic::Status> {
-        self.client
-            .report_completion(pb::ReportCompletionRequest {
-                agent_id: self.id.clone(),
-                run_id: run.into(),
-                lease_epoch: epoch,
-                outcome: pb::Outcome::Succeeded as i32,
-                exit_code: Some(0),
-                started_executor: executor.into(),
-                ..Default::default()
-            })
-            .await
-            .map(tonic::Response::into_inner)
+        let request = pb::ReportCompletionRequest {
+            started_executor: executor.into(),
+            ..self.completion(run, epoch, pb::Outcome::Succeeded, Some(0))
+        };
+        self.send_completion(request).await
     }
 
     /// Reports completion naming an artifact upload (empty = none).
@@ -158,18 +168,11 @@ impl FakeAgent {
         exit_code: Option<i32>,
         upload_id: &str,
     ) -> Result<pb::ReportCompletionResponse, tonic::Status> {
-        self.client
-            .report_completion(pb::ReportCompletionRequest {
-                agent_id: self.id.clone(),
-                run_id: run.into(),
-                lease_epoch: epoch,
-                outcome: outcome as i32,
-                exit_code,
-                artifact_upload_id: upload_id.into(),
-                ..Default::default()
-            })
-            .await
-            .map(tonic::Response::into_inner)
+        let request = pb::ReportCompletionRequest {
+            artifact_upload_id: upload_id.into(),
+            ..self.completion(run, epoch, outcome, exit_code)
+        };
+        self.send_completion(request).await
     }
 
     /// The well-formed UploadArtifacts messages for `files` (what a real agent sends):

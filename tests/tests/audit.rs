@@ -106,14 +106,12 @@ async fn editing_deleting_or_reordering_a_row_is_found_and_named() {
     ] {
         // Sealing waits for every older transaction in the cluster (other tests' included)
         // to end, so the last rows may take a moment to join the chain.
-        let mut v = verify(&stack, token).await;
-        for _ in 0..60 {
-            if v.checked >= 7 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            v = verify(&stack, token).await;
-        }
+        stack
+            .wait_for(std::time::Duration::from_secs(30), || async {
+                verify(&stack, token).await.checked >= 7
+            })
+            .await;
+        let v = verify(&stack, token).await;
         assert!(v.ok, "untouched chain verifies: {v:?}");
         // bootstrap token + 3 submits + 1 cancel + secret + token
         assert_eq!(v.checked, 7, "{v:?}");

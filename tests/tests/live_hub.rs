@@ -53,9 +53,11 @@ async fn watchers_share_one_subscription_that_ends_with_the_last_or_the_connecti
     publish(&mut conn, &a).await;
     assert!(tokio::time::timeout(wait, first.changed()).await.unwrap());
     assert!(tokio::time::timeout(wait, second.changed()).await.unwrap());
-    // A message that came while nobody was waiting is not lost.
+    // A message that came while nobody was waiting is not lost: `b`'s message is in before
+    // `a`'s (one connection delivers in order), and `second` only looks after both.
     publish(&mut conn, &b).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    publish(&mut conn, &a).await;
+    assert!(tokio::time::timeout(wait, first.changed()).await.unwrap());
     assert!(tokio::time::timeout(wait, second.changed()).await.unwrap());
 
     drop(first);

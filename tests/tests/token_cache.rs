@@ -18,6 +18,15 @@ async fn list_code(stack: &Stack, token: &str) -> Code {
     }
 }
 
+/// Revokes `token` behind the API's back, as an operator in `psql` would.
+async fn revoke_in_sql(stack: &Stack, token: &str) {
+    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1")
+        .bind(tokens::hash(token))
+        .execute(&stack.db)
+        .await
+        .expect("revoke in SQL");
+}
+
 async fn refused_within(stack: &Stack, token: &str, limit: Duration) -> bool {
     stack
         .wait_for(limit, || async {
@@ -60,11 +69,7 @@ async fn a_cached_token_is_refused_once_revoked() {
     // Revoked by hand in SQL: the trigger's NOTIFY empties the cache.
     let token = stack.token_with(&[Role::Submitter]).await;
     assert_eq!(list_code(&stack, &token).await, Code::Ok);
-    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1")
-        .bind(tokens::hash(&token))
-        .execute(&stack.db)
-        .await
-        .expect("revoke in SQL");
+    revoke_in_sql(&stack, &token).await;
     assert!(
         refused_within(&stack, &token, Duration::from_secs(10)).await,
         "a token revoked in SQL stayed usable"
@@ -79,11 +84,7 @@ async fn a_cached_token_is_refused_once_revoked() {
         .execute(&stack.db)
         .await
         .expect("disable the trigger");
-    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1")
-        .bind(tokens::hash(&token))
-        .execute(&stack.db)
-        .await
-        .expect("revoke in SQL");
+    revoke_in_sql(&stack, &token).await;
     assert_eq!(
         list_code(&stack, &token).await,
         Code::Ok,

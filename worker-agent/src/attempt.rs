@@ -95,10 +95,6 @@ pub async fn follow(
     } else {
         reporting_start(ctx, &job, &handle, &signals, supervision).await
     };
-    if start == StartReport::Refused {
-        // The stop signal ended the supervision; what follows removes the container.
-        tracing::warn!("start report refused or the lease was revoked first");
-    }
     let finished = match finished {
         Ok(f) => f,
         Err(e) => {
