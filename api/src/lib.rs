@@ -35,11 +35,18 @@ use drover_core::secrets_crypto::SecretKeys;
 use drover_core::{CoreError, audit, db};
 use drover_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 
 pub use settings::Settings;
+
+/// The accepted connections, with `TCP_NODELAY` set. tonic sets it only on listeners it binds
+/// itself; on ours Nagle's algorithm held each stream message written after the response
+/// headers until the client's delayed ACK, 40 ms later (every WatchRun's first event).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
 use state::AppState;
 
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +233,7 @@ impl Application {
                 ))
                 .max_decoding_message_size(limits::ADMIN_SERVICE_MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+            .serve_with_incoming_shutdown(incoming(self.listener), async move {
                 shutdown.cancelled().await;
             })
             .await?;
@@ -271,4 +278,23 @@ async fn set_grpc_health(reporter: &tonic_health::server::HealthReporter, servin
             status,
         )
         .await;
+}
+
+#[cfg(test)]
+mod incoming_tests {
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_disable_nagle() {
+        let listener = super::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("readable option"));
+    }
 }
