@@ -78,6 +78,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     metrics: Option<observe::Endpoint>,
+    relay: OutboxRelay,
 }
 
 impl Application {
@@ -111,8 +112,16 @@ impl Application {
             &settings.redis.prefix,
         ));
         let live = live::LiveHub::new(bus.client().clone());
+        let relay = OutboxRelay::new(
+            pool.clone(),
+            settings.amqp.url.clone(),
+            settings.amqp.delivery_limit,
+            settings.relay.clone(),
+            "drover-api",
+        );
         Ok(Self {
             state: AppState {
+                outbox: relay.handoff(),
                 live,
                 pool,
                 bus,
@@ -127,6 +136,7 @@ impl Application {
             listener,
             addr,
             metrics,
+            relay,
         })
     }
 
@@ -148,14 +158,7 @@ impl Application {
             endpoint.spawn(health.clone(), cancel.child_token())?;
         }
         let settings = &self.state.settings;
-        let relay = OutboxRelay::new(
-            self.state.pool.clone(),
-            settings.amqp.url.clone(),
-            settings.amqp.delivery_limit,
-            settings.relay.clone(),
-            "drover-api",
-        );
-        tasks.spawn(relay.run(cancel.child_token()));
+        tasks.spawn(self.relay.run(cancel.child_token()));
         tasks.spawn(
             audit::Sealer {
                 pool: self.state.pool.clone(),

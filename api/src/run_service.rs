@@ -65,8 +65,16 @@ impl RunApi {
             actor: user.actor(),
         };
         let max_queued = quota::max_queued(&self.state, user);
-        let submitted =
-            runs::submit_within(&self.state.pool, tenant, &spec, key, &by, max_queued).await?;
+        let submitted = runs::submit_within(
+            &self.state.pool,
+            tenant,
+            &spec,
+            key,
+            &by,
+            max_queued,
+            Some(&self.state.outbox),
+        )
+        .await?;
         drover_core::telemetry::record_run(&tracing::Span::current(), &submitted.run);
         if !submitted.deduplicated {
             tracing::info!(run_id = %submitted.run.id, tenant = %tenant, pool = %spec.pool, "run submitted");

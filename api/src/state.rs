@@ -27,6 +27,8 @@ pub struct AppState {
     pub tokens: Arc<TokenCache>,
     /// The process's one Redis pub/sub connection for WatchRun and StreamLogs.
     pub live: Arc<LiveHub>,
+    /// This process's outbox relay, for the rows a submit writes.
+    pub outbox: drover_core::repo::outbox::Handoff,
 }
 
 /// Parses a run id from a request field; a malformed id is INVALID_ARGUMENT naming the field.

@@ -5,6 +5,13 @@
 //! republishes a row, which receivers recognise as a duplicate (messages carry ids and
 //! fencing numbers only).
 //!
+//! The hot paths (a submit, an assignment) skip the claim: they write their row already leased
+//! to their own process (`available_at` one lease ahead, no NOTIFY) and, once the transaction
+//! has committed, hand it to this relay through [`outbox::Handoff`], which publishes it at
+//! once. Other relays are not woken and make no empty claims; a row whose process died before
+//! publishing it goes out with any relay's next drain after its lease. Per run that was four
+//! claim statements and two NOTIFY wake-ups of every relay.
+//!
 //! Publishes are `mandatory`: an unroutable message (no queue bound yet) comes back and the row
 //! is retried later with backoff instead of vanishing. Pool queues are declared on first use.
 
@@ -26,12 +33,17 @@ use crate::messages::CONTENT_TYPE;
 use crate::repo::outbox;
 use crate::{amqp, pg_wakeup, telemetry, topology};
 
+/// Hand-offs waiting for the relay; beyond this a row waits out its lease for a drain.
+const HANDOFF_QUEUE: usize = 4096;
+
 pub struct OutboxRelay {
     pool: PgPool,
     amqp_url: SecretString,
     delivery_limit: u32,
     settings: RelaySettings,
     name: String,
+    handoff: outbox::Handoff,
+    handed: Option<tokio::sync::mpsc::Receiver<outbox::OutboxRow>>,
 }
 
 struct Link {
@@ -48,76 +60,154 @@ impl OutboxRelay {
         settings: RelaySettings,
         name: impl Into<String>,
     ) -> Self {
+        let lease_ms = i64::try_from(settings.claim_lease_ms).unwrap_or(i64::MAX);
+        let (handoff, handed) = outbox::Handoff::channel(lease_ms, HANDOFF_QUEUE);
         Self {
             pool,
             amqp_url,
             delivery_limit,
             settings,
             name: name.into(),
+            handoff,
+            handed: Some(handed),
         }
     }
 
+    /// The handle through which this process gives its relay the rows it wrote pre-leased
+    /// ([`outbox::Handoff`]).
+    pub fn handoff(&self) -> outbox::Handoff {
+        self.handoff.clone()
+    }
+
     /// Runs until `cancel` fires.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let wake: Arc<Notify> = pg_wakeup::spawn(
             self.pool.clone(),
             crate::repo::OUTBOX_CHANNEL,
             cancel.clone(),
         );
+        let Some(mut handed) = self.handed.take() else {
+            return;
+        };
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
         let mut link: Option<Link> = None;
+        // Interest in a NOTIFY is registered before each drain so one sent during the drain is
+        // not lost; it is kept across hand-offs, which do not drain.
+        let mut notified = Box::pin(wake.notified());
+        notified.as_mut().enable();
+        let mut drain = true;
+        let mut deadline = tokio::time::Instant::now();
         loop {
-            // Register interest before draining so a NOTIFY during the drain is not lost.
-            let notified = wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-
             if link.is_none() {
                 link = self.open(&cancel).await;
                 if link.is_none() {
                     return; // cancelled while connecting
                 }
             }
-            // When to look again if no NOTIFY comes, from the drain's last claim.
-            let mut next_due = Err(());
-            if let Some(l) = link.as_mut() {
-                loop {
-                    let batch = self.publish_batch(l).await;
-                    next_due = batch.as_ref().map(|(_, due)| *due).map_err(drop);
-                    match batch.map(|(n, _)| n) {
-                        Ok(0) => break,
-                        // A short batch took every row due and unclaimed when it looked: rows
-                        // written since will wake this loop (the NOTIFY interest is already
-                        // registered), so another look now would find nothing. At a steady
-                        // trickle that look was most of the relay's queries.
-                        Ok(n) if (n as i64) < self.settings.batch_size => {
-                            tracing::debug!(published = n, "outbox batch published");
-                            break;
+            if drain {
+                let next_due = self.drain(&mut link).await;
+                // Sleep until a NOTIFY, the next delayed row falls due, or the poll interval.
+                let due = match next_due {
+                    Ok(due) => due,
+                    // The drain failed before it could say: ask.
+                    Err(()) => outbox::next_due_in(&self.pool).await.ok().flatten(),
+                };
+                let nap = due.map_or(poll, |d| d.clamp(Duration::from_millis(20), poll));
+                deadline = tokio::time::Instant::now() + nap;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.flush_handed(&mut handed, link.as_mut()).await;
+                    return;
+                },
+                _ = notified.as_mut() => {
+                    notified = Box::pin(wake.notified());
+                    notified.as_mut().enable();
+                    drain = true;
+                },
+                _ = tokio::time::sleep_until(deadline) => drain = true,
+                Some(row) = handed.recv() => {
+                    drain = false;
+                    let mut rows = vec![row];
+                    let most = usize::try_from(self.settings.batch_size).unwrap_or(1).max(1);
+                    while rows.len() < most {
+                        match handed.try_recv() {
+                            Ok(row) => rows.push(row),
+                            Err(_) => break,
                         }
-                        Ok(n) => tracing::debug!(published = n, "outbox batch published"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "outbox relay batch failed");
+                    }
+                    if let Some(l) = link.as_mut() {
+                        // A row not published here keeps its lease and goes out with a drain
+                        // once the lease ends.
+                        if let Err(e) = self.publish_rows(l, &rows).await {
+                            tracing::warn!(error = %e, rows = rows.len(), "publishing handed-off outbox rows failed");
                             if matches!(e, CoreError::Amqp(_)) || !l.channel.status().connected() {
                                 link = None;
                             }
-                            break;
                         }
                     }
-                }
-            }
-            // Sleep until a NOTIFY, the next delayed row falls due, or the poll interval.
-            let due = match next_due {
-                Ok(due) => due,
-                // The drain failed before it could say: ask.
-                Err(()) => outbox::next_due_in(&self.pool).await.ok().flatten(),
-            };
-            let nap = due.map_or(poll, |d| d.clamp(Duration::from_millis(20), poll));
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = &mut notified => {},
-                _ = tokio::time::sleep(nap) => {},
+                },
             }
         }
+    }
+
+    /// On the way out: publishes what was handed and not yet published (bounded to 2 s), so a
+    /// stopping process's last rows do not wait out their lease.
+    async fn flush_handed(
+        &self,
+        handed: &mut tokio::sync::mpsc::Receiver<outbox::OutboxRow>,
+        link: Option<&mut Link>,
+    ) {
+        let mut rows = Vec::new();
+        while let Ok(row) = handed.try_recv() {
+            rows.push(row);
+        }
+        let Some(l) = link else { return };
+        if rows.is_empty() {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.publish_rows(l, &rows)).await {
+            Ok(Ok(n)) => tracing::debug!(published = n, "handed-off outbox rows flushed"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "flushing handed-off outbox rows failed; they go out after their lease")
+            }
+            Err(_) => tracing::warn!(
+                "flushing handed-off outbox rows timed out; they go out after their lease"
+            ),
+        }
+    }
+
+    /// Publishes claimed batches until a short one; returns when the earliest row left falls
+    /// due (`Err` if a batch failed before it could say).
+    async fn drain(&self, link: &mut Option<Link>) -> Result<Option<Duration>, ()> {
+        let mut next_due = Err(());
+        let Some(l) = link.as_mut() else {
+            return next_due;
+        };
+        loop {
+            let batch = self.publish_batch(l).await;
+            next_due = batch.as_ref().map(|(_, due)| *due).map_err(drop);
+            match batch.map(|(n, _)| n) {
+                Ok(0) => break,
+                // A short batch took every row due and unclaimed when it looked: rows
+                // written since will wake this loop (the NOTIFY interest is already
+                // registered), so another look now would find nothing. At a steady
+                // trickle that look was most of the relay's queries.
+                Ok(n) if (n as i64) < self.settings.batch_size => {
+                    tracing::debug!(published = n, "outbox batch published");
+                    break;
+                }
+                Ok(n) => tracing::debug!(published = n, "outbox batch published"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay batch failed");
+                    if matches!(e, CoreError::Amqp(_)) || !l.channel.status().connected() {
+                        *link = None;
+                    }
+                    break;
+                }
+            }
+        }
+        next_due
     }
 
     async fn open(&self, cancel: &CancellationToken) -> Option<Link> {
@@ -165,7 +255,26 @@ impl OutboxRelay {
         if rows.is_empty() {
             return Ok((0, next_due));
         }
-        for row in &rows {
+        let published = self.publish_rows(link, &rows).await?;
+        // A row put back for a retry is due later than the claim saw.
+        let next_due = if published < rows.len() {
+            Some(next_due.map_or(Duration::from_millis(100), |d| {
+                d.min(Duration::from_millis(100))
+            }))
+        } else {
+            next_due
+        };
+        Ok((published, next_due))
+    }
+
+    /// Publishes `rows`, which this relay holds leased, and marks them; returns how many were
+    /// published (the others are put back for a later try).
+    async fn publish_rows(
+        &self,
+        link: &mut Link,
+        rows: &[outbox::OutboxRow],
+    ) -> Result<usize, CoreError> {
+        for row in rows {
             if row.exchange == topology::RUNS_EXCHANGE
                 && !link.declared_pools.contains(&row.routing_key)
             {
@@ -177,7 +286,7 @@ impl OutboxRelay {
         // Pipeline the publishes, then collect the confirms.
         let sent_at = std::time::Instant::now();
         let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             let mut props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(CONTENT_TYPE.into())
@@ -236,15 +345,7 @@ impl OutboxRelay {
         if let Some(e) = broken {
             return Err(e.into());
         }
-        // A row put back for a retry is due later than the claim saw.
-        let next_due = if published.len() < rows.len() {
-            Some(next_due.map_or(Duration::from_millis(100), |d| {
-                d.min(Duration::from_millis(100))
-            }))
-        } else {
-            next_due
-        };
-        Ok((published.len(), next_due))
+        Ok(published.len())
     }
 }
 

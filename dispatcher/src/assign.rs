@@ -51,6 +51,7 @@ pub async fn try_assign(
     pool: &PgPool,
     msg: &RunMessage,
     limits: Limits,
+    handoff: &outbox::Handoff,
 ) -> Result<Outcome, CoreError> {
     match parking::precheck(pool, msg.tenant_id, msg.run_id, msg.attempt).await? {
         Precheck::Unknown => return Ok(Outcome::UnknownRun),
@@ -64,15 +65,17 @@ pub async fn try_assign(
     else {
         return Ok(Outcome::Obsolete);
     };
-    assign_locked(tx, queued, limits).await
+    assign_locked(tx, queued, limits, handoff).await
 }
 
 /// Assigns `queued`, whose row the transaction holds locked while QUEUED at its attempt, and
-/// commits; on any other outcome the transaction is dropped (rolled back).
+/// commits; on any other outcome the transaction is dropped (rolled back). The agent's command
+/// is written leased to this process's relay and handed to it after the commit.
 pub async fn assign_locked(
     mut tx: Transaction<'static, Postgres>,
     queued: RunRecord,
     limits: Limits,
+    handoff: &outbox::Handoff,
 ) -> Result<Outcome, CoreError> {
     let Some(agent_id) = agents::pick_and_lock(
         &mut tx,
@@ -111,15 +114,16 @@ pub async fn assign_locked(
         attempt: run.attempt,
         lease_epoch: LeaseEpoch(run.lease_epoch),
     };
-    outbox::enqueue(
-        &mut tx,
-        run.tenant_id,
-        topology::AGENTS_EXCHANGE,
-        &agent_id,
-        &messages::encode(&cmd),
-    )
-    .await?;
+    let traceparent = drover_core::telemetry::current_traceparent();
+    let message = outbox::Message {
+        exchange: topology::AGENTS_EXCHANGE,
+        routing_key: &agent_id,
+        payload: &messages::encode(&cmd),
+        traceparent: traceparent.as_deref(),
+    };
+    let row = outbox::enqueue_leased(&mut tx, run.tenant_id, message, handoff.lease_ms()).await?;
     tx.commit().await?;
+    handoff.hand(row);
     observe::record_transition(&event);
     metrics::counter!(observe::names::ASSIGNMENTS).increment(1);
     // Queue wait: from when the attempt became dispatchable (entered QUEUED, or its retry

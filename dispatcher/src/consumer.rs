@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use drover_core::events::EventBus;
 use drover_core::messages::{self, RunMessage};
-use drover_core::repo::parking;
+use drover_core::repo::{outbox, parking};
 use drover_core::{amqp, telemetry, topology};
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -36,6 +36,8 @@ pub struct PoolConsumer {
     pub parked: Arc<Notify>,
     /// Its `rabbitmq` check: ok while consuming, failing while (re)connecting.
     pub health: drover_core::observe::Health,
+    /// This process's outbox relay, for the agents' commands.
+    pub outbox: outbox::Handoff,
 }
 
 impl PoolConsumer {
@@ -156,7 +158,7 @@ impl PoolConsumer {
         };
         let mut db_backoff = Duration::from_millis(200);
         loop {
-            let failed = match try_assign(&self.db, &msg, limits).await {
+            let failed = match try_assign(&self.db, &msg, limits, &self.outbox).await {
                 Ok(Outcome::Assigned {
                     agent_id,
                     epoch,

@@ -95,6 +95,15 @@ impl Dispatcher {
             lease_ttl_ms: i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX),
             default_max_concurrent: self.settings.quota.max_concurrent_runs,
         };
+        // Created first: the consumers hand it the commands they write.
+        let relay = OutboxRelay::new(
+            self.db.clone(),
+            self.settings.amqp.url.clone(),
+            self.settings.amqp.delivery_limit,
+            self.settings.relay.clone(),
+            "drover-dispatcher",
+        );
+        let handoff = relay.handoff();
         for pool in &self.settings.pools {
             let parked = Arc::new(tokio::sync::Notify::new());
             let consumer = consumer::PoolConsumer {
@@ -104,6 +113,7 @@ impl Dispatcher {
                 settings: self.settings.clone(),
                 parked: parked.clone(),
                 health: self.health.clone(),
+                outbox: handoff.clone(),
             };
             tasks.spawn(consumer.run(cancel.child_token()));
             let scheduler = parked::ParkedScheduler {
@@ -114,6 +124,7 @@ impl Dispatcher {
                 recheck: Duration::from_millis(self.settings.capacity_recheck_ms.max(100)),
                 capacity: capacity.clone(),
                 parked,
+                outbox: handoff.clone(),
             };
             tasks.spawn(scheduler.run(cancel.child_token()));
         }
@@ -141,13 +152,6 @@ impl Dispatcher {
         );
         // The relay outlives the consumers briefly so commands of final assignments go out.
         let relay_token = CancellationToken::new();
-        let relay = OutboxRelay::new(
-            self.db.clone(),
-            self.settings.amqp.url.clone(),
-            self.settings.amqp.delivery_limit,
-            self.settings.relay.clone(),
-            "drover-dispatcher",
-        );
         let relay_task = tokio::spawn(relay.run(relay_token.clone()));
         tracing::info!(pools = ?self.settings.pools, "drover-dispatcher running");
 

@@ -39,6 +39,8 @@ pub struct ParkedScheduler {
     pub capacity: Arc<Notify>,
     /// Poked by this pool's consumer after it parked a run.
     pub parked: Arc<Notify>,
+    /// This process's outbox relay, for the agents' commands.
+    pub outbox: drover_core::repo::outbox::Handoff,
 }
 
 impl ParkedScheduler {
@@ -112,7 +114,7 @@ impl ParkedScheduler {
                         break;
                     };
                     let (run_id, labels) = (run.id, run.spec.labels.clone());
-                    match assign_locked(tx, run, self.limits).await? {
+                    match assign_locked(tx, run, self.limits, &self.outbox).await? {
                         Outcome::Assigned {
                             agent_id,
                             epoch,

@@ -207,6 +207,7 @@ async fn the_queued_runs_quota_admits_exactly_its_limit_under_concurrent_submits
                     Some(&key),
                     &runs::Submitter::system("test"),
                     Some(limit),
+                    None,
                 )
                 .await
             })
@@ -243,6 +244,7 @@ async fn the_queued_runs_quota_admits_exactly_its_limit_under_concurrent_submits
         Some(&accepted_key),
         &runs::Submitter::system("test"),
         Some(limit),
+        None,
     )
     .await
     .unwrap();

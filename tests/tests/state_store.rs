@@ -37,6 +37,19 @@ async fn event_count(pool: &PgPool, run: drover_core::ids::RunId) -> i64 {
         .unwrap()
 }
 
+async fn submit_one(pool: &PgPool) -> runs::RunRecord {
+    runs::submit(
+        pool,
+        DEFAULT_TENANT,
+        &spec(),
+        None,
+        &runs::Submitter::system("test"),
+    )
+    .await
+    .unwrap()
+    .run
+}
+
 fn assign(run: drover_core::ids::RunId, agent: &str) -> Transition {
     Transition {
         expected_attempt: Some(1),
@@ -51,16 +64,7 @@ fn assign(run: drover_core::ids::RunId, agent: &str) -> Transition {
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_transitions_change_nothing() {
     let (name, pool) = fresh_db(10).await;
-    let run = runs::submit(
-        &pool,
-        DEFAULT_TENANT,
-        &spec(),
-        None,
-        &runs::Submitter::system("test"),
-    )
-    .await
-    .unwrap()
-    .run;
+    let run = submit_one(&pool).await;
     assert_eq!(event_count(&pool, run.id).await, 1);
 
     // Illegal pair: QUEUED -> SUCCEEDED.
@@ -162,16 +166,7 @@ async fn refused_transitions_change_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_assignments_have_exactly_one_winner() {
     let (name, pool) = fresh_db(10).await;
-    let run = runs::submit(
-        &pool,
-        DEFAULT_TENANT,
-        &spec(),
-        None,
-        &runs::Submitter::system("test"),
-    )
-    .await
-    .unwrap()
-    .run;
+    let run = submit_one(&pool).await;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let pool = pool.clone();
@@ -197,6 +192,62 @@ async fn concurrent_assignments_have_exactly_one_winner() {
         .unwrap();
     assert_eq!(now.lease_epoch, 1, "epoch bumped once");
     assert_eq!(event_count(&pool, run.id).await, 2);
+    pool.close().await;
+    services::drop_database(&name).await;
+}
+
+/// Transitions racing on one run each take the next event number from the row they lock: the
+/// run's events are numbered 1..=n with no gap and no repeat, and the run's counter ends at n.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_transitions_number_their_events_without_gaps() {
+    let (name, pool) = fresh_db(10).await;
+    let run = submit_one(&pool).await;
+    // Ten assigners and ten requeuers, each retrying until its one transition applies: twenty
+    // transitions, alternating QUEUED -> ASSIGNED -> QUEUED, contending for the row.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        for to_assigned in [true, false] {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let t = if to_assigned {
+                        assign(run.id, &format!("a{i}"))
+                    } else {
+                        Transition {
+                            patch: TransitionPatch::Requeue {
+                                next_attempt: false,
+                                delay_ms: 0,
+                                exit_code: None,
+                                output: None,
+                            },
+                            ..Transition::new(run.id, RunState::Queued)
+                        }
+                    };
+                    match apply(&pool, t).await {
+                        Ok(_) => return,
+                        Err(CoreError::Refused(_)) => tokio::task::yield_now().await,
+                        Err(e) => panic!("unexpected {e:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seqs: Vec<i32> =
+        sqlx::query_scalar("SELECT seq FROM run_events WHERE run_id = $1 ORDER BY seq")
+            .bind(run.id.0)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(seqs, (1..=21).collect::<Vec<i32>>());
+    let last: i32 = sqlx::query_scalar("SELECT last_seq FROM runs WHERE id = $1")
+        .bind(run.id.0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(last, 21);
     pool.close().await;
     services::drop_database(&name).await;
 }

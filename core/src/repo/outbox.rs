@@ -85,6 +85,70 @@ pub async fn enqueue_message(
     Ok(())
 }
 
+/// Inserts a message leased to the caller's own relay for `lease_ms`, without waking any
+/// relay: the caller hands the returned row to its relay ([`Handoff::hand`]) once its
+/// transaction commits. If it never does (the process died, the relay was backed up), the row
+/// is published by any relay after the lease, as a claimed row would be.
+pub async fn enqueue_leased(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    message: Message<'_>,
+    lease_ms: i64,
+) -> Result<OutboxRow, CoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload, available_at, \
+         traceparent) \
+         VALUES ($1, $2, $3, $4, now() + $5::bigint * interval '1 millisecond', $6) RETURNING id",
+    )
+    .bind(tenant.0)
+    .bind(message.exchange)
+    .bind(message.routing_key)
+    .bind(message.payload)
+    .bind(lease_ms.max(1))
+    .bind(message.traceparent)
+    .fetch_one(conn)
+    .await?;
+    Ok(OutboxRow {
+        id,
+        exchange: message.exchange.to_owned(),
+        routing_key: message.routing_key.to_owned(),
+        payload: message.payload.to_vec(),
+        traceparent: message.traceparent.map(str::to_owned),
+    })
+}
+
+/// A process's way to its own relay for rows written with [`enqueue_leased`]. Cloned into
+/// whatever writes them; [`Handoff::hand`] never waits.
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    tx: tokio::sync::mpsc::Sender<OutboxRow>,
+    lease_ms: i64,
+}
+
+impl Handoff {
+    /// A handle and the relay's end of it.
+    pub fn channel(
+        lease_ms: i64,
+        capacity: usize,
+    ) -> (Self, tokio::sync::mpsc::Receiver<OutboxRow>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (Self { tx, lease_ms }, rx)
+    }
+
+    /// How long a row written for this relay is left to it.
+    pub fn lease_ms(&self) -> i64 {
+        self.lease_ms
+    }
+
+    /// Gives a committed row to the relay. A row it cannot take now (stopped, backed up)
+    /// stays leased and is published after its lease.
+    pub fn hand(&self, row: OutboxRow) {
+        if let Err(e) = self.tx.try_send(row) {
+            tracing::debug!(reason = %e, "outbox row left to a drain after its lease");
+        }
+    }
+}
+
 /// What [`claim`] took, and when the relay should look again.
 #[derive(Debug)]
 pub struct Claim {

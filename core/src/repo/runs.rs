@@ -157,13 +157,14 @@ pub async fn submit(
     idempotency_key: Option<&str>,
     by: &Submitter,
 ) -> Result<Submitted, CoreError> {
-    submit_within(pool, tenant, spec, idempotency_key, by, None).await
+    submit_within(pool, tenant, spec, idempotency_key, by, None, None).await
 }
 
 /// [`submit`], refused with [`CoreError::OverQuota`] when the tenant already has
 /// `max_queued` runs QUEUED or PENDING_APPROVAL. The count and the insert happen under the
 /// tenant's queued-runs lock ([`super::quota_locks`]), so concurrent submits cannot overshoot.
-/// A deduplicated submit is never refused: it adds nothing.
+/// A deduplicated submit is never refused: it adds nothing. With a `handoff`, the dispatch
+/// message goes to that relay after the commit instead of waking every relay.
 pub async fn submit_within(
     pool: &PgPool,
     tenant: TenantId,
@@ -171,6 +172,7 @@ pub async fn submit_within(
     idempotency_key: Option<&str>,
     by: &Submitter,
     max_queued: Option<i64>,
+    handoff: Option<&super::outbox::Handoff>,
 ) -> Result<Submitted, CoreError> {
     let id = RunId::new();
     let hash = spec.canonical_hash();
@@ -211,13 +213,21 @@ pub async fn submit_within(
         }
         break tx;
     };
+    // The run and its first event, in one statement; an idempotency key already used
+    // inserts neither.
     let inserted = sqlx::query(&format!(
-        "INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, pool, priority, \
-         attempt, max_attempts, queue_deadline, submitted_by, approval_deadline, traceparent) \
+        "WITH r AS (INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, \
+         pool, priority, attempt, max_attempts, queue_deadline, submitted_by, approval_deadline, \
+         traceparent, last_seq) \
          VALUES ($1, $2, $10, $3, $4, $5, $6, $7, 1, $8, \
          CASE WHEN $9 > 0 AND $10 = 'QUEUED' THEN now() + $9 * interval '1 second' END, $11, \
-         CASE WHEN $12 > 0 THEN now() + $12 * interval '1 second' END, $13) \
-         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}"
+         CASE WHEN $12 > 0 THEN now() + $12 * interval '1 second' END, $13, 1) \
+         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}), \
+         ev AS (INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
+         lease_epoch, agent_id, reason, at, actor) \
+         SELECT id, 1, tenant_id, NULL, state, attempt, lease_epoch, agent_id, 'submitted', \
+         $14, $15 FROM r) \
+         SELECT * FROM r"
     ))
     .bind(id.0)
     .bind(tenant.0)
@@ -232,6 +242,8 @@ pub async fn submit_within(
     .bind(by.token)
     .bind(i64::from(spec.approval_timeout_secs))
     .bind(crate::telemetry::current_traceparent())
+    .bind(audit::now())
+    .bind(&by.actor)
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -257,11 +269,19 @@ pub async fn submit_within(
         });
     };
     let run = RunRecord::from_row(&row)?;
-    insert_event(&mut tx, &run, None, Some("submitted"), &by.actor).await?;
+    let mut handed = None;
     if run.state == RunState::Queued {
-        enqueue_run_message(&mut tx, &run).await?;
+        match handoff {
+            Some(h) => {
+                handed = Some(enqueue_run_message_leased(&mut tx, &run, h.lease_ms()).await?);
+            }
+            None => enqueue_run_message(&mut tx, &run).await?,
+        }
     }
     tx.commit().await?;
+    if let (Some(h), Some(row)) = (handoff, handed) {
+        h.hand(row);
+    }
     metrics::counter!(crate::observe::names::RUNS_SUBMITTED).increment(1);
     Ok(Submitted {
         run,
@@ -288,63 +308,60 @@ pub async fn enqueue_run_message_after(
     run: &RunRecord,
     delay_ms: i64,
 ) -> Result<(), CoreError> {
-    let msg = RunMessage {
-        v: 1,
-        run_id: run.id,
-        tenant_id: run.tenant_id,
-        attempt: run.attempt,
-    };
-    let current = crate::telemetry::current_traceparent();
-    let in_run_trace = |tp: &String| {
-        run.traceparent
-            .as_deref()
-            .and_then(crate::telemetry::trace_id_of)
-            == crate::telemetry::trace_id_of(tp)
-    };
-    let traceparent = match current {
-        Some(tp) if run.traceparent.is_none() || in_run_trace(&tp) => Some(tp),
-        _ => run.traceparent.clone(),
-    };
-    let payload = messages::encode(&msg);
-    let message = super::outbox::Message {
-        exchange: topology::RUNS_EXCHANGE,
-        routing_key: &run.spec.pool,
-        payload: &payload,
-        traceparent: traceparent.as_deref(),
-    };
-    super::outbox::enqueue_message(conn, run.tenant_id, message, delay_ms).await
+    let parts = RunMessageParts::of(run);
+    super::outbox::enqueue_message(conn, run.tenant_id, parts.message(run), delay_ms).await
 }
 
-/// Appends the run's next event. It is linked into its tenant's audit chain by the sealer
-/// after this transaction commits ([`crate::audit`]), so no tenant-wide lock is taken here.
-async fn insert_event(
+/// As [`enqueue_run_message`], leased to the caller's relay ([`super::outbox::enqueue_leased`]):
+/// hand the row to it once the transaction commits.
+pub async fn enqueue_run_message_leased(
     conn: &mut PgConnection,
     run: &RunRecord,
-    from: Option<RunState>,
-    reason: Option<&str>,
-    actor: &str,
-) -> Result<EventRecord, CoreError> {
-    // The run row is locked by the caller's insert/update, so MAX(seq)+1 cannot race.
-    let row = sqlx::query(
-        "INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
-         lease_epoch, agent_id, reason, at, actor) \
-         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
-         FROM run_events WHERE run_id = $1 \
-         RETURNING run_id, seq, from_state, to_state, attempt, lease_epoch, reason, at",
-    )
-    .bind(run.id.0)
-    .bind(run.tenant_id.0)
-    .bind(from.map(RunState::as_str))
-    .bind(run.state.as_str())
-    .bind(run.attempt)
-    .bind(run.lease_epoch)
-    .bind(run.agent_id.as_deref())
-    .bind(reason)
-    .bind(audit::now())
-    .bind(actor)
-    .fetch_one(conn)
-    .await?;
-    EventRecord::from_row(&row)
+    lease_ms: i64,
+) -> Result<super::outbox::OutboxRow, CoreError> {
+    let parts = RunMessageParts::of(run);
+    super::outbox::enqueue_leased(conn, run.tenant_id, parts.message(run), lease_ms).await
+}
+
+/// The dispatch message of the run's current attempt, and the trace it continues.
+struct RunMessageParts {
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+}
+
+impl RunMessageParts {
+    fn of(run: &RunRecord) -> Self {
+        let msg = RunMessage {
+            v: 1,
+            run_id: run.id,
+            tenant_id: run.tenant_id,
+            attempt: run.attempt,
+        };
+        let current = crate::telemetry::current_traceparent();
+        let in_run_trace = |tp: &String| {
+            run.traceparent
+                .as_deref()
+                .and_then(crate::telemetry::trace_id_of)
+                == crate::telemetry::trace_id_of(tp)
+        };
+        let traceparent = match current {
+            Some(tp) if run.traceparent.is_none() || in_run_trace(&tp) => Some(tp),
+            _ => run.traceparent.clone(),
+        };
+        Self {
+            payload: messages::encode(&msg),
+            traceparent,
+        }
+    }
+
+    fn message<'a>(&'a self, run: &'a RunRecord) -> super::outbox::Message<'a> {
+        super::outbox::Message {
+            exchange: topology::RUNS_EXCHANGE,
+            routing_key: &run.spec.pool,
+            payload: &self.payload,
+            traceparent: self.traceparent.as_deref(),
+        }
+    }
 }
 
 pub async fn get(
@@ -487,12 +504,16 @@ impl Transition {
     }
 }
 
-/// The transition UPDATE, built once: it is on every state change's path.
+/// The transition, built once: it is on every state change's path. One statement: the
+/// conditional UPDATE, which also numbers the run's next event from the row it holds locked
+/// (`last_seq`), and the INSERT of that event, fed by the UPDATE's result. A refused
+/// transition updates no row and so inserts no event.
 static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE) \
-         UPDATE runs r SET \
+        "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE), \
+         upd AS (UPDATE runs r SET \
            state = $2, \
+           last_seq = r.last_seq + 1, \
            lease_epoch = r.lease_epoch + CASE WHEN $3 OR $17 THEN 1 ELSE 0 END, \
            attempt = r.attempt + CASE WHEN $18 OR $20 THEN 1 ELSE 0 END, \
            max_attempts = CASE WHEN $20 THEN GREATEST(r.max_attempts, r.attempt + 1) \
@@ -525,7 +546,13 @@ static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
            AND ($14::int IS NULL OR r.attempt = $14) \
            AND ($15::text IS NULL OR r.agent_id = $15) \
            AND ($16::uuid IS NULL OR r.tenant_id = $16) \
-         RETURNING prev.prev_state, {}",
+         RETURNING prev.prev_state, r.last_seq, {}), \
+         ev AS (INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
+           lease_epoch, agent_id, reason, at, actor) \
+           SELECT id, last_seq, tenant_id, prev_state, state, attempt, lease_epoch, agent_id, \
+             $10, $21, $22 FROM upd \
+           RETURNING seq AS event_seq, at AS event_at) \
+         SELECT upd.*, ev.event_seq, ev.event_at FROM upd, ev",
         RUN_COLUMNS
             .split(", ")
             .map(|c| format!("r.{}", c.trim()))
@@ -623,6 +650,8 @@ pub async fn transition(
         .bind(b.next_attempt)
         .bind(b.delay_ms)
         .bind(b.redrive)
+        .bind(audit::now())
+        .bind(t.actor())
         .fetch_optional(&mut *conn)
         .await?;
 
@@ -631,14 +660,16 @@ pub async fn transition(
     };
     let prev: String = row.try_get("prev_state")?;
     let run = RunRecord::from_row(&row)?;
-    let event = insert_event(
-        conn,
-        &run,
-        Some(parse_state(&prev)?),
-        t.reason.as_deref(),
-        &t.actor(),
-    )
-    .await?;
+    let event = EventRecord {
+        run_id: run.id,
+        seq: row.try_get("event_seq")?,
+        from_state: Some(parse_state(&prev)?),
+        to_state: run.state,
+        attempt: run.attempt,
+        lease_epoch: run.lease_epoch,
+        reason: t.reason.clone(),
+        at: row.try_get("event_at")?,
+    };
     Ok((run, event))
 }
 
