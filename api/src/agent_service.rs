@@ -86,13 +86,12 @@ impl AgentApi {
         Self { state }
     }
 
-    async fn apply(&self, t: Transition) -> Result<RunRecord, CoreError> {
-        let mut tx = self.state.pool.begin().await?;
-        let (run, event) = runs::transition(&mut tx, &t).await?;
-        if run.state.is_terminal() {
-            runs::notify_capacity(&mut tx).await?;
-        }
-        tx.commit().await?;
+    async fn apply(&self, mut t: Transition) -> Result<RunRecord, CoreError> {
+        t.frees_capacity = t.to.is_terminal();
+        // One statement, so no transaction around it: BEGIN and COMMIT were two of its three
+        // round trips.
+        let mut conn = self.state.pool.acquire().await?;
+        let (run, event) = runs::transition(&mut conn, &t).await?;
         observe::record_transition(&event);
         self.state.bus.run_event(run.id, event.seq);
         Ok(run)

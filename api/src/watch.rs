@@ -26,8 +26,8 @@ pub async fn watch(
     // Subscribe before the first read so nothing committed in between is missed.
     let channels = vec![state.bus.keys().run_events_channel(run)];
     let pubsub = state.live.subscribe(&channels).await;
-    let first = runs::events_after(&state.pool, tenant, run, 0).await?;
-    if first.is_empty() {
+    let first = runs::events_after_with_end(&state.pool, tenant, run, 0).await?;
+    if first.0.is_empty() {
         return Err(ApiError::NotFound("run not found"));
     }
     let (tx, rx) = mpsc::channel(16);
@@ -48,7 +48,7 @@ pub async fn watch(
 struct Start {
     channels: Vec<String>,
     pubsub: Option<crate::live::Subscription>,
-    first: Vec<runs::EventRecord>,
+    first: (Vec<runs::EventRecord>, Option<runs::RunRecord>),
 }
 
 async fn pump(
@@ -67,9 +67,9 @@ async fn pump(
     let poll = Duration::from_millis(state.settings.watch_poll_ms);
     let mut last_seq = 0;
     loop {
-        let events = match first.take() {
-            Some(events) => events,
-            None => runs::events_after(&state.pool, tenant, run, last_seq)
+        let (events, mut end) = match first.take() {
+            Some(read) => read,
+            None => runs::events_after_with_end(&state.pool, tenant, run, last_seq)
                 .await
                 .map_err(ApiError::from)?,
         };
@@ -77,10 +77,7 @@ async fn pump(
             last_seq = ev.seq;
             let terminal = ev.to_state.is_terminal();
             let snapshot = if terminal {
-                runs::get(&state.pool, tenant, run)
-                    .await
-                    .map_err(ApiError::from)?
-                    .map(|r| convert::run_to_proto(&r))
+                end.take().map(|r| convert::run_to_proto(&r))
             } else {
                 None
             };

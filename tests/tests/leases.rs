@@ -342,6 +342,8 @@ async fn history(stack: &Stack, run: &str) -> Vec<(String, String)> {
 async fn a_completion_carrying_its_start_records_running_then_the_end_once() {
     let stack = fake_stack().await;
     let mut agent = FakeAgent::register(&stack, "fake-fold", 4, &[]).await;
+    // Live past the 2 s leases of this stack however slowly the steps below run.
+    let alive = agent.keep_alive(stack.db.clone());
     let assigned = |run: String| {
         let stack = &stack;
         async move {
@@ -411,5 +413,6 @@ async fn a_completion_carrying_its_start_records_running_then_the_end_once() {
     assert_eq!(states, ["QUEUED", "ASSIGNED", "RUNNING", "SUCCEEDED"]);
     let violations = ledger::check_events(&stack.db, None).await.unwrap();
     assert!(violations.is_empty(), "{violations:?}");
+    alive.abort();
     stack.stop().await;
 }

@@ -82,6 +82,7 @@ pub async fn end_attempt_with_artifacts(
         reason: Some(reason),
         patch,
         fence: holder.fence,
+        frees_capacity: to.is_terminal() || to == RunState::Queued,
         ..Transition::new(run_id, to)
     };
     let (run, event) = runs::transition(conn, &t).await?;
@@ -95,9 +96,6 @@ pub async fn end_attempt_with_artifacts(
         RunState::Queued => runs::enqueue_run_message_after(conn, &run, delay_ms).await?,
         RunState::DeadLettered => publish_dead_record(conn, &run).await?,
         _ => {}
-    }
-    if run.state.is_terminal() || run.state == RunState::Queued {
-        runs::notify_capacity(conn).await?;
     }
     // Counted once the end's last statement succeeded, before the caller's commit: a commit
     // that fails after this (connection lost at that instant) over-counts one retry.

@@ -38,10 +38,10 @@ pub async fn cancel(
             let t = Transition {
                 tenant: Some(tenant),
                 reason: Some(reason.to_owned()),
+                frees_capacity: true,
                 ..Transition::new(run_id, RunState::Cancelled).by(actor)
             };
             let (run, event) = runs::transition(&mut tx, &t).await?;
-            runs::notify_capacity(&mut tx).await?;
             tx.commit().await?;
             crate::observe::record_transition(&event);
             Ok(Cancelled::Now(run, event))

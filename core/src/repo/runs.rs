@@ -107,17 +107,24 @@ pub struct EventRecord {
 
 impl EventRecord {
     fn from_row(row: &PgRow) -> Result<Self, CoreError> {
-        let from: Option<String> = row.try_get("from_state")?;
-        let to: String = row.try_get("to_state")?;
+        Self::from_columns(row, "")
+    }
+
+    /// From columns named with `prefix`, in a row that also holds a run's (whose names
+    /// overlap).
+    fn from_columns(row: &PgRow, prefix: &str) -> Result<Self, CoreError> {
+        let col = |name: &str| format!("{prefix}{name}");
+        let from: Option<String> = row.try_get(col("from_state").as_str())?;
+        let to: String = row.try_get(col("to_state").as_str())?;
         Ok(EventRecord {
-            run_id: RunId(row.try_get("run_id")?),
-            seq: row.try_get("seq")?,
+            run_id: RunId(row.try_get(col("run_id").as_str())?),
+            seq: row.try_get(col("seq").as_str())?,
             from_state: from.as_deref().map(parse_state).transpose()?,
             to_state: parse_state(&to)?,
-            attempt: row.try_get("attempt")?,
-            lease_epoch: row.try_get("lease_epoch")?,
-            reason: row.try_get("reason")?,
-            at: row.try_get("at")?,
+            attempt: row.try_get(col("attempt").as_str())?,
+            lease_epoch: row.try_get(col("lease_epoch").as_str())?,
+            reason: row.try_get(col("reason").as_str())?,
+            at: row.try_get(col("at").as_str())?,
         })
     }
 }
@@ -420,6 +427,48 @@ pub async fn events_after(
     rows.iter().map(EventRecord::from_row).collect()
 }
 
+/// [`events_after`], and the run as it stands when one of them is terminal: what a watcher
+/// sends last, read in the same statement (the terminal event's snapshot needed a second).
+pub async fn events_after_with_end(
+    pool: &PgPool,
+    tenant: TenantId,
+    run: RunId,
+    after: i32,
+) -> Result<(Vec<EventRecord>, Option<RunRecord>), CoreError> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let run_columns = RUN_COLUMNS
+            .split(", ")
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "SELECT e.run_id AS ev_run_id, e.seq AS ev_seq, e.from_state AS ev_from_state, \
+             e.to_state AS ev_to_state, e.attempt AS ev_attempt, \
+             e.lease_epoch AS ev_lease_epoch, e.reason AS ev_reason, e.at AS ev_at, \
+             r.id IS NOT NULL AS ended, {run_columns} \
+             FROM run_events e \
+             LEFT JOIN runs r ON r.id = e.run_id AND e.to_state = ANY($4) \
+             WHERE e.run_id = $1 AND e.tenant_id = $2 AND e.seq > $3 ORDER BY e.seq"
+        )
+    });
+    let rows = sqlx::query(&SQL)
+        .bind(run.0)
+        .bind(tenant.0)
+        .bind(after)
+        .bind(&*TERMINAL_NAMES)
+        .fetch_all(pool)
+        .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    let mut end = None;
+    for row in &rows {
+        events.push(EventRecord::from_columns(row, "ev_")?);
+        if end.is_none() && row.try_get::<bool, _>("ended")? {
+            end = Some(RunRecord::from_row(row)?);
+        }
+    }
+    Ok((events, end))
+}
+
 /// Columns a transition sets besides `state`.
 #[derive(Debug, Clone, Default)]
 pub enum TransitionPatch {
@@ -465,6 +514,9 @@ pub struct Transition {
     /// `None`: the agent named by `expected_agent`, the dispatcher for an assignment, else
     /// `system`.
     pub actor: Option<String>,
+    /// The transition frees capacity (an agent slot, a tenant's quota): wake the dispatchers'
+    /// parked-run schedulers when it commits ([`notify_capacity`]), from the same statement.
+    pub frees_capacity: bool,
 }
 
 impl Transition {
@@ -480,6 +532,7 @@ impl Transition {
             patch: TransitionPatch::None,
             fence: false,
             actor: None,
+            frees_capacity: false,
         }
     }
 
@@ -546,14 +599,16 @@ static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
            AND ($14::int IS NULL OR r.attempt = $14) \
            AND ($15::text IS NULL OR r.agent_id = $15) \
            AND ($16::uuid IS NULL OR r.tenant_id = $16) \
-         RETURNING prev.prev_state, r.last_seq, {}), \
+         RETURNING prev.prev_state, r.last_seq, {RETURNED}), \
          ev AS (INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
            lease_epoch, agent_id, reason, at, actor) \
            SELECT id, last_seq, tenant_id, prev_state, state, attempt, lease_epoch, agent_id, \
              $10, $21, $22 FROM upd \
-           RETURNING seq AS event_seq, at AS event_at) \
-         SELECT upd.*, ev.event_seq, ev.event_at FROM upd, ev",
-        RUN_COLUMNS
+           RETURNING seq AS event_seq, at AS event_at), \
+         cap AS (SELECT pg_notify($23, '') FROM upd WHERE $24) \
+         SELECT upd.*, ev.event_seq, ev.event_at, (SELECT count(*) FROM cap) AS woke \
+         FROM upd, ev",
+        RETURNED = RUN_COLUMNS
             .split(", ")
             .map(|c| format!("r.{}", c.trim()))
             .collect::<Vec<_>>()
@@ -652,6 +707,8 @@ pub async fn transition(
         .bind(b.redrive)
         .bind(audit::now())
         .bind(t.actor())
+        .bind(super::CAPACITY_CHANNEL)
+        .bind(t.frees_capacity)
         .fetch_optional(&mut *conn)
         .await?;
 
@@ -720,7 +777,9 @@ async fn explain_refusal(conn: &mut PgConnection, t: &Transition) -> CoreError {
     }
 }
 
-/// Terminal-state notification for dispatchers waiting on capacity, inside the transaction.
+/// Capacity notification for dispatchers waiting on capacity, inside the transaction (sent
+/// at commit). A transition that frees capacity says so instead
+/// ([`Transition::frees_capacity`]), and its statement sends it.
 pub async fn notify_capacity(conn: &mut PgConnection) -> Result<(), CoreError> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(super::CAPACITY_CHANNEL)
