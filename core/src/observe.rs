@@ -110,6 +110,36 @@ pub fn recorder() -> Result<PrometheusHandle, ObserveError> {
     Ok(handle)
 }
 
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The histogram upkeep task of this process, if one was started.
+static UPKEEP: Mutex<Option<tokio::task::JoinHandle<()>>> = Mutex::new(None);
+
+/// Starts histogram upkeep once per process, whether or not `/metrics` is served: the exporter
+/// keeps every recorded sample (a value and a timestamp, 16 bytes, in 1 KiB blocks) in an
+/// unbounded buffer until upkeep or a scrape folds it into the fixed buckets. Without it, a
+/// process with the endpoint off grows with every histogram sample: dispatch latency, queue
+/// wait and publish confirms for each assignment, start time and duration for each execution.
+/// Runs on the caller's runtime until it shuts down; one task per process (`drover dev` runs
+/// every service in one), started again by the next `bind` if its runtime has gone.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let mut running = UPKEEP
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if running.as_ref().is_some_and(|task| !task.is_finished()) {
+        return;
+    }
+    *running = Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    }));
+}
+
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     use names::*;
@@ -256,7 +286,7 @@ pub struct Endpoint {
 
 /// Installs the recorder and binds `settings.listen_addr`; `None` when the endpoint is off.
 pub async fn bind(settings: &MetricsSettings) -> Result<Option<Endpoint>, ObserveError> {
-    recorder()?;
+    spawn_upkeep(recorder()?);
     if settings.listen_addr.is_empty() {
         return Ok(None);
     }
@@ -279,20 +309,7 @@ impl Endpoint {
             .route("/metrics", get(metrics_page))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .with_state(Served {
-                handle: handle.clone(),
-                health,
-            });
-        // Histogram upkeep: without it the exporter keeps every sample until the next scrape.
-        let upkeep = cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = upkeep.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
-                }
-            }
-        });
+            .with_state(Served { handle, health });
         let addr = self.addr;
         tokio::spawn(async move {
             let stop = async move { cancel.cancelled().await };
@@ -428,4 +445,49 @@ pub fn record_transition(event: &crate::repo::EventRecord) {
 fn short(e: &sqlx::Error) -> String {
     let s = e.to_string();
     s.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upkeep_running() -> bool {
+        UPKEEP
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+    }
+
+    /// Upkeep runs with the metrics endpoint off (the dispatcher's and agent's default), once
+    /// per process, and again on a later runtime once the first has gone.
+    #[test]
+    fn histogram_upkeep_runs_without_an_endpoint_and_outlives_a_runtime() {
+        let off = MetricsSettings::default();
+        assert!(off.listen_addr.is_empty());
+        for _ in 0..2 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                assert!(bind(&off).await.expect("recorder").is_none());
+                assert!(upkeep_running());
+                let first = UPKEEP
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_ref()
+                    .map(tokio::task::JoinHandle::id);
+                bind(&off).await.expect("recorder");
+                let second = UPKEEP
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_ref()
+                    .map(tokio::task::JoinHandle::id);
+                assert_eq!(first, second, "one upkeep task per process");
+            });
+            drop(rt);
+            assert!(!upkeep_running(), "its runtime is gone");
+        }
+    }
 }
