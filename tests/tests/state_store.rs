@@ -147,9 +147,10 @@ async fn refused_transitions_change_nothing() {
         ..Transition::new(run.id, RunState::Running)
     };
     assert_eq!(apply(&pool, start).await.unwrap(), RunState::Running);
-    let events = runs::events_after(&pool, DEFAULT_TENANT, run.id, 0)
+    let events = runs::events_after_with_end(&pool, DEFAULT_TENANT, run.id, 0)
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     let chain: Vec<_> = events.iter().map(|e| (e.from_state, e.to_state)).collect();
     assert_eq!(
         chain,

@@ -106,10 +106,6 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
-    fn from_row(row: &PgRow) -> Result<Self, CoreError> {
-        Self::from_columns(row, "")
-    }
-
     /// From columns named with `prefix`, in a row that also holds a run's (whose names
     /// overlap).
     fn from_columns(row: &PgRow, prefix: &str) -> Result<Self, CoreError> {
@@ -408,27 +404,8 @@ pub async fn list(
     rows.iter().map(RunRecord::from_row).collect()
 }
 
-/// Events of a run with `seq > after`, in order.
-pub async fn events_after(
-    pool: &PgPool,
-    tenant: TenantId,
-    run: RunId,
-    after: i32,
-) -> Result<Vec<EventRecord>, CoreError> {
-    let rows = sqlx::query(
-        "SELECT run_id, seq, from_state, to_state, attempt, lease_epoch, reason, at \
-         FROM run_events WHERE run_id = $1 AND tenant_id = $2 AND seq > $3 ORDER BY seq",
-    )
-    .bind(run.0)
-    .bind(tenant.0)
-    .bind(after)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(EventRecord::from_row).collect()
-}
-
-/// [`events_after`], and the run as it stands when one of them is terminal: what a watcher
-/// sends last, read in the same statement (the terminal event's snapshot needed a second).
+/// The run's events after `after`, in order, and the run as it stands when one of them is
+/// terminal: what a watcher sends last, read in the same statement as the events.
 pub async fn events_after_with_end(
     pool: &PgPool,
     tenant: TenantId,
@@ -436,11 +413,7 @@ pub async fn events_after_with_end(
     after: i32,
 ) -> Result<(Vec<EventRecord>, Option<RunRecord>), CoreError> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
-        let run_columns = RUN_COLUMNS
-            .split(", ")
-            .map(|c| format!("r.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let run_columns = run_columns_of("r");
         format!(
             "SELECT e.run_id AS ev_run_id, e.seq AS ev_seq, e.from_state AS ev_from_state, \
              e.to_state AS ev_to_state, e.attempt AS ev_attempt, \
@@ -560,7 +533,8 @@ impl Transition {
 /// The transition, built once: it is on every state change's path. One statement: the
 /// conditional UPDATE, which also numbers the run's next event from the row it holds locked
 /// (`last_seq`), and the INSERT of that event, fed by the UPDATE's result. A refused
-/// transition updates no row and so inserts no event.
+/// transition updates no row and so inserts no event. `woke` is unused: counting `cap` is what
+/// makes Postgres run the capacity NOTIFY (a plain SELECT CTE runs only when referenced).
 static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE), \
@@ -608,13 +582,18 @@ static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
          cap AS (SELECT pg_notify($23, '') FROM upd WHERE $24) \
          SELECT upd.*, ev.event_seq, ev.event_at, (SELECT count(*) FROM cap) AS woke \
          FROM upd, ev",
-        RETURNED = RUN_COLUMNS
-            .split(", ")
-            .map(|c| format!("r.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        RETURNED = run_columns_of("r")
     )
 });
+
+/// [`RUN_COLUMNS`] qualified by a table alias, for statements that join or update `runs`.
+fn run_columns_of(alias: &str) -> String {
+    RUN_COLUMNS
+        .split(", ")
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 static TERMINAL_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
     RunState::names(
