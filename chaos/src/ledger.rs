@@ -155,7 +155,9 @@ pub fn read_journals(paths: &[&Path]) -> Result<Vec<JournalEntry>, LedgerViolati
 /// At most one execution started per (run, epoch), and the executions of one run never
 /// overlap in time. An execution runs from its `started` line to its `ended` line (or to
 /// the end of the record if it never ended: the agent was killed, and the container with it
-/// or it was adopted later, which keeps the same epoch).
+/// or it was adopted later, which keeps the same epoch). A `found_exited` line (a restarted
+/// agent found it already over) is not execution time: its process ended at some unknown
+/// moment before, so counting up to the finding would flag overlaps that never happened.
 pub fn check_executions(entries: &[JournalEntry]) -> Vec<LedgerViolation> {
     check_executions_paused(entries, &[])
 }
@@ -166,6 +168,10 @@ pub fn check_executions_paused(entries: &[JournalEntry], pauses: &[Pause]) -> Ve
     // (starts, from, to, agent)
     let mut spans: HashMap<(String, i64), (usize, i64, i64, String)> = HashMap::new();
     for e in entries {
+        // Found after it had exited: a record of when it was found, not execution time.
+        if e.event == "found_exited" {
+            continue;
+        }
         let span = spans.entry((e.run_id.clone(), e.epoch)).or_insert((
             0,
             i64::MAX,
@@ -284,6 +290,15 @@ mod tests {
                 b: 2
             }]
         );
+        // Epoch 1 died with its agent; the agent's next life found it over while epoch 2
+        // already ran elsewhere. Finding it is not executing it.
+        let found_late = [
+            e("started", "c", 1, 0),
+            e("started", "c", 2, 20),
+            e("found_exited", "c", 1, 25),
+            e("ended", "c", 2, 30),
+        ];
+        assert!(check_executions(&found_late).is_empty());
         let twice = [e("started", "b", 1, 0), e("started", "b", 1, 5)];
         // Agent 1 frozen from 3 to 40: its execution of epoch 1 did not overlap epoch 2's.
         let pause = Pause {

@@ -48,13 +48,12 @@ async fn count_events(stack: &Stack, run: &str, to: &str) -> i64 {
         .unwrap()
 }
 
-#[tokio::test]
-async fn kill9_of_the_agent_then_restart_readopts_the_run_with_one_execution() {
-    let journal = journal();
-    let mut stack = Stack::start_with(opts(&journal, 8_000)).await;
-    let run = submit(&stack, sh("echo before; sleep 4; echo after")).await;
+/// Submits `spec`, kills the agent with SIGKILL once the run is RUNNING, starts it again
+/// under the same id, and waits for the run to succeed.
+async fn kill9_mid_run_and_restart(stack: &mut Stack, spec: pb::RunSpec) -> (String, pb::Run) {
+    let run = submit(stack, spec).await;
     wait_run(
-        &stack,
+        stack,
         &run,
         Duration::from_secs(60),
         in_state(pb::RunState::Running),
@@ -63,10 +62,19 @@ async fn kill9_of_the_agent_then_restart_readopts_the_run_with_one_execution() {
     let agent = stack.agent_id.clone();
     stack.kill9(&agent).await;
     stack.start_agent_named(&agent).await;
-    let done = wait_run(&stack, &run, Duration::from_secs(90), |r| {
+    let done = wait_run(stack, &run, Duration::from_secs(90), |r| {
         r.state == pb::RunState::Succeeded as i32
     })
     .await;
+    (run, done)
+}
+
+#[tokio::test]
+async fn kill9_of_the_agent_then_restart_readopts_the_run_with_one_execution() {
+    let journal = journal();
+    let mut stack = Stack::start_with(opts(&journal, 8_000)).await;
+    let (run, done) =
+        kill9_mid_run_and_restart(&mut stack, sh("echo before; sleep 4; echo after")).await;
     let output = String::from_utf8_lossy(&done.output);
     assert!(
         output.contains("before") && output.contains("after"),
@@ -90,6 +98,55 @@ async fn kill9_of_the_agent_then_restart_readopts_the_run_with_one_execution() {
         })
         .await;
     assert!(gone, "container left behind");
+    stack.stop().await;
+}
+
+/// The mock executor's runs die with the agent, but their starts are recorded: a restarted
+/// agent reports the lost execution at once (no wait for the lease, here 60 s) and never
+/// starts that lease again, whatever command for it comes back.
+#[tokio::test]
+async fn kill9_of_a_mock_agent_then_restart_reports_the_lost_run_and_retries_it_once() {
+    let journal = journal();
+    let mut o = opts(&journal, 60_000);
+    o.agent_executor = "mock".into();
+    let mut stack = Stack::start_with(o).await;
+    let spec = pb::RunSpec {
+        image: "none".into(),
+        command: vec!["true".into()],
+        timeout_seconds: 120,
+        max_attempts: 2,
+        mock: Some(pb::MockBehavior {
+            duration_ms: 3_000,
+            stdout: vec!["hello".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (run, done) = kill9_mid_run_and_restart(&mut stack, spec).await;
+    assert_eq!(done.attempt, 2);
+    let reasons: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT reason FROM run_events WHERE run_id = $1::uuid ORDER BY seq")
+            .bind(&run)
+            .fetch_all(&stack.db)
+            .await
+            .unwrap();
+    let reasons: Vec<String> = reasons.into_iter().flatten().collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("exit code could not be read"))
+            && !reasons.iter().any(|r| r.contains("lost_lease")),
+        "reported by the restarted agent, not reaped: {reasons:?}"
+    );
+    let entries = ledger::read_journals(&[journal.as_path()]).unwrap();
+    let starts: Vec<i64> = entries
+        .iter()
+        .filter(|e| e.run_id == run && e.event == "started")
+        .map(|e| e.epoch)
+        .collect();
+    assert_eq!(starts.len(), 2, "one start per attempt: {entries:?}");
+    assert_ne!(starts[0], starts[1]);
+    assert!(ledger::check_executions(&entries).is_empty(), "{entries:?}");
     stack.stop().await;
 }
 

@@ -123,7 +123,7 @@ impl Agent {
                     Arc::new(docker.run_as(uid, gid))
                 }
                 ExecutorName::Process => Arc::new(ProcessExecutor::new(workspaces.agent_root())),
-                ExecutorName::Mock => Arc::new(MockExecutor::new()),
+                ExecutorName::Mock => Arc::new(MockExecutor::new(workspaces.agent_root())),
             };
             backends.insert(kind, backend);
         }

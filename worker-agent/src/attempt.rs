@@ -33,7 +33,9 @@ const LOG_CHANNEL_CAPACITY: usize = 256;
 
 /// Follows a started (or adopted) execution of `job` to its settled end. `state` is the run's
 /// state as the API last said (ASSIGNED: the start is not reported yet). `started_at` is when
-/// `started` was learnt, so the time spent reporting counts against the timeout.
+/// `started` was learnt, so the time spent reporting counts against the timeout. `live` is
+/// false for a process found already exited: its end happened before now, so the journal
+/// gets no `ended` line stamped now.
 pub async fn follow(
     ctx: &RunContext,
     claim: RunClaim,
@@ -41,6 +43,7 @@ pub async fn follow(
     started: Started,
     started_at: Instant,
     state: Option<RunState>,
+    live: bool,
 ) {
     let adopted_at = chrono::Utc::now();
     let signals = claim.signals().clone();
@@ -107,8 +110,10 @@ pub async fn follow(
             return;
         }
     };
-    ctx.journal
-        .ended(execution.entry(ctx), finished.exit.and_then(|s| s.code));
+    if live {
+        ctx.journal
+            .ended(execution.entry(ctx), finished.exit.and_then(|s| s.code));
+    }
     let Some(mut verdict) = Verdict::of(&finished) else {
         debug_assert_eq!(finished.ending, Ending::Stopped);
         tracing::info!(

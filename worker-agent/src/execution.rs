@@ -226,8 +226,13 @@ pub async fn proceed(
             epoch,
             handle: &started.handle,
         };
-        ctx.journal.adopted(execution.entry(ctx));
-        follow(ctx, claim, job, started, Instant::now(), state).await;
+        let live = found.status == FoundStatus::Running;
+        if live {
+            ctx.journal.adopted(execution.entry(ctx));
+        } else {
+            ctx.journal.found_exited(execution.entry(ctx));
+        }
+        follow(ctx, claim, job, started, Instant::now(), state, live).await;
         return;
     }
 
@@ -328,7 +333,7 @@ pub async fn proceed(
         ack.ack().await;
     }
     tracing::info!(container = %started.handle.name, container_id = %started.handle.id, adopted = started.adopted, "execution started");
-    follow(ctx, claim, job, started, started_at, state).await;
+    follow(ctx, claim, job, started, started_at, state, true).await;
     metrics::histogram!(names::EXECUTION_DURATION).record(started_at.elapsed().as_secs_f64());
 }
 

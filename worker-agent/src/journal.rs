@@ -9,13 +9,18 @@
 //! ```text
 //! {"event":"started","run_id":"…","attempt":1,"epoch":3,"agent_id":"a1","container":"drover-…-1-3","container_id":"…","at_ms":…}
 //! {"event":"adopted",…same fields…}
+//! {"event":"found_exited",…same fields…}
 //! {"event":"ended",…same fields…,"exit_code":143}
 //! ```
 //!
 //! - `started`: this agent created and started a new process for the lease. At most one per
 //!   (run_id, epoch) across every life of every agent.
 //! - `adopted`: a restarted agent (or a redelivered command) took over a process that was
-//!   already started, running or exited. Not a new execution.
+//!   already started and still running. Not a new execution.
+//! - `found_exited`: a restarted agent found a process of the lease that had already exited
+//!   (or died with an earlier life of the agent); it reports it and removes it. Nothing runs
+//!   any more, so the line is a record, not execution time: its time is when it was found,
+//!   not when the process ended, and no `ended` follows it.
 //! - `ended`: the agent saw the process exit, or killed it (`exit_code` null when unknown).
 //!   An execution adopted after an earlier life saw it end may have a second `ended`; an
 //!   execution's interval runs from its `started` to its last `ended`. An `adopted` with no
@@ -103,6 +108,10 @@ impl ExecutionJournal {
         self.write("adopted", entry, None);
     }
 
+    pub fn found_exited(&self, entry: JournalEntry<'_>) {
+        self.write("found_exited", entry, None);
+    }
+
     pub fn ended(&self, entry: JournalEntry<'_>, exit_code: Option<i32>) {
         self.write("ended", entry, Some(exit_code));
     }
@@ -162,6 +171,7 @@ mod tests {
         };
         journal.started(entry);
         journal.adopted(entry);
+        journal.found_exited(entry);
         journal.ended(entry, Some(143));
         journal.ended(entry, None);
         // A second handle on the same file appends, never truncates.
@@ -174,9 +184,19 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 5);
+        assert_eq!(lines.len(), 6);
         let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
-        assert_eq!(events, ["started", "adopted", "ended", "ended", "ended"]);
+        assert_eq!(
+            events,
+            [
+                "started",
+                "adopted",
+                "found_exited",
+                "ended",
+                "ended",
+                "ended"
+            ]
+        );
         let first = &lines[0];
         assert_eq!(first["run_id"], run.to_string());
         assert_eq!(first["attempt"], 1);
@@ -185,8 +205,9 @@ mod tests {
         assert_eq!(first["container"], "drover-x-1-3");
         assert!(first["at_ms"].as_i64().unwrap() > 1_600_000_000_000);
         assert!(first.get("exit_code").is_none());
-        assert_eq!(lines[2]["exit_code"], 143);
-        assert!(lines[3]["exit_code"].is_null());
+        assert!(lines[2].get("exit_code").is_none());
+        assert_eq!(lines[3]["exit_code"], 143);
+        assert!(lines[4]["exit_code"].is_null());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

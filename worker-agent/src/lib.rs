@@ -44,6 +44,7 @@ pub mod secret_env;
 pub mod select;
 pub mod settings;
 mod settle;
+pub mod state_file;
 pub mod supervise;
 pub mod transfer;
 pub mod workspace;

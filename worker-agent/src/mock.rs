@@ -9,8 +9,13 @@
 //! 143 / 137 and no files, as a process that does not handle signals would. A spec without
 //! `mock` simulates an instant, silent exit 0.
 //!
-//! Executions live in memory only: after an agent restart [`Executor::list`] finds nothing,
-//! and the API's lease expiry recovers the run (it was never real work).
+//! The simulation lives in memory and dies with the agent, but each start is first recorded
+//! (`<agent_root>/<name>.mock.json`, see [`crate::state_file`]), as the executor contract
+//! asks: after a restart [`Executor::list`] and [`Executor::find`] report such an execution
+//! exited with an unknown code (the agent reports an infrastructure error, retried while
+//! attempts remain), and a redelivered or duplicated command for that lease never starts it
+//! a second time. Without the record, a command redelivered because the agent was killed
+//! between the start and the ack ran the same epoch twice (seen in the chaos smoke run).
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -18,11 +23,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
-use drover_core::ids::AgentId;
+use chrono::{DateTime, Utc};
+use drover_core::ids::{AgentId, LeaseEpoch, RunId};
 use drover_core::inputs::{InputFile, MockBehavior};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -30,14 +36,28 @@ use crate::executor::{
     ExecError, ExecHandle, Executor, ExitStatus, FoundExecution, FoundStatus, Job, OutputChunk,
     OutputSource, OutputStream, Started, Termination,
 };
+use crate::state_file::StateFiles;
 
 /// Output chunks buffered per execution.
 const OUTPUT_BUFFER: usize = 64;
 const SIGKILL_EXIT: i32 = 137;
 const SIGTERM_EXIT: i32 = 143;
 
+/// What a start records before the simulation begins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StartRecord {
+    run_id: RunId,
+    attempt: u32,
+    lease_epoch: i64,
+    agent_id: AgentId,
+    started_at: DateTime<Utc>,
+}
+
 struct MockRun {
-    job: Job,
+    run_id: RunId,
+    attempt: u32,
+    lease_epoch: LeaseEpoch,
+    agent_id: AgentId,
     started: Instant,
     output: Mutex<Option<mpsc::Receiver<OutputChunk>>>,
     exit: watch::Receiver<Option<ExitStatus>>,
@@ -49,17 +69,43 @@ impl MockRun {
     fn exited(&self) -> Option<ExitStatus> {
         *self.exit.borrow()
     }
+
+    /// A run an earlier life of the agent started: it died with that life, code unknown.
+    fn lost(record: &StartRecord) -> MockRun {
+        let (_, exit) = watch::channel(Some(ExitStatus {
+            code: None,
+            oom_killed: false,
+        }));
+        let (signal, _) = watch::channel(None);
+        let ago = (Utc::now() - record.started_at)
+            .to_std()
+            .unwrap_or_default();
+        MockRun {
+            run_id: record.run_id,
+            attempt: record.attempt,
+            lease_epoch: LeaseEpoch(record.lease_epoch),
+            agent_id: record.agent_id.clone(),
+            started: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now),
+            output: Mutex::new(None),
+            exit,
+            signal,
+        }
+    }
 }
 
-/// Simulates runs in memory.
-#[derive(Default)]
+/// Simulates runs in memory, recording each start on disk.
 pub struct MockExecutor {
     runs: Mutex<HashMap<String, Arc<MockRun>>>,
+    records: StateFiles,
 }
 
 impl MockExecutor {
-    pub fn new() -> Self {
-        Self::default()
+    /// `agent_root` is `<workspace_root>/<agent_id>`; the start records live there.
+    pub fn new(agent_root: &Path) -> Self {
+        Self {
+            runs: Mutex::new(HashMap::new()),
+            records: StateFiles::new(agent_root, ".mock.json"),
+        }
     }
 
     fn get(&self, name: &str) -> Option<Arc<MockRun>> {
@@ -73,9 +119,9 @@ impl MockExecutor {
     fn found(name: &str, run: &MockRun) -> FoundExecution {
         FoundExecution {
             handle: handle(name),
-            run_id: run.job.run_id,
-            attempt: run.job.attempt,
-            lease_epoch: run.job.lease_epoch,
+            run_id: run.run_id,
+            attempt: run.attempt,
+            lease_epoch: run.lease_epoch,
             status: if run.exited().is_some() {
                 FoundStatus::Exited
             } else {
@@ -85,18 +131,49 @@ impl MockExecutor {
         }
     }
 
-    fn start_job(&self, job: &Job) -> Started {
+    /// The execution named `name`, as this life or an earlier one left it.
+    async fn lookup(&self, name: &str) -> Result<Option<Arc<MockRun>>, ExecError> {
+        if let Some(run) = self.get(name) {
+            return Ok(Some(run));
+        }
+        let Some(record) = self.records.read::<StartRecord>(name).await? else {
+            return Ok(None);
+        };
+        let mut runs = self
+            .runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let run = runs
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(MockRun::lost(&record)));
+        Ok(Some(run.clone()))
+    }
+
+    async fn start_job(&self, job: &Job) -> Result<Started, ExecError> {
         let name = job.name();
+        let adopted = |run: &MockRun| Started {
+            handle: handle(&name),
+            running_for: run.started.elapsed(),
+            adopted: true,
+        };
+        if let Some(run) = self.lookup(&name).await? {
+            return Ok(adopted(&run));
+        }
+        // Recorded before it can have any effect: a restarted agent must know it started.
+        let record = StartRecord {
+            run_id: job.run_id,
+            attempt: job.attempt,
+            lease_epoch: job.lease_epoch.0,
+            agent_id: job.agent_id.clone(),
+            started_at: Utc::now(),
+        };
+        self.records.write(&name, &record).await?;
         let mut runs = self
             .runs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(run) = runs.get(&name) {
-            return Started {
-                handle: handle(&name),
-                running_for: run.started.elapsed(),
-                adopted: true,
-            };
+            return Ok(adopted(run));
         }
         let behavior = job.spec.mock.clone().unwrap_or_default();
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_BUFFER);
@@ -114,18 +191,21 @@ impl MockExecutor {
         runs.insert(
             name.clone(),
             Arc::new(MockRun {
-                job: job.clone(),
+                run_id: job.run_id,
+                attempt: job.attempt,
+                lease_epoch: job.lease_epoch,
+                agent_id: job.agent_id.clone(),
                 started,
                 output: Mutex::new(Some(out_rx)),
                 exit: exit_rx,
                 signal: signal_tx,
             }),
         );
-        Started {
+        Ok(Started {
             handle: handle(&name),
             running_for: Duration::ZERO,
             adopted: false,
-        }
+        })
     }
 
     async fn wait_for(&self, handle: &ExecHandle) -> ExitStatus {
@@ -259,8 +339,7 @@ impl Executor for MockExecutor {
     }
 
     fn start<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Started, ExecError>> {
-        let started = self.start_job(job);
-        async move { Ok(started) }.boxed()
+        self.start_job(job).boxed()
     }
 
     fn output(&self, handle: &ExecHandle) -> OutputStream {
@@ -302,24 +381,35 @@ impl Executor for MockExecutor {
         &'a self,
         agent: &'a AgentId,
     ) -> BoxFuture<'a, Result<Vec<FoundExecution>, ExecError>> {
-        let found = self
-            .runs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .filter(|(_, r)| &r.job.agent_id == agent)
-            .map(|(name, r)| Self::found(name, r))
-            .collect();
-        async move { Ok(found) }.boxed()
+        async move {
+            // The record directory is this agent's own; an unreadable record is left to
+            // operators, as the process executor does.
+            for name in self.records.names().await? {
+                if let Err(e) = self.lookup(&name).await {
+                    tracing::warn!(error = %e, execution = %name, "unreadable mock start record; leaving it to operators");
+                }
+            }
+            Ok(self
+                .runs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .filter(|(_, r)| &r.agent_id == agent)
+                .map(|(name, r)| Self::found(name, r))
+                .collect())
+        }
+        .boxed()
     }
 
     fn find<'a>(
         &'a self,
         job: &'a Job,
     ) -> BoxFuture<'a, Result<Option<FoundExecution>, ExecError>> {
-        let name = job.name();
-        let found = self.get(&name).map(|r| Self::found(&name, &r));
-        async move { Ok(found) }.boxed()
+        async move {
+            let name = job.name();
+            Ok(self.lookup(&name).await?.map(|r| Self::found(&name, &r)))
+        }
+        .boxed()
     }
 
     fn remove<'a>(&'a self, handle: &'a ExecHandle) -> BoxFuture<'a, Result<(), ExecError>> {
@@ -331,7 +421,7 @@ impl Executor for MockExecutor {
         if let Some(run) = run {
             let _ = run.signal.send(Some(SIGKILL_EXIT));
         }
-        async { Ok(()) }.boxed()
+        self.records.remove(&handle.name).boxed()
     }
 }
 
@@ -386,7 +476,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_simulated_run_prints_writes_and_exits_with_its_code() {
         let tmp = tempfile::tempdir().unwrap();
-        let exec = MockExecutor::new();
+        let exec = MockExecutor::new(tmp.path());
         let j = job(tmp.path(), behavior());
         let started = exec.start(&j).await.unwrap();
         assert!(!started.adopted);
@@ -413,7 +503,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn terminate_ends_it_at_once_without_files() {
         let tmp = tempfile::tempdir().unwrap();
-        let exec = MockExecutor::new();
+        let exec = MockExecutor::new(tmp.path());
         let j = job(tmp.path(), behavior());
         let started = exec.start(&j).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -429,10 +519,50 @@ mod tests {
         assert!(!j.workspace.join("out/report.txt").exists());
     }
 
+    #[tokio::test]
+    async fn a_restarted_agent_reports_what_an_earlier_life_started_and_never_starts_it_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = MockExecutor::new(tmp.path());
+        let j = job(tmp.path(), behavior());
+        first.start(&j).await.unwrap();
+        // A new life of the agent: same directory, nothing in memory. Before the record
+        // existed, this life found nothing, and a redelivered command started the lease again.
+        let second = MockExecutor::new(tmp.path());
+        let found = second.find(&j).await.unwrap().expect("found by name");
+        assert_eq!(
+            (found.run_id, found.attempt, found.lease_epoch),
+            (j.run_id, j.attempt, j.lease_epoch)
+        );
+        assert_eq!(found.status, FoundStatus::Exited);
+        let listed = second.list(&j.agent_id).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            second.wait(&listed[0].handle).await.unwrap().code,
+            None,
+            "the exit code of a run lost with its agent is unknown"
+        );
+        let again = second.start(&j).await.unwrap();
+        assert!(again.adopted, "a recorded lease is never started twice");
+        assert!(
+            second.output(&again.handle).next().await.is_none(),
+            "nothing of the lost run is replayed"
+        );
+        second.remove(&listed[0].handle).await.unwrap();
+        assert!(second.list(&j.agent_id).await.unwrap().is_empty());
+        assert!(
+            MockExecutor::new(tmp.path())
+                .list(&j.agent_id)
+                .await
+                .unwrap()
+                .is_empty(),
+            "removal takes the record with it"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn thousands_of_runs_are_cheap() {
         let tmp = tempfile::tempdir().unwrap();
-        let exec = MockExecutor::new();
+        let exec = MockExecutor::new(tmp.path());
         let quick = MockBehavior {
             duration_ms: 50,
             stdout: vec!["x".into()],

@@ -19,7 +19,7 @@
 //!   a lease whose state file exists is never started again.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +38,7 @@ use crate::executor::{
     ExecError, ExecHandle, Executor, ExitStatus, FoundExecution, FoundStatus, Job, OutputChunk,
     OutputSource, OutputStream, Started, Termination, execution_name,
 };
+use crate::state_file::StateFiles;
 
 /// Output chunks buffered per execution between the pipes and the supervisor.
 const OUTPUT_BUFFER: usize = 64;
@@ -88,21 +89,17 @@ impl Proc {
 
 /// Runs each job as a child process of the agent.
 pub struct ProcessExecutor {
-    /// `<workspace_root>/<agent_id>`, where state files live next to the workspaces.
-    state_dir: PathBuf,
+    /// In `<workspace_root>/<agent_id>`, next to the workspaces.
+    states: StateFiles,
     procs: Mutex<HashMap<String, Arc<Proc>>>,
 }
 
 impl ProcessExecutor {
     pub fn new(agent_root: &Path) -> Self {
         Self {
-            state_dir: agent_root.to_owned(),
+            states: StateFiles::new(agent_root, ".process.json"),
             procs: Mutex::new(HashMap::new()),
         }
-    }
-
-    fn state_path(&self, name: &str) -> PathBuf {
-        self.state_dir.join(format!("{name}.process.json"))
     }
 
     fn get(&self, name: &str) -> Option<Arc<Proc>> {
@@ -138,12 +135,8 @@ impl ProcessExecutor {
     /// The execution named `name` as this life or an earlier one left it. A process of an
     /// earlier life is killed and remembered as lost.
     async fn lookup(&self, name: &str) -> Result<Option<(StateFile, Arc<Proc>)>, ExecError> {
-        let path = self.state_path(name);
-        let state = match tokio::fs::read(&path).await {
-            Ok(bytes) => serde_json::from_slice::<StateFile>(&bytes)
-                .map_err(|e| ExecError::backend("read process state", e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(ExecError::backend("read process state", e)),
+        let Some(state) = self.states.read::<StateFile>(name).await? else {
+            return Ok(None);
         };
         if let Some(proc) = self.get(name) {
             return Ok(Some((state, proc)));
@@ -200,7 +193,7 @@ impl ProcessExecutor {
             lease_epoch: job.lease_epoch.0,
             started_at,
         };
-        if let Err(e) = write_state(&self.state_path(&name), &state).await {
+        if let Err(e) = self.states.write(&name, &state).await {
             // Without the state file a restarted agent could not find it: do not run it.
             signal_group(pid, Signal::SIGKILL);
             let _ = child.wait().await;
@@ -306,21 +299,9 @@ impl ProcessExecutor {
     }
 
     async fn list_all(&self) -> Result<Vec<FoundExecution>, ExecError> {
-        let mut dir = match tokio::fs::read_dir(&self.state_dir).await {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(ExecError::backend("list process states", e)),
-        };
         let mut found = Vec::new();
-        while let Some(entry) = dir
-            .next_entry()
-            .await
-            .map_err(|e| ExecError::backend("list process states", e))?
-        {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(name) = file.strip_suffix(".process.json") else {
-                continue;
-            };
+        for name in self.states.names().await? {
+            let name = name.as_str();
             match self.lookup(name).await {
                 Ok(Some((state, proc))) => {
                     if execution_name(state.run_id, state.attempt, LeaseEpoch(state.lease_epoch))
@@ -329,14 +310,14 @@ impl ProcessExecutor {
                         found.push(Self::found(name, &state, &proc));
                     } else {
                         tracing::warn!(
-                            file,
+                            execution = name,
                             "process state does not match its name; leaving it to operators"
                         );
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, file, "unreadable process state; leaving it to operators")
+                    tracing::warn!(error = %e, execution = name, "unreadable process state; leaving it to operators")
                 }
             }
         }
@@ -425,11 +406,7 @@ impl Executor for ProcessExecutor {
             {
                 signal_group(proc.pid, Signal::SIGKILL);
             }
-            match tokio::fs::remove_file(self.state_path(&handle.name)).await {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(ExecError::backend("remove process state", e)),
-            }
+            self.states.remove(&handle.name).await
         }
         .boxed()
     }
@@ -467,23 +444,6 @@ fn start_ticks(pid: i32) -> Option<u64> {
     // `comm` (field 2) may hold spaces and parentheses: count from the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-async fn write_state(path: &Path, state: &StateFile) -> Result<(), ExecError> {
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| ExecError::backend("write process state", e))?;
-    }
-    let json =
-        serde_json::to_vec(state).map_err(|e| ExecError::backend("write process state", e))?;
-    let tmp = path.with_extension("json.tmp");
-    tokio::fs::write(&tmp, json)
-        .await
-        .map_err(|e| ExecError::backend("write process state", e))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(|e| ExecError::backend("write process state", e))
 }
 
 async fn read_pipe(

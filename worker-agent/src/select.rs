@@ -196,7 +196,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let set = ExecutorSet::new(
             ExecutorName::Mock,
-            Arc::new(MockExecutor::new()),
+            Arc::new(MockExecutor::new(tmp.path())),
             BTreeMap::from([(
                 ExecutorName::Process,
                 Arc::new(ProcessExecutor::new(tmp.path())) as Arc<dyn Executor>,

@@ -95,8 +95,9 @@ impl Scenario {
     pub fn description(self) -> &'static str {
         match self {
             Scenario::AgentKillRestart => {
-                "kill -9 of an agent with runs in flight, restarted seconds later; its runs \
-                 are recovered (lease expiry for mock runs) and none executes twice per epoch"
+                "kill -9 of an agent with runs in flight, restarted seconds later; its lost \
+                 mock runs are reported by its next life and retried, and none executes twice \
+                 per epoch"
             }
             Scenario::AgentKillTakeover => {
                 "kill -9 of an agent that stays down; the other agent takes its runs over \
