@@ -258,7 +258,14 @@ impl AgentApi {
         let run = parse_run_id("run_id", &req.run_id)?;
         let ep = epoch(req.lease_epoch)?;
         drover_core::telemetry::record_lease(&tracing::Span::current(), run, agent.as_str(), ep);
-        let upload = crate::artifacts::parse_upload_id(&req.artifact_upload_id)?;
+        let mut upload = crate::artifacts::parse_upload_id(&req.artifact_upload_id)?;
+        let inline = std::mem::take(&mut req.inline_artifacts);
+        if upload.is_some() && !inline.is_empty() {
+            return Err(ApiError::bad(
+                "inline_artifacts",
+                "not together with artifact_upload_id",
+            ));
+        }
         // A run that ended inside the agent's fold window: its start goes in first.
         let fold_start = (!req.started_executor.is_empty()).then(|| {
             let executor = std::mem::take(&mut req.started_executor);
@@ -313,6 +320,10 @@ impl AgentApi {
             epoch: ep,
             fence: false,
         };
+        if !inline.is_empty() {
+            upload =
+                Some(crate::artifacts::store_inline(&self.state, &agent, run, ep, inline).await?);
+        }
         let ended = async {
             let mut tx = self.state.pool.begin().await?;
             let started = match fold_start {

@@ -115,23 +115,30 @@ impl Receiving {
     }
 }
 
-/// What one upload stream has staged so far.
-struct Staging<'a> {
-    state: &'a AppState,
-    id: Uuid,
+/// The entries of one upload as their headers are admitted: every rule a file header must
+/// pass (limits, paths, symlinks, sha256 format), whether its bytes arrive streamed or inline.
+struct Manifest<'a> {
+    limits: &'a crate::settings::ArtifactSettings,
     paths: ManifestPaths,
     entries: Vec<StagedEntry>,
     bytes: u64,
     next_blob: u32,
-    current: Option<Receiving>,
 }
 
-impl Staging<'_> {
-    async fn header(&mut self, f: pb::ArtifactEntry) -> ApiResult<()> {
-        if let Some(cur) = self.current.take() {
-            cur.finish().await?;
+impl<'a> Manifest<'a> {
+    fn new(limits: &'a crate::settings::ArtifactSettings) -> Self {
+        Self {
+            limits,
+            paths: ManifestPaths::default(),
+            entries: Vec::new(),
+            bytes: 0,
+            next_blob: 0,
         }
-        let limits = &self.state.settings.artifacts;
+    }
+
+    /// Checks `f` and records it; the entry (with its blob index for a regular file).
+    fn admit(&mut self, f: pb::ArtifactEntry) -> ApiResult<&StagedEntry> {
+        let limits = self.limits;
         if self.entries.len() >= limits.max_files as usize {
             return Err(ApiError::Exhausted(format!(
                 "an upload holds at most {} files",
@@ -151,7 +158,7 @@ impl Staging<'_> {
             }
             artifact_paths::validate_link_target(&f.link_target)
                 .map_err(|e| path_error("file.link_target", &e))?;
-            self.entries.push(StagedEntry {
+            return Ok(self.push(StagedEntry {
                 path: f.path,
                 blob: None,
                 size: 0,
@@ -159,8 +166,7 @@ impl Staging<'_> {
                 mode,
                 is_symlink: true,
                 link_target: Some(f.link_target),
-            });
-            return Ok(());
+            }));
         }
         if !f.link_target.is_empty() {
             return Err(ApiError::bad(
@@ -189,16 +195,7 @@ impl Staging<'_> {
         let size = i64::try_from(f.size).map_err(|_| ApiError::bad("file.size", "too large"))?;
         let blob = self.next_blob;
         self.next_blob += 1;
-        let sink = self.state.artifacts.stage(self.id, blob).await?;
-        self.current = Some(Receiving {
-            path: f.path.clone(),
-            declared: f.size,
-            sha256: sha256.clone(),
-            written: 0,
-            hasher: Sha256::new(),
-            sink,
-        });
-        self.entries.push(StagedEntry {
+        Ok(self.push(StagedEntry {
             path: f.path,
             blob: Some(i32::try_from(blob).unwrap_or(i32::MAX)),
             size,
@@ -206,6 +203,46 @@ impl Staging<'_> {
             mode,
             is_symlink: false,
             link_target: None,
+        }))
+    }
+
+    fn push(&mut self, entry: StagedEntry) -> &StagedEntry {
+        self.entries.push(entry);
+        &self.entries[self.entries.len() - 1]
+    }
+
+    fn bytes_i64(&self) -> i64 {
+        i64::try_from(self.bytes).unwrap_or(i64::MAX)
+    }
+}
+
+/// What one upload stream has staged so far.
+struct Staging<'a> {
+    state: &'a AppState,
+    id: Uuid,
+    manifest: Manifest<'a>,
+    current: Option<Receiving>,
+}
+
+impl Staging<'_> {
+    async fn header(&mut self, f: pb::ArtifactEntry) -> ApiResult<()> {
+        if let Some(cur) = self.current.take() {
+            cur.finish().await?;
+        }
+        let entry = self.manifest.admit(f)?;
+        let Some(blob) = entry.blob else {
+            return Ok(());
+        };
+        let (path, declared, sha256) = (entry.path.clone(), entry.size, entry.sha256.clone());
+        let blob = u32::try_from(blob).unwrap_or(u32::MAX);
+        let sink = self.state.artifacts.stage(self.id, blob).await?;
+        self.current = Some(Receiving {
+            path,
+            declared: u64::try_from(declared).unwrap_or(0),
+            sha256,
+            written: 0,
+            hasher: Sha256::new(),
+            sink,
         });
         Ok(())
     }
@@ -275,10 +312,7 @@ pub async fn upload(
     let mut staging = Staging {
         state,
         id,
-        paths: ManifestPaths::default(),
-        entries: Vec::new(),
-        bytes: 0,
-        next_blob: 0,
+        manifest: Manifest::new(&state.settings.artifacts),
         current: None,
     };
     let staged = async {
@@ -307,8 +341,8 @@ pub async fn upload(
             cur.finish().await?;
         }
         state.artifacts.commit(id).await?;
-        let bytes = i64::try_from(staging.bytes).unwrap_or(i64::MAX);
-        if !repo::complete_upload(&state.pool, id, &staging.entries, bytes).await? {
+        let m = &staging.manifest;
+        if !repo::complete_upload(&state.pool, id, &m.entries, m.bytes_i64()).await? {
             return Err(ApiError::Precondition(
                 "the lease moved on during the upload; nothing was kept".into(),
             ));
@@ -321,12 +355,92 @@ pub async fn upload(
         discard(state, id).await;
         return Err(e);
     }
-    tracing::info!(run_id = %run.id, agent_id = %agent, upload_id = %id, files = staging.entries.len(), bytes = staging.bytes, "artifacts staged");
+    let m = &staging.manifest;
+    tracing::info!(run_id = %run.id, agent_id = %agent, upload_id = %id, files = m.entries.len(), bytes = m.bytes, "artifacts staged");
     Ok(pb::UploadArtifactsResponse {
         upload_id: id.to_string(),
-        files: u32::try_from(staging.entries.len()).unwrap_or(u32::MAX),
-        bytes: staging.bytes,
+        files: u32::try_from(m.entries.len()).unwrap_or(u32::MAX),
+        bytes: m.bytes,
     })
+}
+
+/// Most inline artifact bytes one completion report may carry (with the 64 KiB output tail,
+/// well inside gRPC's default 4 MiB message).
+pub const MAX_INLINE_BYTES: usize = 1024 * 1024;
+
+/// Stores a completion report's inline artifacts as an upload of `agent`'s lease and returns
+/// its id, for the report to commit with the end. Every entry passes the same checks as a
+/// streamed file, and its content must match its size and sha256. The row comes first (so
+/// the collector knows it), then every blob in one store step.
+pub async fn store_inline(
+    state: &AppState,
+    agent: &AgentId,
+    run: RunId,
+    epoch: i64,
+    items: Vec<pb::InlineArtifact>,
+) -> ApiResult<Uuid> {
+    let total: usize = items.iter().map(|i| i.content.len()).sum();
+    if total > MAX_INLINE_BYTES {
+        return Err(ApiError::bad(
+            "inline_artifacts",
+            format!(
+                "at most {MAX_INLINE_BYTES} bytes in all; upload larger ones with UploadArtifacts"
+            ),
+        ));
+    }
+    let mut manifest = Manifest::new(&state.settings.artifacts);
+    let mut blobs = Vec::new();
+    for item in items {
+        let Some(f) = item.entry else {
+            return Err(ApiError::bad("inline_artifacts.entry", "required"));
+        };
+        let entry = manifest.admit(f)?;
+        let Some(blob) = entry.blob else {
+            if !item.content.is_empty() {
+                return Err(ApiError::bad(
+                    "inline_artifacts.content",
+                    format!("symlink {} has no content", entry.path),
+                ));
+            }
+            continue;
+        };
+        if u64::try_from(entry.size).ok() != Some(item.content.len() as u64)
+            || hex::encode(Sha256::digest(&item.content)) != entry.sha256
+        {
+            return Err(ApiError::bad(
+                "inline_artifacts.content",
+                format!(
+                    "file {}: content does not match its size and sha256",
+                    entry.path
+                ),
+            ));
+        }
+        blobs.push((u32::try_from(blob).unwrap_or(u32::MAX), item.content));
+    }
+    let id = Uuid::now_v7();
+    let bytes = manifest.bytes_i64();
+    if !repo::begin_inline_upload(
+        &state.pool,
+        id,
+        run,
+        epoch,
+        agent.as_str(),
+        &manifest.entries,
+        bytes,
+    )
+    .await?
+    {
+        // The completion would be refused as stale too; say it the same way.
+        return Err(ApiError::Precondition(format!(
+            "run {run} is not executing under lease epoch {epoch} of agent {agent}; nothing was kept"
+        )));
+    }
+    metrics::counter!(drover_core::observe::names::ARTIFACT_BYTES).increment(manifest.bytes);
+    if let Err(e) = state.artifacts.put_all(id, blobs).await {
+        discard(state, id).await;
+        return Err(e.into());
+    }
+    Ok(id)
 }
 
 /// Deletes a failed upload's files, then its row (the collector retries whatever fails).

@@ -175,6 +175,28 @@ impl FakeAgent {
         self.send_completion(request).await
     }
 
+    /// Reports completion carrying `files` inline (what a real agent does for small ones).
+    pub async fn complete_with_inline(
+        &mut self,
+        run: &str,
+        epoch: u64,
+        outcome: pb::Outcome,
+        exit_code: Option<i32>,
+        files: &[UploadFile],
+    ) -> Result<pb::ReportCompletionResponse, tonic::Status> {
+        let request = pb::ReportCompletionRequest {
+            inline_artifacts: files
+                .iter()
+                .map(|f| pb::InlineArtifact {
+                    entry: Some(f.header()),
+                    content: f.data.clone(),
+                })
+                .collect(),
+            ..self.completion(run, epoch, outcome, exit_code)
+        };
+        self.send_completion(request).await
+    }
+
     /// The well-formed UploadArtifacts messages for `files` (what a real agent sends):
     /// `start`, then per file its header and data in chunks of at most `chunk` bytes.
     pub fn upload_messages(

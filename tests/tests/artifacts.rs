@@ -119,6 +119,34 @@ fn workspace_files() -> Vec<UploadFile> {
     ]
 }
 
+/// ListArtifacts shows exactly `files` (of attempt 1), and every regular one comes back
+/// byte-exact from GetArtifact; returns the listing.
+async fn assert_committed_exactly(
+    stack: &Stack,
+    run: &str,
+    files: &[UploadFile],
+) -> Vec<pb::ArtifactEntry> {
+    let listed = list(stack, run).await.unwrap();
+    let mut want: Vec<pb::ArtifactEntry> = files
+        .iter()
+        .map(|f| pb::ArtifactEntry {
+            mode: f.mode & 0o777,
+            attempt: 1,
+            ..f.header()
+        })
+        .collect();
+    want.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(listed, want, "ListArtifacts shows exactly the manifest");
+    for f in files.iter().filter(|f| f.link_target.is_none()) {
+        let (entry, data) = get(stack, run, &f.path).await.unwrap();
+        assert_eq!(entry.path, f.path);
+        assert_eq!(data, f.data, "{} comes back byte-exact", f.path);
+        assert_eq!(sha256_hex(&data), entry.sha256);
+        assert_eq!(entry.size, data.len() as u64);
+    }
+    listed
+}
+
 /// Unsafe paths, each refused with INVALID_ARGUMENT wherever a path enters.
 fn bad_paths() -> Vec<String> {
     let mut v: Vec<String> = [
@@ -185,25 +213,7 @@ async fn upload_then_completion_commits_exactly_the_manifest() {
         .unwrap();
     assert_eq!(done.state, pb::RunState::Succeeded as i32);
 
-    let listed = list(&stack, &run).await.unwrap();
-    let mut want: Vec<pb::ArtifactEntry> = files
-        .iter()
-        .map(|f| pb::ArtifactEntry {
-            mode: f.mode & 0o777,
-            attempt: 1,
-            ..f.header()
-        })
-        .collect();
-    want.sort_by(|a, b| a.path.cmp(&b.path));
-    assert_eq!(listed, want, "ListArtifacts shows exactly the manifest");
-
-    for f in files.iter().filter(|f| f.link_target.is_none()) {
-        let (entry, data) = get(&stack, &run, &f.path).await.unwrap();
-        assert_eq!(entry.path, f.path);
-        assert_eq!(data, f.data, "{} comes back byte-exact", f.path);
-        assert_eq!(sha256_hex(&data), entry.sha256);
-        assert_eq!(entry.size, data.len() as u64);
-    }
+    let listed = assert_committed_exactly(&stack, &run, &files).await;
     // Symlinks are stored as symlinks: metadata, no data, never followed.
     let (entry, data) = get(&stack, &run, "escape").await.unwrap();
     assert!(entry.is_symlink);
@@ -260,6 +270,88 @@ async fn upload_then_completion_commits_exactly_the_manifest() {
             .code(),
         Code::InvalidArgument
     );
+    stack.stop().await;
+}
+
+/// Small artifacts ride in the completion report: checked by the upload's rules, stored, and
+/// committed with the end in one call. A refused report ends nothing and keeps nothing.
+#[tokio::test]
+async fn inline_artifacts_are_checked_stored_and_committed_with_the_end() {
+    let root = tempfile::tempdir().unwrap();
+    let stack = fake_stack(root.path()).await;
+    let mut agent = FakeAgent::register(&stack, "fake-art-inline", 4, &[]).await;
+    let _hb = agent.keep_alive(stack.db.clone());
+    let (run, epoch) = leased(&stack, &mut agent, spec()).await;
+    let files: Vec<UploadFile> = workspace_files()
+        .into_iter()
+        .filter(|f| f.path != "data/big.bin" && f.path != "latest")
+        .collect();
+    let ok = pb::Outcome::Succeeded;
+
+    let mut lying = files.clone();
+    lying[0].sha256 = Some(sha256_hex(b"something else"));
+    let mut unsafe_path = files.clone();
+    unsafe_path[1].path = "../etc/passwd".into();
+    let too_big = vec![UploadFile::file("big.bin", &vec![7u8; 1024 * 1024 + 1])];
+    for (what, bad) in [
+        ("content not matching its sha256", &lying),
+        ("an unsafe path", &unsafe_path),
+        ("more than 1 MiB inline", &too_big),
+    ] {
+        let err = agent
+            .complete_with_inline(&run, epoch, ok, Some(0), bad)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+    let up = agent.upload(&run, epoch, &files).await.unwrap();
+    let both = pb::ReportCompletionRequest {
+        artifact_upload_id: up.upload_id.clone(),
+        inline_artifacts: vec![pb::InlineArtifact {
+            entry: Some(files[0].header()),
+            content: files[0].data.clone(),
+        }],
+        agent_id: agent.id.clone(),
+        run_id: run.clone(),
+        lease_epoch: epoch,
+        outcome: ok as i32,
+        exit_code: Some(0),
+        ..Default::default()
+    };
+    let err = agent.client.report_completion(both).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = agent
+        .complete_with_inline(&run, epoch + 1, ok, Some(0), &files)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "stale epoch: {err:?}");
+    assert_eq!(
+        upload_rows(&stack).await,
+        1,
+        "no refused report left an upload (the one is the streamed upload)"
+    );
+    assert_eq!(staged_dirs(root.path()), 1);
+    let running = wait_run(&stack, &run, WAIT, in_state(pb::RunState::Running)).await;
+    assert_eq!(
+        running.lease_epoch, epoch,
+        "no refused report ended the run"
+    );
+
+    let done = agent
+        .complete_with_inline(&run, epoch, ok, Some(0), &files)
+        .await
+        .unwrap();
+    assert_eq!(done.state, pb::RunState::Succeeded as i32);
+    assert_committed_exactly(&stack, &run, &files).await;
+    let (entry, data) = get(&stack, &run, "escape").await.unwrap();
+    assert!(entry.is_symlink && data.is_empty());
+    // The streamed upload nobody committed is garbage now that the run ended.
+    let collected = stack
+        .wait_for(WAIT, || async {
+            upload_rows(&stack).await == 1 && staged_dirs(root.path()) == 1
+        })
+        .await;
+    assert!(collected, "only the committed inline upload is left");
     stack.stop().await;
 }
 

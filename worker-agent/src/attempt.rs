@@ -144,9 +144,9 @@ pub async fn follow(
         ),
         Err(e) => tracing::warn!(error = %e, "could not write result.json"),
     }
-    let upload_id = if verdict.outcome == pb::Outcome::HandedBack {
+    let artifacts = if verdict.outcome == pb::Outcome::HandedBack {
         // A hand-back re-queues the run: nothing of this attempt is kept.
-        String::new()
+        Artifacts::None
     } else {
         let span = tracing::info_span!("agent.upload_artifacts");
         match upload_workspace(ctx, &job, &signals.stop)
@@ -167,7 +167,7 @@ pub async fn follow(
                         "artifact_upload_failed: the workspace could not be uploaded",
                     );
                 }
-                String::new()
+                Artifacts::None
             }
         }
     };
@@ -177,7 +177,7 @@ pub async fn follow(
         reason = %verdict.reason,
         infrastructure_error = verdict.infrastructure_error,
         output_bytes = finished.output.len(),
-        artifact_upload_id = %upload_id,
+        artifacts = %artifacts,
         "execution finished; reporting"
     );
     let mut request = verdict.into_request(
@@ -186,7 +186,11 @@ pub async fn follow(
         finished.output,
         finished.output_truncated,
     );
-    request.artifact_upload_id = upload_id;
+    match artifacts {
+        Artifacts::None => {}
+        Artifacts::Uploaded(id) => request.artifact_upload_id = id,
+        Artifacts::Inline(files) => request.inline_artifacts = files,
+    }
     if start == StartReport::Folded {
         request.started_executor = ctx.executor.name_for(&handle).to_owned();
     }
@@ -293,19 +297,47 @@ async fn redactor_of(
     Some(redactor)
 }
 
-/// Uploads the workspace's files (the spec's `outputs`, plus `.drover/`) and returns the
-/// upload id for the completion report; empty when the workspace is gone (an executor that
+/// Inline artifacts: at most this many bytes in all (well under the API's 1 MiB)...
+const INLINE_BYTES: u64 = 256 * 1024;
+/// ...and this many files; more go through UploadArtifacts.
+const INLINE_FILES: usize = 64;
+
+/// What the completion report says of the attempt's files.
+#[derive(Debug)]
+enum Artifacts {
+    /// None kept (a hand-back, no workspace, or the upload failed).
+    None,
+    /// Streamed through UploadArtifacts: the upload id.
+    Uploaded(String),
+    /// Small enough to ride in the report itself: one call and fewer statements, and the
+    /// API stores them in one step (most runs: the four `.drover/` records and a few
+    /// outputs).
+    Inline(Vec<pb::InlineArtifact>),
+}
+
+impl std::fmt::Display for Artifacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Artifacts::None => f.write_str("none"),
+            Artifacts::Uploaded(id) => write!(f, "upload {id}"),
+            Artifacts::Inline(files) => write!(f, "{} inline", files.len()),
+        }
+    }
+}
+
+/// Collects the workspace's files (the spec's `outputs`, plus `.drover/`): inline when they
+/// are small, else uploaded. [`Artifacts::None`] when the workspace is gone (an executor that
 /// keeps none, a re-adopted execution whose workspace was lost).
 async fn upload_workspace(
     ctx: &RunContext,
     job: &Job,
     stop: &tokio_util::sync::CancellationToken,
-) -> Result<String, ApiError> {
+) -> Result<Artifacts, ApiError> {
     if tokio::fs::metadata(&job.workspace).await.is_err() {
         tracing::warn!(workspace = %job.workspace.display(), "no workspace to upload");
-        return Ok(String::new());
+        return Ok(Artifacts::None);
     }
-    let collected = transfer::collect(&job.workspace, &job.spec.outputs)
+    let collected = transfer::collect(&job.workspace, &job.spec.outputs, INLINE_BYTES)
         .await
         .map_err(|e| ApiError::Permanent {
             code: tonic::Code::Internal,
@@ -316,10 +348,16 @@ async fn upload_workspace(
     }
     let files = collected.files.len();
     let bytes: u64 = collected.files.iter().map(|f| f.entry.size).sum();
+    if files <= INLINE_FILES
+        && let Some(inline) = collected.inline()
+    {
+        tracing::debug!(files, bytes, "artifacts go inline with the completion");
+        return Ok(Artifacts::Inline(inline));
+    }
     let uploaded = ctx
         .api
         .upload_artifacts(job.run_id, job.lease_epoch, collected.files, stop)
         .await?;
     tracing::info!(files, bytes, upload_id = %uploaded.upload_id, "artifacts uploaded");
-    Ok(uploaded.upload_id)
+    Ok(Artifacts::Uploaded(uploaded.upload_id))
 }

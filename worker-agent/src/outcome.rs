@@ -180,6 +180,7 @@ impl Verdict {
             infrastructure_error: self.infrastructure_error,
             artifact_upload_id: String::new(),
             started_executor: String::new(),
+            inline_artifacts: Vec::new(),
         }
     }
 }

@@ -54,6 +54,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
 pub struct Outgoing {
     pub source: PathBuf,
     pub entry: pb::ArtifactEntry,
+    /// The content as it was hashed, kept while the walk's inline budget lasted.
+    pub content: Option<Vec<u8>>,
 }
 
 /// What [`collect`] found.
@@ -64,12 +66,39 @@ pub struct Collected {
     pub skipped: Vec<(String, String)>,
 }
 
+impl Collected {
+    /// The files as inline artifacts of the completion report, when every regular file's
+    /// content was kept (all of them fit the inline budget); `None` means: upload them.
+    /// The content sent is the content hashed, so a file changed since cannot mismatch.
+    pub fn inline(&self) -> Option<Vec<pb::InlineArtifact>> {
+        self.files
+            .iter()
+            .map(|f| {
+                let content = match (&f.content, f.entry.is_symlink) {
+                    (_, true) => Vec::new(),
+                    (Some(c), false) => c.clone(),
+                    (None, false) => return None,
+                };
+                Some(pb::InlineArtifact {
+                    entry: Some(f.entry.clone()),
+                    content,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Walks `root` without following symlinks and returns the files to upload, sorted by path:
 /// those matching any of `outputs` (all when empty), plus everything under `.drover/`.
-pub async fn collect(root: &Path, outputs: &[String]) -> Result<Collected, TransferError> {
+/// Regular files are kept in memory as they are hashed until `inline_budget` bytes are used.
+pub async fn collect(
+    root: &Path,
+    outputs: &[String],
+    inline_budget: u64,
+) -> Result<Collected, TransferError> {
     let root = root.to_owned();
     let outputs = outputs.to_vec();
-    let walked = tokio::task::spawn_blocking(move || walk(&root, &outputs))
+    let walked = tokio::task::spawn_blocking(move || walk(&root, &outputs, inline_budget))
         .await
         .map_err(|e| TransferError::Io {
             path: PathBuf::new(),
@@ -78,7 +107,7 @@ pub async fn collect(root: &Path, outputs: &[String]) -> Result<Collected, Trans
     Ok(walked)
 }
 
-fn walk(root: &Path, outputs: &[String]) -> Result<Collected, TransferError> {
+fn walk(root: &Path, outputs: &[String], mut budget: u64) -> Result<Collected, TransferError> {
     let mut found: BTreeMap<String, Outgoing> = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut stack = vec![root.to_owned()];
@@ -127,9 +156,16 @@ fn walk(root: &Path, outputs: &[String]) -> Result<Collected, TransferError> {
                         link_target: target,
                         ..Default::default()
                     },
+                    content: None,
                 }
             } else if meta.is_file() {
-                file_entry(&path, &rel)?
+                let out = file_entry(&path, &rel, budget)?;
+                budget = match &out.content {
+                    Some(c) => budget.saturating_sub(c.len() as u64),
+                    // One file did not fit: the upload is streamed, keep nothing more.
+                    None => 0,
+                };
+                out
             } else {
                 skipped.push((rel, "not a regular file or symlink".into()));
                 continue;
@@ -149,23 +185,34 @@ fn relative(root: &Path, path: &Path) -> Option<String> {
     Some(parts?.join("/"))
 }
 
-/// Hashes the file (reading it once) for its header.
-fn file_entry(source: &Path, rel: &str) -> Result<Outgoing, TransferError> {
+/// Hashes the file (reading it once) for its header, keeping its content if it is at most
+/// `keep_up_to` bytes.
+fn file_entry(source: &Path, rel: &str, keep_up_to: u64) -> Result<Outgoing, TransferError> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let mut f = std::fs::File::open(source).map_err(io(source))?;
     let meta = f.metadata().map_err(io(source))?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
     let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io(source))?;
-        if n == 0 {
-            break;
+    let content = if meta.len() <= keep_up_to {
+        let mut all = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        f.read_to_end(&mut all).map_err(io(source))?;
+        hasher.update(&all);
+        size = all.len() as u64;
+        // It grew past the budget while being read: stream it instead.
+        (size <= keep_up_to).then_some(all)
+    } else {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = f.read(&mut buf).map_err(io(source))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            hasher.update(&buf[..n]);
         }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
+        None
+    };
     Ok(Outgoing {
         source: source.to_owned(),
         entry: pb::ArtifactEntry {
@@ -175,6 +222,7 @@ fn file_entry(source: &Path, rel: &str) -> Result<Outgoing, TransferError> {
             mode: meta.permissions().mode() & 0o777,
             ..Default::default()
         },
+        content,
     })
 }
 
@@ -390,7 +438,8 @@ mod tests {
         std::os::unix::fs::symlink("/etc", root.join("etc-link")).unwrap();
         std::fs::write(root.join("bad\\name"), "b").unwrap();
 
-        let all = collect(root, &[]).await.unwrap();
+        let all = collect(root, &[], 0).await.unwrap();
+        assert!(all.inline().is_none(), "no budget: streamed");
         let paths: Vec<&str> = all.files.iter().map(|f| f.entry.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -413,8 +462,42 @@ mod tests {
         assert_eq!(app.entry.size, 8);
         assert_eq!(app.entry.sha256, hex::encode(Sha256::digest(b"print(1)")));
 
-        let py = collect(root, &["**/*.py".into()]).await.unwrap();
+        let py = collect(root, &["**/*.py".into()], 0).await.unwrap();
         let paths: Vec<&str> = py.files.iter().map(|f| f.entry.path.as_str()).collect();
         assert_eq!(paths, vec![".drover/result.json", "src/app.py"]);
+    }
+
+    #[tokio::test]
+    async fn files_within_the_budget_go_inline_with_the_content_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join(".drover")).unwrap();
+        std::fs::write(root.join(".drover/result.json"), "{}").unwrap();
+        std::fs::write(root.join("out.txt"), "0123456789").unwrap();
+        std::os::unix::fs::symlink("out.txt", root.join("link")).unwrap();
+
+        let fits = collect(root, &[], 12).await.unwrap();
+        let inline = fits.inline().expect("12 bytes fit a budget of 12");
+        let got: Vec<(&str, &[u8], bool)> = inline
+            .iter()
+            .map(|i| {
+                let e = i.entry.as_ref().unwrap();
+                (e.path.as_str(), i.content.as_slice(), e.is_symlink)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (".drover/result.json", b"{}".as_slice(), false),
+                ("link", b"".as_slice(), true),
+                ("out.txt", b"0123456789".as_slice(), false),
+            ]
+        );
+        let out = inline[2].entry.as_ref().unwrap();
+        assert_eq!(out.sha256, hex::encode(Sha256::digest(b"0123456789")));
+
+        let over = collect(root, &[], 11).await.unwrap();
+        assert!(over.inline().is_none(), "one byte over: streamed");
+        assert_eq!(over.files.len(), 3, "the same files either way");
     }
 }

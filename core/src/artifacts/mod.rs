@@ -67,6 +67,24 @@ pub trait ArtifactStore: Send + Sync + Debug {
     /// Makes every finished blob of `upload` durable and readable; called once all files were
     /// verified, before Postgres records the upload as complete. Idempotent.
     fn commit(&self, upload: Uuid) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// `begin`, every blob of `blobs` (index, whole content) staged and finished, then
+    /// `commit`: an upload whose bytes are all in hand (inline artifacts). A store may do it
+    /// in fewer steps; the default takes the same ones as a streamed upload.
+    fn put_all(
+        &self,
+        upload: Uuid,
+        blobs: Vec<(u32, Vec<u8>)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.begin(upload).await?;
+            for (index, content) in blobs {
+                let mut sink = self.stage(upload, index).await?;
+                sink.write(&content).await?;
+                sink.finish().await?;
+            }
+            self.commit(upload).await
+        })
+    }
     /// Reads blob `index` of `upload`.
     fn open(&self, upload: Uuid, index: u32) -> BoxFuture<'_, Result<BlobReader, StoreError>>;
     /// Deletes everything of `upload`; deleting a missing upload is not an error.

@@ -6,6 +6,11 @@
 //! [`commit_upload`], which runs inside the transaction that ends the attempt
 //! ([`super::attempts::end_attempt_with_artifacts`]). A run therefore has either the complete
 //! manifest of the attempt that ended it, or none.
+//!
+//! Inline artifacts (carried in the completion report) skip the stream: their row is written
+//! with its manifest in one statement ([`begin_inline_upload`]), before their blobs are
+//! stored, by the one request that alone knows the upload's id and commits it only once the
+//! store holds every blob. The collector treats it as any other uncommitted upload.
 
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row};
@@ -62,6 +67,45 @@ pub async fn begin_upload(pool: &PgPool, u: &NewUpload) -> Result<(), CoreError>
     Ok(())
 }
 
+/// The manifest column and the file count of `entries`.
+fn manifest_of(entries: &[StagedEntry]) -> Result<(serde_json::Value, i32), CoreError> {
+    let manifest = serde_json::to_value(entries)
+        .map_err(|e| CoreError::Corrupt(format!("artifact manifest: {e}")))?;
+    Ok((manifest, i32::try_from(entries.len()).unwrap_or(i32::MAX)))
+}
+
+/// Writes the row of an inline upload, manifest included, if `agent` holds `run_id` under
+/// `epoch` (ASSIGNED or RUNNING); `false` when it does not. Tenant and attempt come from the
+/// run row, so the caller needs no read of its own.
+pub async fn begin_inline_upload(
+    pool: &PgPool,
+    id: Uuid,
+    run_id: RunId,
+    epoch: i64,
+    agent: &str,
+    entries: &[StagedEntry],
+    bytes: i64,
+) -> Result<bool, CoreError> {
+    let (manifest, files) = manifest_of(entries)?;
+    let done = sqlx::query(
+        "INSERT INTO artifact_uploads (id, tenant_id, run_id, attempt, lease_epoch, agent_id, \
+         manifest, files, bytes, completed_at) \
+         SELECT $1, r.tenant_id, r.id, r.attempt, r.lease_epoch, r.agent_id, $5, $6, $7, now() \
+         FROM runs r WHERE r.id = $2 AND r.lease_epoch = $3 AND r.agent_id = $4 \
+         AND r.state IN ('ASSIGNED', 'RUNNING')",
+    )
+    .bind(id)
+    .bind(run_id.0)
+    .bind(epoch)
+    .bind(agent)
+    .bind(manifest)
+    .bind(files)
+    .bind(bytes)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Records the verified manifest, if the lease the upload was made under is still current
 /// (the run may have been reaped or cancelled while bytes were arriving). `false` when it is
 /// not, or when the collector already discarded the upload.
@@ -71,9 +115,7 @@ pub async fn complete_upload(
     entries: &[StagedEntry],
     bytes: i64,
 ) -> Result<bool, CoreError> {
-    let manifest = serde_json::to_value(entries)
-        .map_err(|e| CoreError::Corrupt(format!("artifact manifest: {e}")))?;
-    let files = i32::try_from(entries.len()).unwrap_or(i32::MAX);
+    let (manifest, files) = manifest_of(entries)?;
     let done = sqlx::query(
         "UPDATE artifact_uploads u SET manifest = $2, files = $3, bytes = $4, \
          completed_at = now() \
@@ -114,9 +156,13 @@ pub async fn commit_upload(
 ) -> Result<(), CoreError> {
     let row = sqlx::query(
         "SELECT run_id, lease_epoch, agent_id, completed_at IS NOT NULL AS completed, \
-         committed_at IS NOT NULL AS committed FROM artifact_uploads WHERE id = $1 FOR UPDATE",
+         committed_at IS NOT NULL AS committed, \
+         EXISTS (SELECT 1 FROM artifact_uploads o WHERE o.run_id = $2 \
+                 AND o.committed_at IS NOT NULL) AS replaces \
+         FROM artifact_uploads WHERE id = $1 FOR UPDATE",
     )
     .bind(upload)
+    .bind(run_id.0)
     .fetch_optional(&mut *conn)
     .await?;
     let refuse = |why: String| Err(CoreError::Refused(Refusal::Upload(why)));
@@ -147,15 +193,18 @@ pub async fn commit_upload(
     // A redriven run ends again: the attempt that ends it now replaces the manifest of the
     // one that ended it before, whose upload becomes garbage for the collector. Two
     // statements: the clearing, then the new manifest (a delete and an insert of the same
-    // keys in one statement would race each other).
-    sqlx::query(
-        "WITH gone AS (DELETE FROM artifacts WHERE run_id = $1) \
-         UPDATE artifact_uploads SET committed_at = NULL \
-         WHERE run_id = $1 AND committed_at IS NOT NULL",
-    )
-    .bind(run_id.0)
-    .execute(&mut *conn)
-    .await?;
+    // keys in one statement would race each other). The run row is locked, so nothing
+    // commits another upload of it between the check above and here.
+    if row.try_get::<bool, _>("replaces")? {
+        sqlx::query(
+            "WITH gone AS (DELETE FROM artifacts WHERE run_id = $1) \
+             UPDATE artifact_uploads SET committed_at = NULL \
+             WHERE run_id = $1 AND committed_at IS NOT NULL",
+        )
+        .bind(run_id.0)
+        .execute(&mut *conn)
+        .await?;
+    }
     sqlx::query(
         "WITH manifest AS (INSERT INTO artifacts (run_id, path, tenant_id, attempt, upload_id, \
          blob, size, sha256, mode, is_symlink, link_target) \
