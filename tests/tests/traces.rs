@@ -298,8 +298,8 @@ async fn one_run_is_one_trace_from_submit_through_dispatch_to_the_agent() {
         ("drover-agent", "report started"),
         ("drover-agent", "report completion"),
         ("drover-api", "drover.v1.AgentService/ReportStarted"),
+        // The run's few small files ride inline in ReportCompletion: no UploadArtifacts.
         ("drover-api", "drover.v1.AgentService/ReportCompletion"),
-        ("drover-api", "drover.v1.AgentService/UploadArtifacts"),
     ] {
         let up = receiver
             .wait_for(&stack, &format!("{service} {name} span"), |spans| {

@@ -252,19 +252,27 @@ impl ApiClient {
     /// The agent id and lease are filled in here; the rest comes from the caller.
     pub async fn report_completion(
         &self,
+        req: pb::ReportCompletionRequest,
+        cancel: &CancellationToken,
+    ) -> Result<pb::ReportCompletionResponse, ApiError> {
+        self.report_completion_with(req, Patience::UntilCancelled, cancel)
+            .await
+    }
+
+    /// [`Self::report_completion`] with a bound: a report carrying inline artifacts gives
+    /// up after a few tries, as an upload does, so a full artifact store cannot hold the
+    /// run's end back for ever.
+    pub async fn report_completion_with(
+        &self,
         mut req: pb::ReportCompletionRequest,
+        patience: Patience,
         cancel: &CancellationToken,
     ) -> Result<pb::ReportCompletionResponse, ApiError> {
         req.agent_id = self.agent_id.to_string();
-        self.call(
-            "report completion",
-            Patience::UntilCancelled,
-            cancel,
-            |mut c| {
-                let req = req.clone();
-                async move { c.report_completion(req).await }
-            },
-        )
+        self.call("report completion", patience, cancel, |mut c| {
+            let req = req.clone();
+            async move { c.report_completion(req).await }
+        })
         .await
     }
 

@@ -163,9 +163,7 @@ pub async fn follow(
                 tracing::error!(error = %e, "could not upload the artifacts");
                 // Never SUCCEEDED without its artifacts; a failure stays what it was.
                 if verdict.outcome == pb::Outcome::Succeeded {
-                    verdict = Verdict::infrastructure(
-                        "artifact_upload_failed: the workspace could not be uploaded",
-                    );
+                    verdict = Verdict::infrastructure(settle::ARTIFACTS_LOST);
                 }
                 Artifacts::None
             }

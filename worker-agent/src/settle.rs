@@ -13,7 +13,7 @@ use drover_core::ids::{LeaseEpoch, RunId};
 use drover_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ApiError, epoch_to_wire};
+use crate::api::{ApiError, Patience, epoch_to_wire};
 use crate::execution::RunContext;
 use crate::executor::{ExecHandle, Executor};
 use crate::journal::JournalEntry;
@@ -63,7 +63,48 @@ pub async fn report(
     request: pb::ReportCompletionRequest,
     stop: &CancellationToken,
 ) -> bool {
-    match ctx.api.report_completion(request, stop).await {
+    let request = if request.inline_artifacts.is_empty() {
+        request
+    } else {
+        match ctx
+            .api
+            .report_completion_with(request.clone(), Patience::Retries(INLINE_RETRIES), stop)
+            .await
+        {
+            answer @ (Ok(_) | Err(ApiError::Stale { .. } | ApiError::Cancelled)) => {
+                return settled(answer);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not store the artifacts with the completion; reporting without them");
+                without_artifacts(request)
+            }
+        }
+    };
+    settled(ctx.api.report_completion(request, stop).await)
+}
+
+/// Tries of a completion carrying inline artifacts before it is sent without them (as an
+/// upload is tried before the attempt is failed for want of its artifacts).
+const INLINE_RETRIES: usize = 3;
+
+/// The completion with its inline artifacts dropped: never SUCCEEDED without them; a failure
+/// stays what it was.
+fn without_artifacts(mut request: pb::ReportCompletionRequest) -> pb::ReportCompletionRequest {
+    request.inline_artifacts.clear();
+    if request.outcome == pb::Outcome::Succeeded as i32 {
+        request.outcome = pb::Outcome::Failed as i32;
+        request.infrastructure_error = true;
+        request.reason = ARTIFACTS_LOST.to_owned();
+    }
+    request
+}
+
+/// The reason of an attempt failed because its files could not be stored.
+pub const ARTIFACTS_LOST: &str = "artifact_upload_failed: the workspace could not be uploaded";
+
+/// Whether a completion report's answer settles the attempt (see [`report`]).
+fn settled(answer: Result<pb::ReportCompletionResponse, ApiError>) -> bool {
+    match answer {
         Ok(resp) => {
             let state = state_from_proto(resp.state);
             tracing::info!(?state, "completion accepted");
@@ -126,4 +167,54 @@ async fn remove_execution(executor: &dyn Executor, handle: &ExecHandle) -> bool 
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_success_without_its_artifacts_is_an_infrastructure_failure_and_a_failure_stays() {
+        let file = pb::InlineArtifact {
+            entry: Some(pb::ArtifactEntry {
+                path: "out.txt".into(),
+                ..Default::default()
+            }),
+            content: b"x".to_vec(),
+        };
+        let ok = pb::ReportCompletionRequest {
+            outcome: pb::Outcome::Succeeded as i32,
+            exit_code: Some(0),
+            reason: "exited with code 0".into(),
+            inline_artifacts: vec![file.clone()],
+            ..Default::default()
+        };
+        let dropped = without_artifacts(ok);
+        assert!(dropped.inline_artifacts.is_empty());
+        assert_eq!(dropped.outcome, pb::Outcome::Failed as i32);
+        assert!(
+            dropped.infrastructure_error,
+            "retried while attempts remain"
+        );
+        assert_eq!(dropped.reason, ARTIFACTS_LOST);
+        assert_eq!(dropped.exit_code, Some(0), "what the process did is kept");
+
+        let failed = pb::ReportCompletionRequest {
+            outcome: pb::Outcome::Failed as i32,
+            exit_code: Some(3),
+            reason: "exited with code 3".into(),
+            inline_artifacts: vec![file],
+            ..Default::default()
+        };
+        let dropped = without_artifacts(failed);
+        assert!(dropped.inline_artifacts.is_empty());
+        assert_eq!(
+            (
+                dropped.outcome,
+                dropped.reason.as_str(),
+                dropped.infrastructure_error
+            ),
+            (pb::Outcome::Failed as i32, "exited with code 3", false)
+        );
+    }
 }
