@@ -8,6 +8,10 @@
 //! when the completion report naming that id ends the run (`end_attempt_with_artifacts`), in
 //! the same transaction as the terminal state. A failed stream deletes what it staged at
 //! once; anything else never committed is collected by [`collect_garbage`].
+//!
+//! Small uploads may instead ride in the completion report ([`store_inline`]): the same
+//! header checks ([`Manifest`]), each content checked whole against its size and hash, then
+//! the row and every blob, before the report's end commits them.
 
 use std::time::Duration;
 

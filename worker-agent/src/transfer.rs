@@ -1,5 +1,6 @@
 //! Moving a workspace's files to and from the API: after the process exits, the files it left
-//! (filtered by the spec's `outputs` globs) are streamed through `UploadArtifacts`; before it
+//! (filtered by the spec's `outputs` globs) go inline in the completion report when they are
+//! small ([`Collected::inline`]), else are streamed through `UploadArtifacts`; before it
 //! starts, `inputs_from_run` seeds the workspace through `DownloadInputs`.
 //!
 //! Both directions distrust what they handle. Uploading never follows a symlink the run made
