@@ -10,7 +10,7 @@
 //! once; anything else never committed is collected by [`collect_garbage`].
 //!
 //! Small uploads may instead ride in the completion report ([`store_inline`]): the same
-//! header checks ([`Manifest`]), each content checked whole against its size and hash, then
+//! header checks (`Manifest`), each content checked whole against its size and hash, then
 //! the row and every blob, before the report's end commits them.
 
 use std::time::Duration;
