@@ -321,8 +321,7 @@ impl AgentApi {
             fence: false,
         };
         if !inline.is_empty() {
-            upload =
-                Some(crate::artifacts::store_inline(&self.state, &agent, run, ep, inline).await?);
+            upload = crate::artifacts::store_inline(&self.state, &agent, run, ep, inline).await?;
         }
         let ended = async {
             let mut tx = self.state.pool.begin().await?;

@@ -375,14 +375,17 @@ pub const MAX_INLINE_BYTES: usize = 1024 * 1024;
 /// Stores a completion report's inline artifacts as an upload of `agent`'s lease and returns
 /// its id, for the report to commit with the end. Every entry passes the same checks as a
 /// streamed file, and its content must match its size and sha256. The row comes first (so
-/// the collector knows it), then every blob in one store step.
+/// the collector knows it), then every blob in one store step. `None` when the lease is not
+/// executing: nothing is stored, and the end decides, by the same rules as any report (a
+/// stale lease is refused; a repeat of this lease's own end after a lost answer is told
+/// what stands).
 pub async fn store_inline(
     state: &AppState,
     agent: &AgentId,
     run: RunId,
     epoch: i64,
     items: Vec<pb::InlineArtifact>,
-) -> ApiResult<Uuid> {
+) -> ApiResult<Option<Uuid>> {
     let total: usize = items.iter().map(|i| i.content.len()).sum();
     if total > MAX_INLINE_BYTES {
         return Err(ApiError::bad(
@@ -434,17 +437,14 @@ pub async fn store_inline(
     )
     .await?
     {
-        // The completion would be refused as stale too; say it the same way.
-        return Err(ApiError::Precondition(format!(
-            "run {run} is not executing under lease epoch {epoch} of agent {agent}; nothing was kept"
-        )));
+        return Ok(None);
     }
     metrics::counter!(drover_core::observe::names::ARTIFACT_BYTES).increment(manifest.bytes);
     if let Err(e) = state.artifacts.put_all(id, blobs).await {
         discard(state, id).await;
         return Err(e.into());
     }
-    Ok(id)
+    Ok(Some(id))
 }
 
 /// Deletes a failed upload's files, then its row (the collector retries whatever fails).

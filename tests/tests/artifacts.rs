@@ -342,7 +342,14 @@ async fn inline_artifacts_are_checked_stored_and_committed_with_the_end() {
         .await
         .unwrap();
     assert_eq!(done.state, pb::RunState::Succeeded as i32);
-    assert_committed_exactly(&stack, &run, &files).await;
+    let listed = assert_committed_exactly(&stack, &run, &files).await;
+    // A repeat after a lost answer is told what stands, and stores nothing again.
+    let again = agent
+        .complete_with_inline(&run, epoch, ok, Some(0), &files)
+        .await
+        .unwrap();
+    assert_eq!(again.state, pb::RunState::Succeeded as i32);
+    assert_eq!(list(&stack, &run).await.unwrap(), listed);
     let (entry, data) = get(&stack, &run, "escape").await.unwrap();
     assert!(entry.is_symlink && data.is_empty());
     // The streamed upload nobody committed is garbage now that the run ended.

@@ -346,12 +346,17 @@ async fn upload_workspace(
     }
     let files = collected.files.len();
     let bytes: u64 = collected.files.iter().map(|f| f.entry.size).sum();
-    if files <= INLINE_FILES
-        && let Some(inline) = collected.inline()
-    {
-        tracing::debug!(files, bytes, "artifacts go inline with the completion");
-        return Ok(Artifacts::Inline(inline));
-    }
+    let collected = if files <= INLINE_FILES {
+        match collected.into_inline() {
+            Ok(inline) => {
+                tracing::debug!(files, bytes, "artifacts go inline with the completion");
+                return Ok(Artifacts::Inline(inline));
+            }
+            Err(collected) => collected,
+        }
+    } else {
+        collected
+    };
     let uploaded = ctx
         .api
         .upload_artifacts(job.run_id, job.lease_epoch, collected.files, stop)

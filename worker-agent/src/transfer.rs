@@ -1,6 +1,6 @@
 //! Moving a workspace's files to and from the API: after the process exits, the files it left
 //! (filtered by the spec's `outputs` globs) go inline in the completion report when they are
-//! small ([`Collected::inline`]), else are streamed through `UploadArtifacts`; before it
+//! small ([`Collected::into_inline`]), else are streamed through `UploadArtifacts`; before it
 //! starts, `inputs_from_run` seeds the workspace through `DownloadInputs`.
 //!
 //! Both directions distrust what they handle. Uploading never follows a symlink the run made
@@ -69,23 +69,25 @@ pub struct Collected {
 
 impl Collected {
     /// The files as inline artifacts of the completion report, when every regular file's
-    /// content was kept (all of them fit the inline budget); `None` means: upload them.
-    /// The content sent is the content hashed, so a file changed since cannot mismatch.
-    pub fn inline(&self) -> Option<Vec<pb::InlineArtifact>> {
-        self.files
+    /// content was kept (all of them fit the inline budget); else the collection back, to
+    /// upload. The content sent is the content hashed, so a file changed since cannot
+    /// mismatch.
+    pub fn into_inline(self) -> Result<Vec<pb::InlineArtifact>, Collected> {
+        if self
+            .files
             .iter()
-            .map(|f| {
-                let content = match (&f.content, f.entry.is_symlink) {
-                    (_, true) => Vec::new(),
-                    (Some(c), false) => c.clone(),
-                    (None, false) => return None,
-                };
-                Some(pb::InlineArtifact {
-                    entry: Some(f.entry.clone()),
-                    content,
-                })
+            .any(|f| f.content.is_none() && !f.entry.is_symlink)
+        {
+            return Err(self);
+        }
+        Ok(self
+            .files
+            .into_iter()
+            .map(|f| pb::InlineArtifact {
+                entry: Some(f.entry),
+                content: f.content.unwrap_or_default(),
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -440,7 +442,7 @@ mod tests {
         std::fs::write(root.join("bad\\name"), "b").unwrap();
 
         let all = collect(root, &[], 0).await.unwrap();
-        assert!(all.inline().is_none(), "no budget: streamed");
+        let all = all.into_inline().expect_err("no budget: streamed");
         let paths: Vec<&str> = all.files.iter().map(|f| f.entry.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -478,7 +480,7 @@ mod tests {
         std::os::unix::fs::symlink("out.txt", root.join("link")).unwrap();
 
         let fits = collect(root, &[], 12).await.unwrap();
-        let inline = fits.inline().expect("12 bytes fit a budget of 12");
+        let inline = fits.into_inline().expect("12 bytes fit a budget of 12");
         let got: Vec<(&str, &[u8], bool)> = inline
             .iter()
             .map(|i| {
@@ -498,7 +500,7 @@ mod tests {
         assert_eq!(out.sha256, hex::encode(Sha256::digest(b"0123456789")));
 
         let over = collect(root, &[], 11).await.unwrap();
-        assert!(over.inline().is_none(), "one byte over: streamed");
+        let over = over.into_inline().expect_err("one byte over: streamed");
         assert_eq!(over.files.len(), 3, "the same files either way");
     }
 }
