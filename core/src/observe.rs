@@ -54,6 +54,7 @@ pub mod names {
     pub const PUBLISH_CONFIRM: &str = "drover_amqp_publish_confirm_seconds";
     pub const QUEUE_WAIT: &str = "drover_queue_wait_seconds";
     pub const DISPATCH_LATENCY: &str = "drover_dispatch_latency_seconds";
+    pub const DISPATCH_BATCH: &str = "drover_dispatch_batch_size";
     pub const ASSIGNMENTS: &str = "drover_assignments_total";
     pub const RUNS_PARKED: &str = "drover_runs_parked_total";
     pub const CONTAINER_START: &str = "drover_container_start_seconds";
@@ -95,6 +96,12 @@ pub fn recorder() -> Result<PrometheusHandle, ObserveError> {
     }
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(names::DISPATCH_BATCH.into()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+            )
+        })
         .map_err(|e| ObserveError::Recorder(e.to_string()))?;
     let recorder = builder.build_recorder();
     let handle = recorder.handle();
@@ -187,6 +194,10 @@ fn describe() {
         DISPATCH_LATENCY,
         Unit::Seconds,
         "From a run message's delivery to its assignment commit (runs assigned on arrival)"
+    );
+    describe_histogram!(
+        DISPATCH_BATCH,
+        "Run messages a dispatcher assigned together in one transaction"
     );
     describe_counter!(ASSIGNMENTS, "Runs assigned to an agent");
     describe_counter!(

@@ -3,20 +3,36 @@
 //! move the run to ASSIGNED under a new lease epoch and write the agent's command to the
 //! outbox. A duplicate message finds the run no longer QUEUED for that attempt and is dropped.
 //!
+//! Messages that arrive together are assigned as a batch ([`assign_batch`]), in one
+//! transaction: one locking read for all their runs, the agents locked once for the batch and
+//! their free slots shared out in memory (least loaded first), each tenant's quota counted
+//! once, one transition per run and one insert for all the agents' commands. One assignment
+//! per transaction held an agent's row locked across six round trips, so every assignment to
+//! that agent waited for the one before: measured on 2 cores at saturation, the lock wait was
+//! 24 ms a run and dispatch the largest share of the end-to-end time. A batch holds the same
+//! lock once for all its runs.
+//!
 //! Locks are taken in one order on every path — run row, agent row, tenant chain (the quota
 //! count, then the transition's event) — and the run row comes first as it does for cancels
 //! and reports (run, then chain), so assignments do not deadlock with them. Used for a run
 //! whose message just arrived ([`try_assign`]) and for parked runs ([`crate::parked`]).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+
 use drover_core::CoreError;
-use drover_core::ids::LeaseEpoch;
+use drover_core::ids::{LeaseEpoch, RunId, TenantId};
 use drover_core::messages::{self, AgentCommand, RunMessage};
 use drover_core::observe;
-use drover_core::repo::parking::{self, OverQuota, Precheck};
-use drover_core::repo::{RunRecord, Transition, TransitionPatch, agents, outbox, runs};
+use drover_core::repo::agents::LockedAgent;
+use drover_core::repo::parking::{self, BatchRead, OverQuota, Precheck};
+use drover_core::repo::{
+    EventRecord, RunRecord, Transition, TransitionPatch, agents, outbox, runs,
+};
 use drover_core::state::RunState;
+use drover_core::telemetry;
 use drover_core::topology;
 use sqlx::{PgPool, Postgres, Transaction};
+use tracing::Instrument;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -92,39 +108,66 @@ pub async fn assign_locked(
     {
         return Ok(Outcome::OverQuota(over));
     }
-    let t = Transition {
+    let (run, event) =
+        match runs::transition(&mut tx, &assignment(&queued, &agent_id, limits)).await {
+            Ok(done) => done,
+            // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
+            Err(CoreError::Refused(_)) => return Ok(Outcome::Obsolete),
+            Err(e) => return Err(e),
+        };
+    let command = command_row(&run, &agent_id, telemetry::current_traceparent());
+    let message = outbox::Message {
+        exchange: &command.exchange,
+        routing_key: &command.routing_key,
+        payload: &command.payload,
+        traceparent: command.traceparent.as_deref(),
+    };
+    let row = outbox::enqueue_leased(&mut tx, run.tenant_id, message, handoff.lease_ms()).await?;
+    tx.commit().await?;
+    handoff.hand(row);
+    committed(&queued, &event);
+    Ok(Outcome::Assigned {
+        agent_id,
+        epoch: run.lease_epoch,
+        seq: event.seq,
+    })
+}
+
+/// The ASSIGNED transition of `queued` to `agent_id`, under a new lease epoch.
+fn assignment(queued: &RunRecord, agent_id: &str, limits: Limits) -> Transition {
+    Transition {
         tenant: Some(queued.tenant_id),
         expected_attempt: Some(queued.attempt),
         reason: Some(format!("assigned to {agent_id}")),
         patch: TransitionPatch::Assign {
-            agent_id: agent_id.clone(),
+            agent_id: agent_id.to_owned(),
             lease_ttl_ms: limits.lease_ttl_ms,
         },
         ..Transition::new(queued.id, RunState::Assigned)
-    };
-    let (run, event) = match runs::transition(&mut tx, &t).await {
-        Ok(done) => done,
-        // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
-        Err(CoreError::Refused(_)) => return Ok(Outcome::Obsolete),
-        Err(e) => return Err(e),
-    };
+    }
+}
+
+/// The agent's `Execute` command for the assigned `run`, as an outbox row (its id is set by
+/// the insert), continuing the trace `traceparent` names.
+fn command_row(run: &RunRecord, agent_id: &str, traceparent: Option<String>) -> outbox::OutboxRow {
     let cmd = AgentCommand::Execute {
         run_id: run.id,
         tenant_id: run.tenant_id,
         attempt: run.attempt,
         lease_epoch: LeaseEpoch(run.lease_epoch),
     };
-    let traceparent = drover_core::telemetry::current_traceparent();
-    let message = outbox::Message {
-        exchange: topology::AGENTS_EXCHANGE,
-        routing_key: &agent_id,
-        payload: &messages::encode(&cmd),
-        traceparent: traceparent.as_deref(),
-    };
-    let row = outbox::enqueue_leased(&mut tx, run.tenant_id, message, handoff.lease_ms()).await?;
-    tx.commit().await?;
-    handoff.hand(row);
-    observe::record_transition(&event);
+    outbox::OutboxRow {
+        id: 0,
+        exchange: topology::AGENTS_EXCHANGE.to_owned(),
+        routing_key: agent_id.to_owned(),
+        payload: messages::encode(&cmd),
+        traceparent,
+    }
+}
+
+/// After an assignment committed: its transition and queue wait in the metrics.
+fn committed(queued: &RunRecord, event: &EventRecord) {
+    observe::record_transition(event);
     metrics::counter!(observe::names::ASSIGNMENTS).increment(1);
     // Queue wait: from when the attempt became dispatchable (entered QUEUED, or its retry
     // backoff ended) to this commit. `queued` is the locked read of the same QUEUED row.
@@ -136,9 +179,173 @@ pub async fn assign_locked(
         .max(0) as f64
         / 1000.0;
     metrics::histogram!(observe::names::QUEUE_WAIT).record(waited);
-    Ok(Outcome::Assigned {
-        agent_id,
-        epoch: run.lease_epoch,
-        seq: event.seq,
-    })
+}
+
+/// One message of a batch, with the span its assignment is traced in.
+pub struct BatchItem {
+    pub msg: RunMessage,
+    pub span: tracing::Span,
+}
+
+/// The agents one selector (pool and labels) of a batch may use, with the slots left.
+type Selector = (String, BTreeMap<String, String>);
+
+/// Assigns the runs of `items` in one transaction (see the module doc) and returns one
+/// outcome per item, in order. Runs that cannot be placed come back as `NoCapacity`,
+/// `OverQuota` or `BehindParked` for the caller to park; once one run of a pool is held back,
+/// the pool's later runs in the batch queue behind it, as they would behind a parked run.
+/// A second message for a run earlier in the batch is `Obsolete`.
+///
+/// Agents are locked per selector, in the order the selectors sort; only the first selector
+/// may wait for an agent another assigner holds (a later one waiting while this transaction
+/// holds agents could close a cycle with another batch), so a later selector whose agents are
+/// all held gets `NoCapacity` and is parked, which the parked-run scheduler places promptly.
+pub async fn assign_batch(
+    pool: &PgPool,
+    items: &[BatchItem],
+    limits: Limits,
+    handoff: &outbox::Handoff,
+) -> Result<Vec<Outcome>, CoreError> {
+    let keys: Vec<(TenantId, RunId, i32)> = items
+        .iter()
+        .map(|i| (i.msg.tenant_id, i.msg.run_id, i.msg.attempt))
+        .collect();
+    let mut tx = pool.begin().await?;
+    let reads = parking::lock_queued_batch(&mut tx, &keys).await?;
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
+    let mut queued: Vec<Option<Box<RunRecord>>> = Vec::with_capacity(items.len());
+    let mut seen = HashSet::new();
+    let mut wanted: BTreeMap<Selector, usize> = BTreeMap::new();
+    let mut tenants = std::collections::BTreeSet::new();
+    for read in reads {
+        match read {
+            BatchRead::Queued { run, .. } if !seen.insert(run.id) => {
+                outcomes.push(Some(Outcome::Obsolete));
+                queued.push(None);
+            }
+            BatchRead::Queued {
+                behind_parked: true,
+                ..
+            } => {
+                outcomes.push(Some(Outcome::BehindParked));
+                queued.push(None);
+            }
+            BatchRead::Queued { run, .. } => {
+                *wanted
+                    .entry((run.spec.pool.clone(), run.spec.labels.clone()))
+                    .or_default() += 1;
+                tenants.insert(run.tenant_id.0);
+                outcomes.push(None);
+                queued.push(Some(run));
+            }
+            BatchRead::Obsolete => {
+                outcomes.push(Some(Outcome::Obsolete));
+                queued.push(None);
+            }
+            BatchRead::Unknown => {
+                outcomes.push(Some(Outcome::UnknownRun));
+                queued.push(None);
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(outcomes.into_iter().flatten().collect());
+    }
+    // Locks in the one order: the runs (above), the agents, then the tenants (sorted).
+    let mut fleet: HashMap<Selector, Vec<LockedAgent>> = HashMap::new();
+    for (i, (selector, n)) in wanted.into_iter().enumerate() {
+        let locked = agents::lock_for_batch(
+            &mut tx,
+            &selector.0,
+            &selector.1,
+            limits.lease_ttl_ms,
+            n,
+            i == 0,
+        )
+        .await?;
+        fleet.insert(selector, locked);
+    }
+    let mut room: HashMap<TenantId, Option<(i64, i64)>> = HashMap::new();
+    for tenant in tenants.into_iter().map(TenantId) {
+        let r = parking::quota_room(&mut tx, tenant, limits.default_max_concurrent).await?;
+        room.insert(tenant, r);
+    }
+    let mut held_back: HashSet<String> = HashSet::new();
+    let mut assigned: Vec<(RunRecord, EventRecord)> = Vec::new();
+    let mut commands: Vec<(TenantId, outbox::OutboxRow)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(run) = queued[i].take() else {
+            continue;
+        };
+        let pool_name = run.spec.pool.clone();
+        if held_back.contains(&pool_name) {
+            outcomes[i] = Some(Outcome::BehindParked);
+            continue;
+        }
+        let selector = (pool_name.clone(), run.spec.labels.clone());
+        let agents = fleet.get_mut(&selector);
+        // Least loaded first, as a single assignment picks.
+        let agent = agents.and_then(|a| {
+            a.iter_mut()
+                .filter(|a| a.active < a.capacity)
+                .min_by(|x, y| {
+                    let (lx, ly) = (x.active * y.capacity, y.active * x.capacity);
+                    lx.cmp(&ly).then_with(|| x.id.cmp(&y.id))
+                })
+        });
+        let Some(agent) = agent else {
+            outcomes[i] = Some(Outcome::NoCapacity);
+            held_back.insert(pool_name);
+            continue;
+        };
+        if let Some(Some((active, limit))) = room.get(&run.tenant_id)
+            && active >= limit
+        {
+            outcomes[i] = Some(Outcome::OverQuota(OverQuota {
+                active: *active,
+                limit: *limit,
+            }));
+            held_back.insert(pool_name);
+            continue;
+        }
+        let t = assignment(&run, &agent.id, limits);
+        let (done, event) = match runs::transition(&mut tx, &t)
+            .instrument(item.span.clone())
+            .await
+        {
+            Ok(done) => done,
+            // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
+            Err(CoreError::Refused(_)) => {
+                outcomes[i] = Some(Outcome::Obsolete);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        agent.active += 1;
+        if let Some(Some((active, _))) = room.get_mut(&run.tenant_id) {
+            *active += 1;
+        }
+        commands.push((
+            done.tenant_id,
+            command_row(&done, &agent.id, telemetry::traceparent_of(&item.span)),
+        ));
+        outcomes[i] = Some(Outcome::Assigned {
+            agent_id: agent.id.clone(),
+            epoch: done.lease_epoch,
+            seq: event.seq,
+        });
+        assigned.push((*run, event));
+    }
+    let rows = outbox::enqueue_leased_many(&mut tx, &commands, handoff.lease_ms()).await?;
+    tx.commit().await?;
+    for row in rows {
+        handoff.hand(row);
+    }
+    for (run, event) in &assigned {
+        committed(run, event);
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Obsolete))
+        .collect())
 }

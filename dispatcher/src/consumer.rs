@@ -4,13 +4,13 @@
 //! ends (a consumer that silently stops is the classic failure this loop exists to prevent).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use drover_core::events::EventBus;
 use drover_core::messages::{self, RunMessage};
 use drover_core::repo::{outbox, parking};
 use drover_core::{amqp, telemetry, topology};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -18,13 +18,19 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::assign::{Limits, Outcome, try_assign};
+use crate::assign::{BatchItem, Limits, Outcome, assign_batch, try_assign};
 use crate::settings::Settings;
+
+/// Most messages one batch assigns.
+const MAX_BATCH: usize = 64;
+/// Batches of one pool's consumer in flight at once: one in the database while the next
+/// gathers, and two dispatchers' worth of overlap where agents are many.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 #[derive(Clone)]
 pub struct PoolConsumer {
@@ -94,43 +100,134 @@ impl PoolConsumer {
             .await?;
         tracing::info!(pool = %self.pool_name, queue = %queue, "dispatcher consuming");
         self.health.set("rabbitmq", Ok(()));
+        let batches = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        let stop = || async {
+            // Stop intake; unacked deliveries return to the queue when the channel closes,
+            // after in-flight handlers have acked or nacked what they hold.
+            let _ = ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        };
         loop {
-            tokio::select! {
+            // A free batch slot first, then whatever has arrived: while both batches are in
+            // the database, deliveries gather and the next batch takes them all.
+            let permit = tokio::select! {
                 _ = cancel.cancelled() => {
-                    // Stop intake; unacked deliveries return to the queue when the channel
-                    // closes, after in-flight handlers have acked or nacked what they hold.
-                    let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    stop().await;
                     return Ok(());
                 }
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let this = self.clone();
-                        let cancel = cancel.clone();
-                        in_flight.spawn(async move { this.handle(delivery, cancel).await });
-                    }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                        lapin::ConnectionState::Closed,
-                    )).into()),
+                permit = batches.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return Ok(()),
                 },
+            };
+            let first = tokio::select! {
+                _ = cancel.cancelled() => {
+                    stop().await;
+                    return Ok(());
+                }
+                next = consumer.next() => next,
+            };
+            let first = match first {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                        lapin::ConnectionState::Closed,
+                    ))
+                    .into());
+                }
+            };
+            let mut batch = vec![first];
+            let mut broken = None;
+            while batch.len() < MAX_BATCH {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Err(e))) => {
+                        broken = Some(e);
+                        break;
+                    }
+                    // Nothing more ready now (or the stream ended: the next turn says so).
+                    Some(None) | None => break,
+                }
+            }
+            let this = self.clone();
+            let cancel = cancel.clone();
+            in_flight.spawn(async move {
+                this.handle_batch(batch, cancel).await;
+                drop(permit);
+            });
+            if let Some(e) = broken {
+                return Err(e.into());
             }
         }
     }
 
-    async fn handle(&self, delivery: Delivery, cancel: CancellationToken) {
-        let msg: RunMessage = match messages::decode(&delivery.data) {
-            Ok(m) => m,
+    /// Decodes a batch (dead-lettering what does not parse), assigns it in one transaction
+    /// and settles each message. If the batch fails as a whole (the database went away),
+    /// each message takes the single-run path, which retries with backoff.
+    async fn handle_batch(&self, deliveries: Vec<Delivery>, cancel: CancellationToken) {
+        let received = Instant::now();
+        let mut kept = Vec::with_capacity(deliveries.len());
+        let mut items = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match messages::decode::<RunMessage>(&delivery.data) {
+                Ok(msg) => {
+                    let span = self.span(&msg, &delivery);
+                    items.push(BatchItem { msg, span });
+                    kept.push(delivery);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %self.pool_name, error = %e, "unparseable run message dead-lettered");
+                    amqp::settle(
+                        "reject",
+                        delivery.reject(BasicRejectOptions { requeue: false }),
+                    )
+                    .await;
+                }
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        let outcomes: Vec<Option<Outcome>> = match assign_batch(
+            &self.db,
+            &items,
+            self.limits(),
+            &self.outbox,
+        )
+        .await
+        {
+            Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
             Err(e) => {
-                tracing::warn!(pool = %self.pool_name, error = %e, "unparseable run message dead-lettered");
-                amqp::settle(
-                    "reject",
-                    delivery.reject(BasicRejectOptions { requeue: false }),
-                )
-                .await;
-                return;
+                tracing::warn!(pool = %self.pool_name, runs = items.len(), error = %e, "batch assignment failed; assigning one by one");
+                (0..items.len()).map(|_| None).collect()
             }
         };
-        // The assignment is a span of the run's trace, continuing the publisher's.
+        metrics::histogram!(drover_core::observe::names::DISPATCH_BATCH).record(items.len() as f64);
+        for ((delivery, item), outcome) in kept.into_iter().zip(items).zip(outcomes) {
+            let BatchItem { msg, span } = item;
+            let settled = match outcome {
+                Some(outcome) => {
+                    self.settle(&delivery, &msg, outcome, received)
+                        .instrument(span.clone())
+                        .await
+                }
+                None => Err(None),
+            };
+            if let Err(e) = settled {
+                if let Some(e) = e {
+                    tracing::warn!(run_id = %msg.run_id, error = %e, "parking failed; retrying");
+                }
+                self.assign(delivery, msg, received, cancel.clone())
+                    .instrument(span)
+                    .await;
+            }
+        }
+    }
+
+    /// The run's `dispatcher.assign` span, continuing the publisher's trace.
+    fn span(&self, msg: &RunMessage, delivery: &Delivery) -> tracing::Span {
         let span = tracing::info_span!(
             "dispatcher.assign",
             otel.kind = "consumer",
@@ -146,74 +243,95 @@ impl PoolConsumer {
             &span,
             telemetry::amqp_traceparent(&delivery.properties).as_deref(),
         );
-        self.assign(delivery, msg, cancel).instrument(span).await;
+        span
     }
 
-    /// Assigns the run, waiting for capacity, then settles the message.
-    async fn assign(&self, delivery: Delivery, msg: RunMessage, cancel: CancellationToken) {
-        let received = std::time::Instant::now();
-        let limits = Limits {
+    fn limits(&self) -> Limits {
+        Limits {
             lease_ttl_ms: i64::try_from(self.settings.lease.lease_ttl_ms).unwrap_or(i64::MAX),
             default_max_concurrent: self.settings.quota.max_concurrent_runs,
-        };
+        }
+    }
+
+    /// Acts on an assignment's outcome: acks (assigned, duplicate, or parked to wait for
+    /// capacity or quota) or dead-letters (an unknown run). `Err` when parking failed, for
+    /// the caller to retry the message.
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        msg: &RunMessage,
+        outcome: Outcome,
+        received: Instant,
+    ) -> Result<(), Option<drover_core::CoreError>> {
+        match outcome {
+            Outcome::Assigned {
+                agent_id,
+                epoch,
+                seq,
+            } => {
+                let span = tracing::Span::current();
+                span.record("agent_id", agent_id.as_str());
+                span.record("epoch", epoch);
+                tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
+                amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
+                metrics::histogram!(drover_core::observe::names::DISPATCH_LATENCY)
+                    .record(received.elapsed().as_secs_f64());
+                self.bus.run_event(msg.run_id, seq);
+            }
+            Outcome::Obsolete => {
+                tracing::debug!(run_id = %msg.run_id, attempt = msg.attempt, "duplicate or superseded message dropped");
+                amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
+            }
+            Outcome::UnknownRun => {
+                tracing::warn!(run_id = %msg.run_id, "message for unknown run dead-lettered");
+                amqp::settle(
+                    "reject",
+                    delivery.reject(BasicRejectOptions { requeue: false }),
+                )
+                .await;
+            }
+            waits @ (Outcome::NoCapacity | Outcome::OverQuota(_) | Outcome::BehindParked) => {
+                // Park it and ack, so the queue drains past it (one tenant's backlog must not
+                // hold the runs behind it); the scheduler assigns it in fair order.
+                let over = match waits {
+                    Outcome::OverQuota(q) => Some(q.limit),
+                    _ => None,
+                };
+                let parked = parking::park(&self.db, msg.run_id, msg.attempt, over)
+                    .await
+                    .map_err(Some)?;
+                if parked {
+                    tracing::debug!(run_id = %msg.run_id, pool = %self.pool_name, why = ?waits, "run parked");
+                    metrics::counter!(drover_core::observe::names::RUNS_PARKED).increment(1);
+                    self.parked.notify_one();
+                }
+                amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The single-run path: assigns the run, retrying with backoff while the database fails,
+    /// then settles the message.
+    async fn assign(
+        &self,
+        delivery: Delivery,
+        msg: RunMessage,
+        received: Instant,
+        cancel: CancellationToken,
+    ) {
         let mut db_backoff = Duration::from_millis(200);
         loop {
-            let failed = match try_assign(&self.db, &msg, limits, &self.outbox).await {
-                Ok(Outcome::Assigned {
-                    agent_id,
-                    epoch,
-                    seq,
-                }) => {
-                    let span = tracing::Span::current();
-                    span.record("agent_id", agent_id.as_str());
-                    span.record("epoch", epoch);
-                    tracing::info!(run_id = %msg.run_id, attempt = msg.attempt, agent_id = %agent_id, epoch, "run assigned");
-                    amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
-                    metrics::histogram!(drover_core::observe::names::DISPATCH_LATENCY)
-                        .record(received.elapsed().as_secs_f64());
-                    self.bus.run_event(msg.run_id, seq);
-                    return;
-                }
-                Ok(Outcome::Obsolete) => {
-                    tracing::debug!(run_id = %msg.run_id, attempt = msg.attempt, "duplicate or superseded message dropped");
-                    amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
-                    return;
-                }
-                Ok(Outcome::UnknownRun) => {
-                    tracing::warn!(run_id = %msg.run_id, "message for unknown run dead-lettered");
-                    amqp::settle(
-                        "reject",
-                        delivery.reject(BasicRejectOptions { requeue: false }),
-                    )
-                    .await;
-                    return;
-                }
-                Ok(
-                    waits @ (Outcome::NoCapacity | Outcome::OverQuota(_) | Outcome::BehindParked),
-                ) => {
-                    // Park it and ack, so the queue drains past it (one tenant's backlog must
-                    // not hold the runs behind it); the scheduler assigns it in fair order.
-                    let over = match waits {
-                        Outcome::OverQuota(q) => Some(q.limit),
-                        _ => None,
-                    };
-                    match parking::park(&self.db, msg.run_id, msg.attempt, over).await {
-                        Ok(parked) => {
-                            if parked {
-                                tracing::debug!(run_id = %msg.run_id, pool = %self.pool_name, why = ?waits, "run parked");
-                                metrics::counter!(drover_core::observe::names::RUNS_PARKED)
-                                    .increment(1);
-                                self.parked.notify_one();
-                            }
-                            amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
-                            return;
-                        }
-                        Err(e) => e,
-                    }
-                }
-                Err(e) => e,
+            let failed = match try_assign(&self.db, &msg, self.limits(), &self.outbox).await {
+                Ok(outcome) => match self.settle(&delivery, &msg, outcome, received).await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
+                Err(e) => Some(e),
             };
-            tracing::warn!(run_id = %msg.run_id, error = %failed, "assignment failed; retrying");
+            if let Some(failed) = failed {
+                tracing::warn!(run_id = %msg.run_id, error = %failed, "assignment failed; retrying");
+            }
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(db_backoff) => {},

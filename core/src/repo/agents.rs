@@ -302,6 +302,78 @@ pub async fn pick_and_lock(
     Ok(None)
 }
 
+/// An agent locked for the caller's transaction, with its slots counted under the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockedAgent {
+    pub id: String,
+    pub capacity: i64,
+    /// Its runs ASSIGNED or RUNNING, counted after the lock was held.
+    pub active: i64,
+}
+
+/// For a batch of `wanted` runs with one selector: locks up to `wanted` live, non-draining
+/// agents of `pool` whose labels include `labels` and which have a free slot, least loaded
+/// first, skipping agents other assigners hold; when every candidate is held and `may_wait`,
+/// waits for the least loaded one, as [`pick_and_lock`] does. Their active runs are counted again once the
+/// locks are held (the first count is from before), so the slots are exact. Empty: no agent
+/// fits or has a free slot.
+///
+/// `wanted` agents are enough, since each has a free slot; locking no more leaves the rest of
+/// the fleet to other dispatchers.
+pub async fn lock_for_batch(
+    conn: &mut PgConnection,
+    pool: &str,
+    labels: &BTreeMap<String, String>,
+    liveness_ms: i64,
+    wanted: usize,
+    may_wait: bool,
+) -> Result<Vec<LockedAgent>, CoreError> {
+    let none: Vec<String> = Vec::new();
+    let limit = i64::try_from(wanted.max(1)).unwrap_or(i64::MAX);
+    let skip = PICK_SQL.replace("LIMIT 1", "LIMIT $5");
+    let mut ids: Vec<String> = sqlx::query_scalar(&skip.replace("a.id, a.capacity", "a.id"))
+        .bind(pool)
+        .bind(liveness_ms)
+        .bind(Json(labels))
+        .bind(&none)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    if ids.is_empty() && may_wait {
+        let wait = PICK_SQL.replace("SKIP LOCKED", "");
+        ids = sqlx::query_scalar(&wait.replace("a.id, a.capacity", "a.id"))
+            .bind(pool)
+            .bind(liveness_ms)
+            .bind(Json(labels))
+            .bind(&none)
+            .fetch_all(&mut *conn)
+            .await?;
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT a.id, a.capacity::bigint AS capacity, (SELECT count(*) FROM runs r \
+           WHERE r.agent_id = a.id AND r.state IN ('ASSIGNED', 'RUNNING')) AS active \
+         FROM agents a WHERE a.id = ANY($1) ORDER BY a.id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut locked = Vec::with_capacity(rows.len());
+    for row in rows {
+        let agent = LockedAgent {
+            id: row.try_get("id")?,
+            capacity: row.try_get("capacity")?,
+            active: row.try_get("active")?,
+        };
+        if agent.active < agent.capacity {
+            locked.push(agent);
+        }
+    }
+    Ok(locked)
+}
+
 const PICK_SQL: &str = "SELECT a.id, a.capacity FROM agents a \
      WHERE a.pool = $1 AND NOT a.draining \
        AND a.last_heartbeat_at > now() - $2::bigint * interval '1 millisecond' \

@@ -40,6 +40,78 @@ pub async fn lock_queued(
     row.as_ref().map(RunRecord::from_row).transpose()
 }
 
+/// What the locking read of a batch found for one of its messages.
+#[derive(Debug)]
+pub enum BatchRead {
+    /// QUEUED at the message's attempt and now locked; `behind_parked`: runs of its pool are
+    /// parked, so it queues behind them.
+    Queued {
+        run: Box<RunRecord>,
+        behind_parked: bool,
+    },
+    /// No longer QUEUED at that attempt: a duplicate, or another dispatcher got there first.
+    Obsolete,
+    /// No run with that id for that tenant.
+    Unknown,
+}
+
+/// [`precheck`] and [`lock_queued`] for a batch of dispatch messages
+/// (`(tenant, run, attempt)`), in one statement: locks, in id order (so two batches cannot
+/// deadlock), every named run that is QUEUED, and says per message what it found. A second
+/// read, of the runs it did not find, tells a duplicate from an unknown run; it happens only
+/// when some message was not dispatchable.
+pub async fn lock_queued_batch(
+    conn: &mut PgConnection,
+    messages: &[(TenantId, RunId, i32)],
+) -> Result<Vec<BatchRead>, CoreError> {
+    let ids: Vec<uuid::Uuid> = messages.iter().map(|(_, r, _)| r.0).collect();
+    let rows = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS}, EXISTS (SELECT 1 FROM runs p WHERE p.pool = runs.pool \
+           AND p.state = 'QUEUED' AND p.parked_at IS NOT NULL) AS behind_parked \
+         FROM runs WHERE id = ANY($1) AND state = 'QUEUED' ORDER BY id FOR UPDATE OF runs"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let run = RunRecord::from_row(row)?;
+        let behind: bool = row.try_get("behind_parked")?;
+        found.insert(run.id, (run, behind));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    let mut missing = Vec::new();
+    for (i, (tenant, id, attempt)) in messages.iter().enumerate() {
+        match found.get(id) {
+            Some((run, behind)) if run.tenant_id == *tenant && run.attempt == *attempt => {
+                out.push(BatchRead::Queued {
+                    run: Box::new(run.clone()),
+                    behind_parked: *behind,
+                });
+            }
+            Some((run, _)) if run.tenant_id == *tenant => out.push(BatchRead::Obsolete),
+            _ => {
+                out.push(BatchRead::Unknown);
+                missing.push((i, id.0, tenant.0));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let ids: Vec<uuid::Uuid> = missing.iter().map(|(_, id, _)| *id).collect();
+        let known: Vec<(uuid::Uuid, uuid::Uuid)> =
+            sqlx::query_as("SELECT id, tenant_id FROM runs WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *conn)
+                .await?;
+        for (i, id, tenant) in missing {
+            if known.contains(&(id, tenant)) {
+                out[i] = BatchRead::Obsolete;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Parks the run if it is still QUEUED at `attempt` (keeping the first parking time, so its
 /// place among its tenant's runs is stable). `over_quota`: the concurrency limit its tenant
 /// was found at. False when the run moved on meanwhile.
@@ -208,6 +280,20 @@ pub async fn check_quota(
     tenant: TenantId,
     default_limit: u32,
 ) -> Result<Option<OverQuota>, CoreError> {
+    Ok(quota_room(conn, tenant, default_limit)
+        .await?
+        .filter(|(active, limit)| active >= limit)
+        .map(|(active, limit)| OverQuota { active, limit }))
+}
+
+/// The tenant's runs ASSIGNED or RUNNING and its limit, `(active, limit)`, counted under its
+/// concurrency-quota lock, which the caller's transaction then holds; `None` when no limit
+/// applies (and no lock is taken). A batch of assignments counts its own on top.
+pub async fn quota_room(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    default_limit: u32,
+) -> Result<Option<(i64, i64)>, CoreError> {
     let own: Option<Option<i32>> =
         sqlx::query_scalar("SELECT max_concurrent_runs FROM tenants WHERE id = $1")
             .bind(tenant.0)
@@ -223,7 +309,7 @@ pub async fn check_quota(
     .bind(tenant.0)
     .fetch_one(&mut *conn)
     .await?;
-    Ok((active >= limit).then_some(OverQuota { active, limit }))
+    Ok(Some((active, limit)))
 }
 
 /// Records on the tenant's parked runs in the pool the limit it is held at, for GetRun's
