@@ -184,6 +184,11 @@ struct StressArgs {
     agent_capacity: Option<u32>,
     #[arg(long, default_value = "warn")]
     stack_log: String,
+    /// With --spawn-stack: the agents' workspace root (`DROVER_WORKSPACE_ROOT`; default: the
+    /// agent's, under the temp dir). Each run creates and removes a few files there, which
+    /// costs far more on some filesystems than others (see the README's performance notes).
+    #[arg(long)]
+    workspace_root: Option<PathBuf>,
     #[command(flatten)]
     services: ServiceArgs,
     /// What each Celery task does: `noop` (control plane) or `docker` (the same container).
@@ -250,6 +255,7 @@ async fn stress(
         rabbit_host: a.services.rabbit_host.clone(),
         log_dir: a.out.join("logs"),
         rust_log: a.stack_log.clone(),
+        workspace_root: a.workspace_root.clone(),
     });
     let cfg = StressConfig {
         endpoint,

@@ -176,8 +176,12 @@ pub async fn run(cfg: StressConfig) -> Result<Report, StressError> {
             workload: cfg.workload.name().to_owned(),
             mode,
             stop,
-            endpoint: if cfg.spawn.is_some() {
-                format!("spawned ({endpoint})")
+            endpoint: if let Some(spawn) = &cfg.spawn {
+                let workspaces = spawn.workspace_root.as_ref().map_or_else(
+                    || "the agents' default".to_owned(),
+                    |r| r.display().to_string(),
+                );
+                format!("spawned ({endpoint}; workspaces under {workspaces})")
             } else {
                 endpoint
             },

@@ -23,6 +23,8 @@ pub struct SpawnConfig {
     pub log_dir: PathBuf,
     /// `RUST_LOG` for the processes.
     pub rust_log: String,
+    /// The agents' workspace root; `None`: the agent's default.
+    pub workspace_root: Option<PathBuf>,
 }
 
 pub type SpawnError = StackError;
@@ -54,7 +56,11 @@ impl SpawnedStack {
             agent_executor: "docker".into(),
             // So `--workload mock` measures the control plane on the same agents.
             allowed_executors: "mock".into(),
-            env: Vec::new(),
+            env: cfg
+                .workspace_root
+                .iter()
+                .map(|root| ("DROVER_WORKSPACE_ROOT".to_owned(), root.display().to_string()))
+                .collect(),
             api_env: Vec::new(),
             journal_dir: None,
             log_dir: cfg.log_dir.clone(),
