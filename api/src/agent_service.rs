@@ -325,18 +325,19 @@ impl AgentApi {
         }
         let ended = async {
             let mut tx = self.state.pool.begin().await?;
-            let started = match fold_start {
+            let (started, locked) = match fold_start {
                 Some(t) => match runs::transition(&mut tx, &t).await {
-                    Ok((_, event)) => Some(event),
+                    Ok((rec, event)) => (Some(event), Some(rec)),
                     // Reported after all, or the lease is gone: the end decides below, under
                     // the same lock, and refuses what is stale.
-                    Err(CoreError::Refused(_)) => None,
+                    Err(CoreError::Refused(_)) => (None, None),
                     Err(e) => return Err(e),
                 },
-                None => None,
+                None => (None, None),
             };
             let done =
-                attempts::end_attempt_with_artifacts(&mut tx, run, &holder, end, upload).await?;
+                attempts::end_attempt_with_artifacts(&mut tx, run, &holder, end, upload, locked)
+                    .await?;
             tx.commit().await?;
             if let Some(event) = &started {
                 observe::record_transition(event);

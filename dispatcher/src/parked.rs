@@ -9,7 +9,10 @@
 //!
 //! It wakes on capacity notifications (a run ended, an agent registered or came back), on a
 //! poke from the consumer after it parked a run, and every `capacity_recheck_ms` as a
-//! backstop; it never spins. Each assignment is its own transaction on a run row locked with
+//! backstop; it never spins. A capacity notification makes it look only if its last look
+//! found runs parked in the pool: runs end far more often than runs park, and a pool with
+//! nothing parked gains nothing from a query per ended run. Runs another dispatcher parked
+//! and left (it died) are found by the backstop. Each assignment is its own transaction on a run row locked with
 //! `FOR UPDATE SKIP LOCKED`, through the same compare-and-set as a direct assignment, so the
 //! schedulers of several dispatchers share the parked runs safely, and a restarted dispatcher
 //! finds them in Postgres.
@@ -47,43 +50,59 @@ impl ParkedScheduler {
     pub async fn run(self, cancel: CancellationToken) {
         let mut served: HashMap<TenantId, Instant> = HashMap::new();
         let mut db_backoff = Duration::from_millis(200);
+        // Whether the last look found nothing parked in the pool. Every run that ends wakes
+        // the scheduler (a capacity notification); with nothing parked that wake-up only cost
+        // a query, once per run. So a capacity wake-up alone does not look while the pool was
+        // empty: a run parked by this dispatcher pokes it, and the backstop below (which
+        // capacity wake-ups do not push back) still looks every `recheck` for runs another
+        // dispatcher parked and left.
+        let mut empty = false;
+        let mut backstop = tokio::time::Instant::now();
+        let mut look = true;
         loop {
             // Arm the wake-up before looking, so capacity freed meanwhile is not missed. (A
             // poke while draining is kept as a permit by the Notify.)
             let woken = self.capacity.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let pause = match self.drain(&mut served, &cancel).await {
-                Ok(n) => {
-                    db_backoff = Duration::from_millis(200);
-                    if n > 0 {
-                        tracing::debug!(pool = %self.pool_name, assigned = n, "parked runs assigned");
+            if look || tokio::time::Instant::now() >= backstop {
+                let pause = match self.drain(&mut served, &cancel).await {
+                    Ok((n, any)) => {
+                        db_backoff = Duration::from_millis(200);
+                        empty = !any;
+                        if n > 0 {
+                            tracing::debug!(pool = %self.pool_name, assigned = n, "parked runs assigned");
+                        }
+                        self.recheck
                     }
-                    self.recheck
-                }
-                Err(e) => {
-                    tracing::warn!(pool = %self.pool_name, error = %e, "parked-run scheduling failed; retrying");
-                    let pause = db_backoff;
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
-                    pause
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = &mut woken => {},
-                _ = self.parked.notified() => {},
-                _ = tokio::time::sleep(pause) => {},
+                    Err(e) => {
+                        tracing::warn!(pool = %self.pool_name, error = %e, "parked-run scheduling failed; retrying");
+                        empty = false;
+                        let pause = db_backoff;
+                        db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                        pause
+                    }
+                };
+                backstop = tokio::time::Instant::now() + pause;
             }
+            look = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = &mut woken => !empty,
+                _ = self.parked.notified() => true,
+                _ = tokio::time::sleep_until(backstop) => true,
+            };
         }
     }
 
-    /// Assigns parked runs until none fits; the number assigned.
+    /// Assigns parked runs until none fits: the number assigned, and whether any run was
+    /// parked in the pool when it first looked.
     async fn drain(
         &self,
         served: &mut HashMap<TenantId, Instant>,
         cancel: &CancellationToken,
-    ) -> Result<usize, CoreError> {
+    ) -> Result<(usize, bool), CoreError> {
         let mut assigned = 0;
+        let mut any = false;
         // Label sets no agent had room for, and tenants at their quota, in this drain.
         let mut full_labels: Vec<serde_json::Value> = Vec::new();
         let mut held: HashSet<TenantId> = HashSet::new();
@@ -93,6 +112,7 @@ impl ParkedScheduler {
             if first {
                 // Forget tenants with nothing parked; the map stays as small as the backlog.
                 served.retain(|t, _| tenants.iter().any(|p| p.tenant == *t));
+                any = !tenants.is_empty();
                 first = false;
             }
             tenants.retain(|t| !held.contains(&t.tenant));
@@ -129,7 +149,7 @@ impl ParkedScheduler {
                         }
                         Outcome::NoCapacity if labels.is_empty() => {
                             // Every agent of the pool matches no labels: the pool is full.
-                            return Ok(assigned);
+                            return Ok((assigned, any));
                         }
                         Outcome::NoCapacity => {
                             full_labels.push(serde_json::to_value(&labels).unwrap_or_default());
@@ -145,7 +165,7 @@ impl ParkedScheduler {
             }
             break;
         }
-        Ok(assigned)
+        Ok((assigned, any))
     }
 
     /// Passes over a tenant at its quota for the rest of this drain, and records the limit

@@ -59,7 +59,12 @@ impl SpawnedStack {
             env: cfg
                 .workspace_root
                 .iter()
-                .map(|root| ("DROVER_WORKSPACE_ROOT".to_owned(), root.display().to_string()))
+                .map(|root| {
+                    (
+                        "DROVER_WORKSPACE_ROOT".to_owned(),
+                        root.display().to_string(),
+                    )
+                })
                 .collect(),
             api_env: Vec::new(),
             journal_dir: None,

@@ -57,23 +57,29 @@ pub async fn end_attempt(
     holder: &Holder,
     end: AttemptEnd,
 ) -> Result<(RunRecord, EventRecord), CoreError> {
-    end_attempt_with_artifacts(conn, run_id, holder, end, None).await
+    end_attempt_with_artifacts(conn, run_id, holder, end, None, None).await
 }
 
 /// [`end_attempt`] plus the holder's artifact upload: it must be this run's, this agent's,
 /// this epoch's and complete, or the whole end is refused ([`Refusal::Upload`]); when the end
 /// is terminal its manifest is committed in this same transaction (an end that re-queues
 /// commits nothing and leaves the upload to the garbage collector).
+/// `locked`: the run as this transaction already holds it locked (a start folded into the
+/// same report just updated it), so it is not read again.
 pub async fn end_attempt_with_artifacts(
     conn: &mut PgConnection,
     run_id: RunId,
     holder: &Holder,
     end: AttemptEnd,
     upload: Option<uuid::Uuid>,
+    locked: Option<RunRecord>,
 ) -> Result<(RunRecord, EventRecord), CoreError> {
-    let run = runs::lock(conn, run_id)
-        .await?
-        .ok_or(CoreError::Refused(Refusal::NotFound))?;
+    let run = match locked {
+        Some(run) if run.id == run_id => run,
+        _ => runs::lock(conn, run_id)
+            .await?
+            .ok_or(CoreError::Refused(Refusal::NotFound))?,
+    };
     let (to, patch, reason, delay_ms) = decide(&run, &end);
     let t = Transition {
         expected_epoch: Some(holder.epoch),
