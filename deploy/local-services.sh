@@ -50,13 +50,19 @@ port = $PG_PORT
 max_connections = 500
 unix_socket_directories = '$PG_DATA'
 fsync = off
-synchronous_commit = off
+synchronous_commit = on
 CONF
   fi
   log "starting postgres on port $PG_PORT"
   su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -D '$PG_DATA' -l '$PG_DATA/server.log' -w -t 60 start" >/dev/null
 fi
 psql_admin() { psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
+# fsync off survives a killed process (not a power cut); synchronous_commit off would not: a
+# commit could be acknowledged, and acted on, before its WAL left Postgres. Older set-ups of
+# this script had it off; turn it on for them too.
+if [ "$(psql_admin -c "SHOW synchronous_commit")" != "on" ]; then
+  psql_admin -c "ALTER SYSTEM SET synchronous_commit = on" -c "SELECT pg_reload_conf()" >/dev/null
+fi
 if [ "$(psql_admin -c "SELECT 1 FROM pg_roles WHERE rolname='drover'")" != "1" ]; then
   psql_admin -c "CREATE ROLE drover LOGIN SUPERUSER PASSWORD 'drover'"
 fi

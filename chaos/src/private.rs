@@ -355,9 +355,14 @@ impl PrivatePostgres {
             )));
         }
         let port = free_port()?;
+        // `fsync = off` survives what these tests do to Postgres (its processes killed, never
+        // the machine): written WAL is in the kernel's page cache. `synchronous_commit` must
+        // stay on: off, a commit is acknowledged while its WAL is still in Postgres's own
+        // buffers, and a SIGKILL loses it after its effects (an agent command published, a
+        // message acked) have left — the chaos crash scenario found a run stuck that way.
         let conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
-             max_connections = 300\nfsync = off\nsynchronous_commit = off\n\
+             max_connections = 300\nfsync = off\nsynchronous_commit = on\n\
              full_page_writes = off\n",
             data.display()
         );
