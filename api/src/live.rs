@@ -10,7 +10,7 @@
 //! fall back to polling Postgres and subscribe again later), as with a connection of their own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,6 +45,9 @@ struct Entry {
     tx: watch::Sender<u64>,
     /// Set when the connection this channel was subscribed on is lost.
     lost: AtomicBool,
+    /// The highest number a message on the channel carried (a run's events channel carries
+    /// each event's seq); 0 before any.
+    hinted: AtomicI64,
     watchers: Mutex<usize>,
 }
 
@@ -111,6 +114,7 @@ impl LiveHub {
                     let entry = Arc::new(Entry {
                         tx: watch::Sender::new(0),
                         lost: AtomicBool::new(false),
+                        hinted: AtomicI64::new(0),
                         watchers: Mutex::new(0),
                     });
                     locked(&self.inner)
@@ -148,6 +152,13 @@ impl LiveHub {
                 .get(msg.get_channel_name())
                 .cloned();
             if let Some(entry) = entry {
+                // Before the wake-up, so a woken watcher sees it.
+                if let Some(n) = std::str::from_utf8(msg.get_payload_bytes())
+                    .ok()
+                    .and_then(|t| t.parse::<i64>().ok())
+                {
+                    entry.hinted.fetch_max(n, Ordering::SeqCst);
+                }
                 entry.tx.send_modify(|n| *n = n.wrapping_add(1));
             }
         }
@@ -208,6 +219,17 @@ impl Subscription {
         let waits = self.rx.iter_mut().map(|rx| Box::pin(rx.changed()));
         let (result, _, _) = select_all(waits).await;
         result.is_ok() && !self.is_lost()
+    }
+
+    /// The highest number any message on these channels carried (0 before any): for a
+    /// run's events channel, the newest event seq announced. A watcher that has delivered up
+    /// to it has nothing to read.
+    pub fn hinted(&self) -> i64 {
+        self.entries
+            .iter()
+            .map(|(_, e)| e.hinted.load(Ordering::SeqCst))
+            .max()
+            .unwrap_or(0)
     }
 
     fn is_lost(&self) -> bool {

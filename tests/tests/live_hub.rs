@@ -99,3 +99,29 @@ async fn watchers_share_one_subscription_that_ends_with_the_last_or_the_connecti
     publish(&mut conn, &c).await;
     assert!(tokio::time::timeout(wait, again.changed()).await.unwrap());
 }
+
+/// What a WatchRun skips a read by: the highest number announced on its channels, whatever
+/// order the messages came in, and only numbers (a log channel's bytes are not one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_knows_the_highest_seq_announced() {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = format!("{}:events", uuid::Uuid::now_v7().simple());
+    let hub = LiveHub::new(client);
+    let wait = Duration::from_secs(5);
+    let mut sub = hub.subscribe(std::slice::from_ref(&channel)).await.unwrap();
+    assert_eq!(sub.hinted(), 0, "nothing announced yet");
+    for (payload, expect) in [("4", 4), ("2", 4), ("not a number", 4), ("7", 7)] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(tokio::time::timeout(wait, sub.changed()).await.unwrap());
+        assert_eq!(sub.hinted(), expect, "after {payload:?}");
+    }
+    // A later watcher of the same channel starts from what was announced before it.
+    let late = hub.subscribe(std::slice::from_ref(&channel)).await.unwrap();
+    assert_eq!(late.hinted(), 7);
+}
