@@ -221,6 +221,15 @@ impl Subscription {
         result.is_ok() && !self.is_lost()
     }
 
+    /// [`Subscription::changed`] of `sub` if there is one; never ready without one (the
+    /// watcher then runs on its poll timer alone).
+    pub async fn changed_if_any(sub: &mut Option<Subscription>) -> bool {
+        match sub.as_mut() {
+            Some(s) => s.changed().await,
+            None => std::future::pending::<bool>().await,
+        }
+    }
+
     /// The highest number any message on these channels carried (0 before any): for a
     /// run's events channel, the newest event seq announced. A watcher that has delivered up
     /// to it has nothing to read.

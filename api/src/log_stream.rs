@@ -101,12 +101,7 @@ async fn pump(
             last_read = true;
             continue;
         }
-        let redis_hint = async {
-            match pubsub.as_mut() {
-                Some(ps) => ps.changed().await,
-                None => std::future::pending::<bool>().await,
-            }
-        };
+        let redis_hint = crate::live::Subscription::changed_if_any(&mut pubsub);
         tokio::select! {
             _ = tx.closed() => return Ok(()),
             alive = redis_hint => if !alive {

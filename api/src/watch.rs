@@ -98,12 +98,7 @@ async fn pump(
         // poll. A hint of what was delivered already (it raced the last read) reads nothing.
         let poll_at = tokio::time::Instant::now() + poll;
         loop {
-            let redis_hint = async {
-                match pubsub.as_mut() {
-                    Some(ps) => ps.changed().await,
-                    None => std::future::pending::<bool>().await,
-                }
-            };
+            let redis_hint = crate::live::Subscription::changed_if_any(&mut pubsub);
             tokio::select! {
                 _ = tx.closed() => return Ok(()),
                 alive = redis_hint => {

@@ -194,7 +194,8 @@ type Selector = (String, BTreeMap<String, String>);
 /// outcome per item, in order. Runs that cannot be placed come back as `NoCapacity`,
 /// `OverQuota` or `BehindParked` for the caller to park; once one run of a pool is held back,
 /// the pool's later runs in the batch queue behind it, as they would behind a parked run.
-/// A second message for a run earlier in the batch is `Obsolete`.
+/// A second message for a run earlier in the batch is `Obsolete`
+/// ([`parking::lock_queued_batch`]).
 ///
 /// Agents are locked per selector, in the order the selectors sort; only the first selector
 /// may wait for an agent another assigner holds (a later one waiting while this transaction
@@ -214,15 +215,10 @@ pub async fn assign_batch(
     let reads = parking::lock_queued_batch(&mut tx, &keys).await?;
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
     let mut queued: Vec<Option<Box<RunRecord>>> = Vec::with_capacity(items.len());
-    let mut seen = HashSet::new();
     let mut wanted: BTreeMap<Selector, usize> = BTreeMap::new();
     let mut tenants = std::collections::BTreeSet::new();
     for read in reads {
         match read {
-            BatchRead::Queued { run, .. } if !seen.insert(run.id) => {
-                outcomes.push(Some(Outcome::Obsolete));
-                queued.push(None);
-            }
             BatchRead::Queued {
                 behind_parked: true,
                 ..
@@ -336,7 +332,7 @@ pub async fn assign_batch(
         });
         assigned.push((*run, event));
     }
-    let rows = outbox::enqueue_leased_many(&mut tx, &commands, handoff.lease_ms()).await?;
+    let rows = outbox::enqueue_leased_many(&mut tx, commands, handoff.lease_ms()).await?;
     tx.commit().await?;
     for row in rows {
         handoff.hand(row);

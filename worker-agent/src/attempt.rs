@@ -72,7 +72,7 @@ pub async fn follow(
         live_logs_from: started.adopted.then_some(adopted_at),
         redactor: redactor.clone(),
     };
-    let log_files = Some(LogFiles::new(&Workspaces::logs_dir(&job)));
+    let log_files = LogFiles::new(&Workspaces::logs_dir(&job));
     let supervision = async {
         tokio::join!(
             supervise(ctx.executor.as_ref(), &handle, limits, &signals, logs_tx),

@@ -20,14 +20,14 @@ use crate::log_files::LogFiles;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Runs until `output` is closed and everything received has been pushed (or given up on),
-/// and written to `files` (the stored log) when given.
+/// and written to `files` (the stored log).
 pub async fn ship_logs(
     api: ApiClient,
     run_id: RunId,
     epoch: LeaseEpoch,
     mut output: mpsc::Receiver<OutputChunk>,
     run_stop: CancellationToken,
-    mut files: Option<LogFiles>,
+    mut files: LogFiles,
 ) {
     let mut shipper = Shipper {
         api,
@@ -43,9 +43,7 @@ pub async fn ship_logs(
         tokio::select! {
             chunk = output.recv() => match chunk {
                 Some(chunk) => {
-                    if let Some(f) = files.as_mut() {
-                        f.write(&chunk).await;
-                    }
+                    files.write(&chunk).await;
                     shipper.batch.push(chunk);
                     while shipper.batch.has_full_request() {
                         shipper.flush_one().await;
@@ -57,18 +55,14 @@ pub async fn ship_logs(
                 if !shipper.batch.is_empty() {
                     shipper.flush_one().await;
                 }
-                if let Some(f) = files.as_mut() {
-                    f.flush().await;
-                }
+                files.flush().await;
             }
         }
     }
     while !shipper.batch.is_empty() {
         shipper.flush_one().await;
     }
-    if let Some(f) = files.as_mut() {
-        f.flush().await;
-    }
+    files.flush().await;
 }
 
 struct Shipper {

@@ -118,10 +118,11 @@ pub async fn enqueue_leased(
 }
 
 /// [`enqueue_leased`] for several messages in one statement (a dispatcher's batch of
-/// assignments). Rows come back in the order given; ids follow that order too.
+/// assignments): the rows given (their `id` ignored) come back with the ids the insert gave
+/// them, in the order given.
 pub async fn enqueue_leased_many(
     conn: &mut PgConnection,
-    messages: &[(TenantId, OutboxRow)],
+    messages: Vec<(TenantId, OutboxRow)>,
     lease_ms: i64,
 ) -> Result<Vec<OutboxRow>, CoreError> {
     if messages.is_empty() {
@@ -132,7 +133,7 @@ pub async fn enqueue_leased_many(
     let mut keys = Vec::with_capacity(messages.len());
     let mut payloads = Vec::with_capacity(messages.len());
     let mut parents = Vec::with_capacity(messages.len());
-    for (tenant, m) in messages {
+    for (tenant, m) in &messages {
         tenants.push(tenant.0);
         exchanges.push(m.exchange.as_str());
         keys.push(m.routing_key.as_str());
@@ -166,9 +167,9 @@ pub async fn enqueue_leased_many(
     let mut ids = ids;
     ids.sort_unstable();
     Ok(messages
-        .iter()
+        .into_iter()
         .zip(ids)
-        .map(|((_, m), id)| OutboxRow { id, ..m.clone() })
+        .map(|((_, m), id)| OutboxRow { id, ..m })
         .collect())
 }
 

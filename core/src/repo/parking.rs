@@ -57,9 +57,10 @@ pub enum BatchRead {
 
 /// [`precheck`] and [`lock_queued`] for a batch of dispatch messages
 /// (`(tenant, run, attempt)`), in one statement: locks, in id order (so two batches cannot
-/// deadlock), every named run that is QUEUED, and says per message what it found. A second
-/// read, of the runs it did not find, tells a duplicate from an unknown run; it happens only
-/// when some message was not dispatchable.
+/// deadlock), every named run that is QUEUED, and says per message what it found: a run
+/// named twice at its attempt is Queued once, its repeat Obsolete. A second read, of the runs
+/// it did not find, tells a duplicate from an unknown run; it happens only when some message
+/// was not dispatchable.
 pub async fn lock_queued_batch(
     conn: &mut PgConnection,
     messages: &[(TenantId, RunId, i32)],
@@ -82,14 +83,21 @@ pub async fn lock_queued_batch(
     let mut out = Vec::with_capacity(messages.len());
     let mut missing = Vec::new();
     for (i, (tenant, id, attempt)) in messages.iter().enumerate() {
-        match found.get(id) {
-            Some((run, behind)) if run.tenant_id == *tenant && run.attempt == *attempt => {
-                out.push(BatchRead::Queued {
-                    run: Box::new(run.clone()),
-                    behind_parked: *behind,
-                });
+        let matches = found
+            .get(id)
+            .map(|(run, _)| (run.tenant_id == *tenant, run.attempt == *attempt));
+        match matches {
+            // Taken out: a repeat of this message later in the batch finds it gone and is
+            // told Obsolete by the second read.
+            Some((true, true)) => {
+                if let Some((run, behind)) = found.remove(id) {
+                    out.push(BatchRead::Queued {
+                        run: Box::new(run),
+                        behind_parked: behind,
+                    });
+                }
             }
-            Some((run, _)) if run.tenant_id == *tenant => out.push(BatchRead::Obsolete),
+            Some((true, false)) => out.push(BatchRead::Obsolete),
             _ => {
                 out.push(BatchRead::Unknown);
                 missing.push((i, id.0, tenant.0));
