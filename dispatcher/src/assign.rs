@@ -214,43 +214,71 @@ pub async fn assign_batch(
     let mut tx = pool.begin().await?;
     let reads = parking::lock_queued_batch(&mut tx, &keys).await?;
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
-    let mut queued: Vec<Option<Box<RunRecord>>> = Vec::with_capacity(items.len());
-    let mut wanted: BTreeMap<Selector, usize> = BTreeMap::new();
-    let mut tenants = std::collections::BTreeSet::new();
-    for read in reads {
-        match read {
+    let mut queued: Vec<Option<(Box<RunRecord>, tracing::Span)>> = Vec::with_capacity(items.len());
+    for (read, item) in reads.into_iter().zip(items) {
+        let decided = match read {
             BatchRead::Queued {
                 behind_parked: true,
                 ..
-            } => {
-                outcomes.push(Some(Outcome::BehindParked));
-                queued.push(None);
-            }
+            } => Outcome::BehindParked,
             BatchRead::Queued { run, .. } => {
-                *wanted
-                    .entry((run.spec.pool.clone(), run.spec.labels.clone()))
-                    .or_default() += 1;
-                tenants.insert(run.tenant_id.0);
                 outcomes.push(None);
-                queued.push(Some(run));
+                queued.push(Some((run, item.span.clone())));
+                continue;
             }
-            BatchRead::Obsolete => {
-                outcomes.push(Some(Outcome::Obsolete));
-                queued.push(None);
-            }
-            BatchRead::Unknown => {
-                outcomes.push(Some(Outcome::UnknownRun));
-                queued.push(None);
-            }
-        }
+            BatchRead::Obsolete => Outcome::Obsolete,
+            BatchRead::Unknown => Outcome::UnknownRun,
+        };
+        outcomes.push(Some(decided));
+        queued.push(None);
+    }
+    let placed = place(tx, queued, HoldBack::Pool, limits, handoff).await?;
+    Ok(outcomes
+        .into_iter()
+        .zip(placed)
+        .map(|(o, p)| o.or(p).unwrap_or(Outcome::Obsolete))
+        .collect())
+}
+
+/// What a batch does with a pool's later runs once one run of it could not be placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldBack {
+    /// They are BehindParked: fresh messages queue behind a run just parked.
+    Pool,
+    /// Each is tried on its own: parked runs, already in their fair order, where a run whose
+    /// labels no agent has room for must not hold back the others.
+    None,
+}
+
+/// Places the locked QUEUED runs of `runs` (`None`: decided by the caller) in order, as the
+/// module doc says, and commits: one outcome per entry (`None` for the caller's). Each run's
+/// transition is traced in its span, and its agent's command continues that span's trace.
+pub async fn place(
+    mut tx: Transaction<'static, Postgres>,
+    runs: Vec<Option<(Box<RunRecord>, tracing::Span)>>,
+    hold_back: HoldBack,
+    limits: Limits,
+    handoff: &outbox::Handoff,
+) -> Result<Vec<Option<Outcome>>, CoreError> {
+    let mut outcomes: Vec<Option<Outcome>> = runs.iter().map(|_| None).collect();
+    let mut wanted: BTreeMap<Selector, usize> = BTreeMap::new();
+    let mut tenants = std::collections::BTreeSet::new();
+    for (run, _) in runs.iter().flatten() {
+        *wanted
+            .entry((run.spec.pool.clone(), run.spec.labels.clone()))
+            .or_default() += 1;
+        tenants.insert(run.tenant_id.0);
     }
     if wanted.is_empty() {
-        return Ok(outcomes.into_iter().flatten().collect());
+        return Ok(outcomes);
     }
-    // Locks in the one order: the runs (above), the agents, then the tenants (sorted).
-    let mut fleet: HashMap<Selector, Vec<LockedAgent>> = HashMap::new();
+    // Locks in the one order: the runs (the caller's), the agents, then the tenants (sorted).
+    // An agent can serve several selectors (an unlabelled run fits every agent): its slots
+    // are counted once, in `locked`, whichever selector's runs take them.
+    let mut locked: HashMap<String, LockedAgent> = HashMap::new();
+    let mut fleet: HashMap<Selector, Vec<String>> = HashMap::new();
     for (i, (selector, n)) in wanted.into_iter().enumerate() {
-        let locked = agents::lock_for_batch(
+        let found = agents::lock_for_batch(
             &mut tx,
             &selector.0,
             &selector.1,
@@ -259,7 +287,11 @@ pub async fn assign_batch(
             i == 0,
         )
         .await?;
-        fleet.insert(selector, locked);
+        let ids = found.iter().map(|a| a.id.clone()).collect();
+        for agent in found {
+            locked.entry(agent.id.clone()).or_insert(agent);
+        }
+        fleet.insert(selector, ids);
     }
     let mut room: HashMap<TenantId, Option<(i64, i64)>> = HashMap::new();
     for tenant in tenants.into_iter().map(TenantId) {
@@ -269,8 +301,8 @@ pub async fn assign_batch(
     let mut held_back: HashSet<String> = HashSet::new();
     let mut assigned: Vec<(RunRecord, EventRecord)> = Vec::new();
     let mut commands: Vec<(TenantId, outbox::OutboxRow)> = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let Some(run) = queued[i].take() else {
+    for (i, entry) in runs.into_iter().enumerate() {
+        let Some((run, span)) = entry else {
             continue;
         };
         let pool_name = run.spec.pool.clone();
@@ -279,19 +311,22 @@ pub async fn assign_batch(
             continue;
         }
         let selector = (pool_name.clone(), run.spec.labels.clone());
-        let agents = fleet.get_mut(&selector);
         // Least loaded first, as a single assignment picks.
-        let agent = agents.and_then(|a| {
-            a.iter_mut()
+        let pick = fleet.get(&selector).and_then(|ids| {
+            ids.iter()
+                .filter_map(|id| locked.get(id))
                 .filter(|a| a.active < a.capacity)
                 .min_by(|x, y| {
                     let (lx, ly) = (x.active * y.capacity, y.active * x.capacity);
                     lx.cmp(&ly).then_with(|| x.id.cmp(&y.id))
                 })
+                .map(|a| a.id.clone())
         });
-        let Some(agent) = agent else {
+        let Some(agent) = pick.and_then(|id| locked.get_mut(&id)) else {
             outcomes[i] = Some(Outcome::NoCapacity);
-            held_back.insert(pool_name);
+            if hold_back == HoldBack::Pool {
+                held_back.insert(pool_name);
+            }
             continue;
         };
         if let Some(Some((active, limit))) = room.get(&run.tenant_id)
@@ -301,14 +336,13 @@ pub async fn assign_batch(
                 active: *active,
                 limit: *limit,
             }));
-            held_back.insert(pool_name);
+            if hold_back == HoldBack::Pool {
+                held_back.insert(pool_name);
+            }
             continue;
         }
         let t = assignment(&run, &agent.id, limits);
-        let (done, event) = match runs::transition(&mut tx, &t)
-            .instrument(item.span.clone())
-            .await
-        {
+        let (done, event) = match runs::transition(&mut tx, &t).instrument(span.clone()).await {
             Ok(done) => done,
             // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
             Err(CoreError::Refused(_)) => {
@@ -323,7 +357,7 @@ pub async fn assign_batch(
         }
         commands.push((
             done.tenant_id,
-            command_row(&done, &agent.id, telemetry::traceparent_of(&item.span)),
+            command_row(&done, &agent.id, telemetry::traceparent_of(&span)),
         ));
         outcomes[i] = Some(Outcome::Assigned {
             agent_id: agent.id.clone(),
@@ -340,8 +374,5 @@ pub async fn assign_batch(
     for (run, event) in &assigned {
         committed(run, event);
     }
-    Ok(outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or(Outcome::Obsolete))
-        .collect())
+    Ok(outcomes)
 }

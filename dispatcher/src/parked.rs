@@ -12,25 +12,28 @@
 //! backstop; it never spins. A capacity notification makes it look only if its last look
 //! found runs parked in the pool: runs end far more often than runs park, and a pool with
 //! nothing parked gains nothing from a query per ended run. Runs another dispatcher parked
-//! and left (it died) are found by the backstop. Each assignment is its own transaction on a run row locked with
-//! `FOR UPDATE SKIP LOCKED`, through the same compare-and-set as a direct assignment, so the
-//! schedulers of several dispatchers share the parked runs safely, and a restarted dispatcher
-//! finds them in Postgres.
+//! and left (it died) are found by the backstop. Each pass places as many runs as there are
+//! free slots in one transaction ([`ParkedScheduler::drain`]): its runs are locked with
+//! `FOR UPDATE SKIP LOCKED` and assigned through the same compare-and-set as a direct
+//! assignment, so the schedulers of several dispatchers share the parked runs safely, and a
+//! restarted dispatcher finds them in Postgres.
 
 use std::cmp::Reverse;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_core::CoreError;
 use drover_core::events::EventBus;
-use drover_core::ids::TenantId;
+use drover_core::ids::{RunId, TenantId};
+use drover_core::repo::RunRecord;
 use drover_core::repo::parking::{self, ParkedTenant};
+use drover_core::telemetry;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::assign::{Limits, Outcome, assign_locked};
+use crate::assign::{self, HoldBack, Limits, Outcome};
 
 pub struct ParkedScheduler {
     pub pool_name: String,
@@ -96,6 +99,13 @@ impl ParkedScheduler {
 
     /// Assigns parked runs until none fits: the number assigned, and whether any run was
     /// parked in the pool when it first looked.
+    ///
+    /// Each pass is one look ([`parking::parked_tenants`]) and one transaction: the fair
+    /// order is worked out in memory for as many picks as there are free slots (up to
+    /// [`MAX_PICKS`]), those runs are locked in one statement and placed as a batch
+    /// ([`assign::place`]). One transaction per run made a backlog the slow path: measured
+    /// with one agent of 8 slots and 64 clients, 18.4 ms of host CPU per run against 11.1 ms
+    /// with no backlog.
     async fn drain(
         &self,
         served: &mut HashMap<TenantId, Instant>,
@@ -107,8 +117,10 @@ impl ParkedScheduler {
         let mut full_labels: Vec<serde_json::Value> = Vec::new();
         let mut held: HashSet<TenantId> = HashSet::new();
         let mut first = true;
-        'pass: while !cancel.is_cancelled() {
-            let mut tenants = parking::parked_tenants(&self.db, &self.pool_name).await?;
+        while !cancel.is_cancelled() {
+            let look = parking::parked_tenants(&self.db, &self.pool_name, self.limits.lease_ttl_ms)
+                .await?;
+            let mut tenants = look.tenants;
             if first {
                 // Forget tenants with nothing parked; the map stays as small as the backlog.
                 served.retain(|t, _| tenants.iter().any(|p| p.tenant == *t));
@@ -116,56 +128,129 @@ impl ParkedScheduler {
                 first = false;
             }
             tenants.retain(|t| !held.contains(&t.tenant));
-            sort_fairly(&mut tenants, served);
             for t in &tenants {
                 if let Some(limit) =
                     parking::effective_limit(t.max_concurrent, self.limits.default_max_concurrent)
                     && t.active >= limit
                 {
                     self.hold(t.tenant, limit, &mut held).await?;
-                    continue;
                 }
-                loop {
-                    let mut tx = self.db.begin().await?;
-                    let Some(run) =
-                        parking::lock_next(&mut tx, &self.pool_name, t.tenant, &full_labels)
-                            .await?
-                    else {
-                        break;
-                    };
-                    let (run_id, labels) = (run.id, run.spec.labels.clone());
-                    match assign_locked(tx, run, self.limits, &self.outbox).await? {
-                        Outcome::Assigned {
-                            agent_id,
-                            epoch,
-                            seq,
-                        } => {
-                            tracing::info!(%run_id, agent_id = %agent_id, epoch, "parked run assigned");
-                            self.bus.run_event(run_id, seq);
-                            served.insert(t.tenant, Instant::now());
-                            assigned += 1;
-                            // Counts changed: work the order out again.
-                            continue 'pass;
-                        }
-                        Outcome::NoCapacity if labels.is_empty() => {
-                            // Every agent of the pool matches no labels: the pool is full.
-                            return Ok((assigned, any));
-                        }
-                        Outcome::NoCapacity => {
-                            full_labels.push(serde_json::to_value(&labels).unwrap_or_default());
-                        }
-                        Outcome::OverQuota(q) => {
-                            self.hold(t.tenant, q.limit, &mut held).await?;
-                            break;
-                        }
-                        // Cannot happen under the row lock; move on to the next tenant.
-                        Outcome::Obsolete | Outcome::UnknownRun | Outcome::BehindParked => break,
+            }
+            tenants.retain(|t| !held.contains(&t.tenant));
+            let slots = usize::try_from(look.free_slots).unwrap_or(0).min(MAX_PICKS);
+            let picks = plan(tenants, served, slots, self.limits.default_max_concurrent);
+            if picks.is_empty() {
+                break;
+            }
+            let pass = self.place_picks(&picks, &full_labels).await?;
+            let progress = !pass.assigned.is_empty();
+            let now = Instant::now();
+            for (n, (tenant, run_id, agent_id, epoch, seq)) in pass.assigned.into_iter().enumerate()
+            {
+                tracing::info!(%run_id, agent_id = %agent_id, epoch, "parked run assigned");
+                self.bus.run_event(run_id, seq);
+                // In the order assigned, as one run per pass would have stamped them.
+                served.insert(tenant, now + Duration::from_nanos(n as u64));
+                assigned += 1;
+            }
+            let mut changed = progress;
+            for (tenant, limit) in pass.over_quota {
+                if !held.contains(&tenant) {
+                    self.hold(tenant, limit, &mut held).await?;
+                    changed = true;
+                }
+            }
+            let mut pool_full = false;
+            for labels in pass.no_room {
+                if labels.is_empty() {
+                    // An unlabelled run fits every agent: the pool is full.
+                    pool_full = true;
+                } else {
+                    let labels = serde_json::to_value(&labels).unwrap_or_default();
+                    if !full_labels.contains(&labels) {
+                        full_labels.push(labels);
+                        changed = true;
                     }
                 }
             }
-            break;
+            // Counts changed: work the order out again, unless nothing more can fit.
+            if pool_full || !changed {
+                break;
+            }
         }
         Ok((assigned, any))
+    }
+
+    /// Locks the runs `picks` names (a tenant per pick, in fair order) and places them in
+    /// one transaction.
+    async fn place_picks(
+        &self,
+        picks: &[TenantId],
+        full_labels: &[serde_json::Value],
+    ) -> Result<Pass, CoreError> {
+        let mut per_tenant: Vec<(TenantId, i64)> = Vec::new();
+        for t in picks {
+            match per_tenant.iter_mut().find(|(p, _)| p == t) {
+                Some((_, n)) => *n += 1,
+                None => per_tenant.push((*t, 1)),
+            }
+        }
+        let mut tx = self.db.begin().await?;
+        let locked =
+            parking::lock_parked(&mut tx, &self.pool_name, &per_tenant, full_labels).await?;
+        // The k-th pick of a tenant takes its k-th run, so the batch is in the fair order.
+        let mut by_tenant: HashMap<TenantId, std::collections::VecDeque<RunRecord>> =
+            HashMap::new();
+        for run in locked {
+            by_tenant.entry(run.tenant_id).or_default().push_back(run);
+        }
+        let mut batch = Vec::with_capacity(picks.len());
+        for t in picks {
+            if let Some(run) = by_tenant.get_mut(t).and_then(|q| q.pop_front()) {
+                let span = tracing::info_span!(
+                    "dispatcher.assign",
+                    otel.kind = "internal",
+                    run_id = %run.id,
+                    attempt = run.attempt,
+                    tenant = %run.tenant_id,
+                    pool = %self.pool_name,
+                    parked = true,
+                    trace_id = tracing::field::Empty,
+                );
+                telemetry::adopt(&span, run.traceparent.as_deref());
+                batch.push((Box::new(run), span));
+            }
+        }
+        let mut pass = Pass::default();
+        if batch.is_empty() {
+            return Ok(pass);
+        }
+        let keys: Vec<(TenantId, RunId, BTreeMap<String, String>)> = batch
+            .iter()
+            .map(|(r, _)| (r.tenant_id, r.id, r.spec.labels.clone()))
+            .collect();
+        let outcomes = assign::place(
+            tx,
+            batch.into_iter().map(Some).collect(),
+            HoldBack::None,
+            self.limits,
+            &self.outbox,
+        )
+        .await?;
+        for ((tenant, run_id, labels), outcome) in keys.into_iter().zip(outcomes) {
+            match outcome {
+                Some(Outcome::Assigned {
+                    agent_id,
+                    epoch,
+                    seq,
+                }) => pass.assigned.push((tenant, run_id, agent_id, epoch, seq)),
+                Some(Outcome::NoCapacity) => pass.no_room.push(labels),
+                Some(Outcome::OverQuota(q)) => pass.over_quota.push((tenant, q.limit)),
+                // Cannot happen under the row lock; the run stays parked.
+                _ => {}
+            }
+        }
+        Ok(pass)
     }
 
     /// Passes over a tenant at its quota for the rest of this drain, and records the limit
@@ -179,6 +264,50 @@ impl ParkedScheduler {
         held.insert(tenant);
         parking::mark_over_quota(&self.db, &self.pool_name, tenant, limit).await
     }
+}
+
+/// Most parked runs one pass places (one transaction).
+const MAX_PICKS: usize = 64;
+
+/// What one pass of the scheduler did.
+#[derive(Default)]
+struct Pass {
+    assigned: Vec<(TenantId, RunId, String, i64, i32)>,
+    /// The labels of each run no agent had room for.
+    no_room: Vec<BTreeMap<String, String>>,
+    /// Tenants found at their limit.
+    over_quota: Vec<(TenantId, i64)>,
+}
+
+/// The next `slots` picks (a tenant each) in the fair order, as one pick at a time would
+/// make them: each pick counts one more active run for its tenant and makes it the one
+/// served last. A tenant runs out at its parked runs or its concurrency limit.
+fn plan(
+    mut tenants: Vec<ParkedTenant>,
+    served: &HashMap<TenantId, Instant>,
+    slots: usize,
+    default_limit: u32,
+) -> Vec<TenantId> {
+    let mut stamps: HashMap<TenantId, Instant> = served.clone();
+    let start = Instant::now();
+    let mut picks = Vec::with_capacity(slots);
+    for n in 0..slots {
+        tenants.retain(|t| {
+            t.parked > 0
+                && parking::effective_limit(t.max_concurrent, default_limit)
+                    .is_none_or(|limit| t.active < limit)
+        });
+        sort_fairly(&mut tenants, &stamps);
+        let Some(t) = tenants.first_mut() else {
+            break;
+        };
+        picks.push(t.tenant);
+        t.parked -= 1;
+        t.active += 1;
+        t.active_in_pool += 1;
+        stamps.insert(t.tenant, start + Duration::from_nanos(n as u64 + 1));
+    }
+    picks
 }
 
 /// The fair order of the module doc.
@@ -211,6 +340,7 @@ mod tests {
                 .timestamp_opt(1_000_000 - age_s, 0)
                 .single()
                 .unwrap_or_default(),
+            parked: 10,
         }
     }
 
@@ -244,5 +374,38 @@ mod tests {
         ]);
         let mut ts = vec![tenant(1, 0, 9, 900), tenant(2, 0, 0, 1), tenant(3, 0, 0, 1)];
         assert_eq!(order(&mut ts, &served), vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn a_plan_picks_as_one_pick_at_a_time_would() {
+        let id = |n: u128| TenantId(uuid::Uuid::from_u128(n));
+        let served = HashMap::new();
+        // 1 is busy; 2 (older head) has one parked run; 3 has plenty.
+        let mut busy = tenant(1, 2, 0, 10);
+        busy.parked = 10;
+        let mut one = tenant(2, 0, 0, 500);
+        one.parked = 1;
+        let plenty = tenant(3, 0, 0, 100);
+        let picks = plan(vec![busy, one, plenty], &served, 5, 0);
+        // 2 then 3 (fewest active); 3 again (1 active against 2's none left and 1's two);
+        // then 1, never served, beats 3 served last at two each; then 3.
+        assert_eq!(picks, vec![id(2), id(3), id(3), id(1), id(3)]);
+
+        // A limit stops a tenant's picks; no more picks than slots or parked runs.
+        let mut capped = tenant(4, 0, 0, 10);
+        capped.max_concurrent = Some(2);
+        let mut few = tenant(5, 0, 0, 10);
+        few.parked = 1;
+        assert_eq!(
+            plan(vec![capped, few], &served, 9, 0),
+            vec![id(4), id(5), id(4)]
+        );
+        assert!(plan(vec![tenant(6, 0, 0, 1)], &served, 0, 0).is_empty());
+
+        // One slot: the tenant served longer ago goes first, as the one-at-a-time order does.
+        let now = Instant::now();
+        let served = HashMap::from([(id(7), now), (id(8), now - Duration::from_secs(1))]);
+        let picks = plan(vec![tenant(7, 0, 9, 9), tenant(8, 0, 0, 1)], &served, 1, 0);
+        assert_eq!(picks, vec![id(8)]);
     }
 }

@@ -219,3 +219,144 @@ async fn a_batch_counts_its_own_assignments_against_the_tenant_quota() {
     pool.close().await;
     services::drop_database(&name).await;
 }
+
+/// Submits a run of `tenant` (with `labels`) and parks it, as the consumer does when no
+/// agent has room.
+async fn parked_run(pool: &PgPool, tenant: TenantId, labels: &[(&str, &str)]) -> RunId {
+    let mut spec = services::noop_spec();
+    spec.labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let id = runs::submit(pool, tenant, &spec, None, &runs::Submitter::system("test"))
+        .await
+        .unwrap()
+        .run
+        .id;
+    assert!(parking::park(pool, id, 1, None).await.unwrap());
+    id
+}
+
+async fn state_of(pool: &PgPool, id: RunId) -> (RunState, Option<String>) {
+    let run = runs::get_unscoped(pool, id).await.unwrap().unwrap();
+    (run.state, run.agent_id)
+}
+
+#[tokio::test]
+async fn the_parked_scheduler_places_a_backlog_in_batches_fairly_past_full_labels() {
+    let (name, pool) = services::migrated_database(4).await;
+    agent(&pool, "plain", 3).await;
+    let gpu = AgentRegistration {
+        id: "gpu".into(),
+        hostname: "test".into(),
+        pool: "default".into(),
+        labels: BTreeMap::from([("gpu".to_owned(), "1".to_owned())]),
+        capacity: 1,
+        executor: "mock".into(),
+        version: "test".into(),
+    };
+    agents::register(&pool, &gpu).await.unwrap();
+    let other = TenantId(uuid::Uuid::now_v7());
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'other')")
+        .bind(other.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The default tenant's backlog is older; the other tenant's GPU runs are older than its
+    // plain ones. Four slots in all, one of them on the GPU agent; seven runs parked.
+    let mut a = Vec::new();
+    for _ in 0..3 {
+        a.push(parked_run(&pool, DEFAULT_TENANT, &[]).await);
+    }
+    let g1 = parked_run(&pool, other, &[("gpu", "1")]).await;
+    let g2 = parked_run(&pool, other, &[("gpu", "1")]).await;
+    let p1 = parked_run(&pool, other, &[]).await;
+    let p2 = parked_run(&pool, other, &[]).await;
+
+    let (handoff, mut relay) = outbox::Handoff::channel(60_000, 64);
+    let scheduler = drover_dispatcher::parked::ParkedScheduler {
+        pool_name: "default".into(),
+        db: pool.clone(),
+        bus: std::sync::Arc::new(
+            drover_core::events::EventBus::new(
+                &secrecy::SecretString::from(services::redis_url()),
+                &format!("{name}:"),
+            )
+            .unwrap(),
+        ),
+        limits: LIMITS,
+        recheck: std::time::Duration::from_secs(60),
+        capacity: std::sync::Arc::new(tokio::sync::Notify::new()),
+        parked: std::sync::Arc::new(tokio::sync::Notify::new()),
+        outbox: handoff,
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(scheduler.run(cancel.clone()));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut handed = Vec::new();
+    while handed.len() < 4 && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(std::time::Duration::from_millis(200), relay.recv()).await {
+            Ok(Some(row)) => handed.push(row),
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    // Every slot is taken now: give the scheduler a moment to (wrongly) place more, then stop.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    while let Ok(row) = relay.try_recv() {
+        handed.push(row);
+    }
+
+    // First look, four picks in fair order (the default tenant's head is older, then they
+    // alternate): a0, g1, a1, g2. An unlabelled run fits every agent, and least loaded first
+    // with ties by id puts a0 on the GPU agent; its one slot is then taken, so g1 and g2 find
+    // no room. That held back neither tenant's plain runs: a1 went to the plain agent. The
+    // second look (the GPU label set skipped) gives the other tenant, now with fewer runs,
+    // the two slots left: p1 and p2.
+    assert_eq!(
+        state_of(&pool, a[0]).await,
+        (RunState::Assigned, Some("gpu".into()))
+    );
+    for id in [a[1], p1, p2] {
+        assert_eq!(
+            state_of(&pool, id).await,
+            (RunState::Assigned, Some("plain".into())),
+            "{id}"
+        );
+    }
+    for id in [a[2], g1, g2] {
+        assert_eq!(state_of(&pool, id).await.0, RunState::Queued, "{id}");
+    }
+    // No agent holds more than its capacity, though the GPU agent served two selectors.
+    let over: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM agents a WHERE a.capacity < (SELECT count(*) FROM runs r \
+           WHERE r.agent_id = a.id AND r.state = 'ASSIGNED')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(over, 0);
+    // One command per assignment, to the agent it was assigned to.
+    assert_eq!(handed.len(), 4);
+    for row in &handed {
+        let AgentCommand::Execute { run_id, .. } = messages::decode(&row.payload).unwrap() else {
+            panic!("not an Execute command");
+        };
+        assert_eq!(
+            state_of(&pool, run_id).await.1.as_deref(),
+            Some(row.routing_key.as_str())
+        );
+    }
+    // The held runs are still parked for the next look.
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs WHERE state = 'QUEUED' AND parked_at IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(parked, 3);
+    pool.close().await;
+    services::drop_database(&name).await;
+}

@@ -5,7 +5,7 @@
 //! placed when its message arrives (no free agent, or its tenant at its concurrency quota) is
 //! *parked*: `runs.parked_at` is set and the message acked, so the queue drains past the
 //! backlog. The dispatchers' parked-run schedulers then pick parked runs in fair order
-//! ([`parked_tenants`], [`lock_next`]). The state lives in Postgres only: nothing is lost with
+//! ([`parked_tenants`], [`lock_parked`]). The state lives in Postgres only: nothing is lost with
 //! a dispatcher, and any transition clears it ([`super::runs::transition`]).
 //!
 //! The quota is counted under the tenant's concurrency-quota lock
@@ -195,6 +195,21 @@ pub struct ParkedTenant {
     /// Its best parked run's priority and age.
     pub head_priority: i32,
     pub head_created_at: DateTime<Utc>,
+    /// Its parked runs in the pool, counted up to [`PARKED_COUNT_CAP`].
+    pub parked: i64,
+}
+
+/// The most parked runs [`parked_tenants`] counts per tenant: a scheduler places no more than
+/// this many in one look, and counting a long backlog in full would cost a scan per look.
+pub const PARKED_COUNT_CAP: i64 = 64;
+
+/// What a look at a pool's parked runs found.
+#[derive(Debug, Default)]
+pub struct ParkedPool {
+    pub tenants: Vec<ParkedTenant>,
+    /// Free slots on the pool's live, non-draining agents, counted without locks (an
+    /// estimate of how many parked runs one pass can place).
+    pub free_slots: i64,
 }
 
 /// Tenants with parked runs in `pool_name`. Distinct tenants come from a loose index scan of
@@ -203,7 +218,8 @@ pub struct ParkedTenant {
 pub async fn parked_tenants(
     pool: &PgPool,
     pool_name: &str,
-) -> Result<Vec<ParkedTenant>, CoreError> {
+    liveness_ms: i64,
+) -> Result<ParkedPool, CoreError> {
     let rows = sqlx::query(
         "WITH RECURSIVE t(tenant_id) AS ( \
            (SELECT tenant_id FROM runs WHERE pool = $1 AND state = 'QUEUED' \
@@ -217,7 +233,15 @@ pub async fn parked_tenants(
            (SELECT count(*) FROM runs a WHERE a.tenant_id = t.tenant_id AND a.pool = $1 \
               AND a.state IN ('ASSIGNED', 'RUNNING')) AS active_in_pool, \
            (SELECT count(*) FROM runs a WHERE a.tenant_id = t.tenant_id \
-              AND a.state IN ('ASSIGNED', 'RUNNING')) AS active \
+              AND a.state IN ('ASSIGNED', 'RUNNING')) AS active, \
+           (SELECT count(*) FROM (SELECT 1 FROM runs p WHERE p.pool = $1 \
+              AND p.tenant_id = t.tenant_id AND p.state = 'QUEUED' AND p.parked_at IS NOT NULL \
+              LIMIT $3) c) AS parked, \
+           (SELECT COALESCE(sum(GREATEST(g.capacity - (SELECT count(*) FROM runs r \
+                WHERE r.agent_id = g.id AND r.state IN ('ASSIGNED', 'RUNNING')), 0)), 0) \
+              FROM agents g WHERE g.pool = $1 AND NOT g.draining \
+                AND g.last_heartbeat_at > now() - $2::bigint * interval '1 millisecond' \
+           )::bigint AS free_slots \
          FROM t JOIN tenants tn ON tn.id = t.tenant_id \
          CROSS JOIN LATERAL (SELECT priority, created_at FROM runs h \
            WHERE h.pool = $1 AND h.tenant_id = t.tenant_id AND h.state = 'QUEUED' \
@@ -226,45 +250,63 @@ pub async fn parked_tenants(
          WHERE t.tenant_id IS NOT NULL",
     )
     .bind(pool_name)
+    .bind(liveness_ms)
+    .bind(PARKED_COUNT_CAP)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ParkedTenant {
-                tenant: TenantId(r.try_get("tenant_id")?),
-                active_in_pool: r.try_get("active_in_pool")?,
-                active: r.try_get("active")?,
-                max_concurrent: r.try_get("max_concurrent_runs")?,
-                head_priority: r.try_get("priority")?,
-                head_created_at: r.try_get("created_at")?,
-            })
-        })
-        .collect()
+    let mut out = ParkedPool::default();
+    for r in &rows {
+        out.free_slots = r.try_get("free_slots")?;
+        out.tenants.push(ParkedTenant {
+            tenant: TenantId(r.try_get("tenant_id")?),
+            active_in_pool: r.try_get("active_in_pool")?,
+            active: r.try_get("active")?,
+            max_concurrent: r.try_get("max_concurrent_runs")?,
+            head_priority: r.try_get("priority")?,
+            head_created_at: r.try_get("created_at")?,
+            parked: r.try_get("parked")?,
+        });
+    }
+    Ok(out)
 }
 
-/// Locks the tenant's best parked run in the pool (highest priority, then oldest) that is
-/// dispatchable now (past any retry backoff) and whose labels are not among `skip_labels`
-/// (label sets no agent had room for in this pass). Rows other dispatchers hold are skipped.
-pub async fn lock_next(
+/// Locks, for each `(tenant, n)` of `picks`, the tenant's `n` best parked runs in the pool
+/// (highest priority, then oldest) that are dispatchable now (past any retry backoff) and
+/// whose labels are not among `skip_labels` (label sets no agent had room for in this look).
+/// Rows other dispatchers hold are skipped, so this never waits. Each tenant's runs come in
+/// its order, tenants in the order of `picks`.
+pub async fn lock_parked(
     conn: &mut PgConnection,
     pool_name: &str,
-    tenant: TenantId,
+    picks: &[(TenantId, i64)],
     skip_labels: &[serde_json::Value],
-) -> Result<Option<RunRecord>, CoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE pool = $1 AND tenant_id = $2 \
-         AND state = 'QUEUED' AND parked_at IS NOT NULL \
-         AND (not_before IS NULL OR not_before <= now()) \
-         AND NOT (COALESCE(spec->'labels', '{{}}'::jsonb) \
-               = ANY(ARRAY(SELECT jsonb_array_elements($3::jsonb)))) \
-         ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+) -> Result<Vec<RunRecord>, CoreError> {
+    let tenants: Vec<uuid::Uuid> = picks.iter().map(|(t, _)| t.0).collect();
+    let counts: Vec<i64> = picks.iter().map(|(_, n)| *n).collect();
+    let columns = RUN_COLUMNS
+        .split(',')
+        .map(|c| format!("r.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = sqlx::query(&format!(
+        "SELECT {columns} FROM unnest($2::uuid[], $3::bigint[]) WITH ORDINALITY \
+           AS p(tenant_id, n, ord) \
+         CROSS JOIN LATERAL (SELECT {RUN_COLUMNS}, priority, created_at AS parked_order \
+           FROM runs WHERE pool = $1 AND tenant_id = p.tenant_id \
+             AND state = 'QUEUED' AND parked_at IS NOT NULL \
+             AND (not_before IS NULL OR not_before <= now()) \
+             AND NOT (COALESCE(spec->'labels', '{{}}'::jsonb) \
+                   = ANY(ARRAY(SELECT jsonb_array_elements($4::jsonb)))) \
+           ORDER BY priority DESC, created_at LIMIT p.n FOR UPDATE SKIP LOCKED) r \
+         ORDER BY p.ord, r.priority DESC, r.parked_order"
     ))
     .bind(pool_name)
-    .bind(tenant.0)
+    .bind(&tenants)
+    .bind(&counts)
     .bind(Json(skip_labels))
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await?;
-    row.as_ref().map(RunRecord::from_row).transpose()
+    rows.iter().map(RunRecord::from_row).collect()
 }
 
 /// A tenant at (or over) its concurrency limit.
