@@ -187,6 +187,17 @@ async fn concurrent_transitions_with_sealers_running_beside_them_verify_whole() 
 /// Exactly 150 are accepted whatever the interleaving; a deduplicated submit is not refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_queued_runs_quota_admits_exactly_its_limit_under_concurrent_submits() {
+    admits_exactly_the_limit(false).await;
+}
+
+/// The same through the API's path: with a relay to hand messages to, a submit far from the
+/// limit is one statement (`submit_statement`), the others take the transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_one_statement_submit_admits_exactly_the_queued_runs_limit() {
+    admits_exactly_the_limit(true).await;
+}
+
+async fn admits_exactly_the_limit(with_relay: bool) {
     let (name, pool) = fresh_db(30).await;
     let max_connections: i64 =
         sqlx::query_scalar("SELECT current_setting('max_connections')::bigint")
@@ -195,9 +206,13 @@ async fn the_queued_runs_quota_admits_exactly_its_limit_under_concurrent_submits
             .unwrap();
     let limit: i64 = max_connections + 50;
     let pool = Arc::new(pool);
+    let (handoff, mut relay) =
+        drover_core::repo::outbox::Handoff::channel(60_000, usize::try_from(limit * 2).unwrap());
+    let handoff = Arc::new(with_relay.then_some(handoff));
     let tasks: Vec<_> = (0..limit * 2)
         .map(|i| {
             let pool = pool.clone();
+            let handoff = handoff.clone();
             tokio::spawn(async move {
                 let key = format!("q{i}");
                 runs::submit_within(
@@ -207,7 +222,7 @@ async fn the_queued_runs_quota_admits_exactly_its_limit_under_concurrent_submits
                     Some(&key),
                     &runs::Submitter::system("test"),
                     Some(limit),
-                    None,
+                    handoff.as_ref().as_ref(),
                 )
                 .await
             })
@@ -231,6 +246,17 @@ async fn the_queued_runs_quota_admits_exactly_its_limit_under_concurrent_submits
         .await
         .unwrap();
     assert_eq!(queued, limit);
+    // One dispatch message per accepted run, each handed to the relay when there is one.
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&*pool)
+        .await
+        .unwrap();
+    assert_eq!(messages, limit);
+    let mut handed = 0;
+    while relay.try_recv().is_ok() {
+        handed += 1;
+    }
+    assert_eq!(handed, if with_relay { limit } else { 0 });
     // At the limit, an idempotent retry of an accepted submit still answers with its run.
     let accepted_key: String =
         sqlx::query_scalar("SELECT idempotency_key FROM runs ORDER BY created_at LIMIT 1")

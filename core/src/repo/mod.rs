@@ -19,6 +19,7 @@ pub mod quota_locks;
 pub mod runs;
 pub mod secrets;
 pub mod stats;
+mod submit_statement;
 pub mod tokens;
 pub mod waiting;
 

@@ -21,7 +21,7 @@ use crate::error::CoreError;
 use crate::ids::TenantId;
 
 /// Advisory-lock classes (the first key of the two-key form), one per purpose.
-const WAITING_CLASS: i32 = 0x6472_7601;
+pub(crate) const WAITING_CLASS: i32 = 0x6472_7601;
 const ACTIVE_CLASS: i32 = 0x6472_7602;
 
 /// How [`lock_waiting`] takes the queued-runs lock.

@@ -167,7 +167,8 @@ pub async fn submit(
 /// `max_queued` runs QUEUED or PENDING_APPROVAL. The count and the insert happen under the
 /// tenant's queued-runs lock ([`super::quota_locks`]), so concurrent submits cannot overshoot.
 /// A deduplicated submit is never refused: it adds nothing. With a `handoff`, the dispatch
-/// message goes to that relay after the commit instead of waking every relay.
+/// message goes to that relay after the commit instead of waking every relay, and the common
+/// case is one statement ([`super::submit_statement`]); this transaction is the full path.
 pub async fn submit_within(
     pool: &PgPool,
     tenant: TenantId,
@@ -184,6 +185,32 @@ pub async fn submit_within(
     } else {
         RunState::Queued
     };
+    if let Some(h) = handoff {
+        let new = super::submit_statement::NewRun {
+            id,
+            tenant,
+            spec,
+            hash: &hash,
+            idempotency_key,
+            state,
+            token: by.token,
+            actor: &by.actor,
+            max_queued,
+            lease_ms: h.lease_ms(),
+        };
+        if let super::submit_statement::Answer::Stored(run, message) =
+            super::submit_statement::submit(pool, &new).await?
+        {
+            if let Some(row) = message {
+                h.hand(row);
+            }
+            metrics::counter!(crate::observe::names::RUNS_SUBMITTED).increment(1);
+            return Ok(Submitted {
+                run: *run,
+                deduplicated: false,
+            });
+        }
+    }
     let mut mode = quota_locks::Mode::Shared;
     let mut tx = loop {
         let mut tx = pool.begin().await?;
