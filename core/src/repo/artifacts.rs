@@ -154,6 +154,9 @@ pub async fn commit_upload(
     epoch: i64,
     terminal: bool,
 ) -> Result<(), CoreError> {
+    if terminal && commit_first_upload(conn, run_id, upload, agent, epoch).await? {
+        return Ok(());
+    }
     let row = sqlx::query(
         "SELECT run_id, lease_epoch, agent_id, completed_at IS NOT NULL AS completed, \
          committed_at IS NOT NULL AS committed, \
@@ -219,6 +222,41 @@ pub async fn commit_upload(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// The common case of [`commit_upload`] in one statement: a completed upload of this run,
+/// agent and epoch, not committed yet, ending a run that has no committed manifest (not a
+/// redriven run's second end). `false`: nothing written, and the checked path decides (and
+/// explains a refusal). Saves a round trip on every run's end.
+async fn commit_first_upload(
+    conn: &mut PgConnection,
+    run_id: RunId,
+    upload: Uuid,
+    agent: Option<&str>,
+    epoch: i64,
+) -> Result<bool, CoreError> {
+    let done = sqlx::query(
+        "WITH u AS (SELECT u.* FROM artifact_uploads u WHERE u.id = $1 AND u.run_id = $2 \
+           AND u.lease_epoch = $3 AND ($4::text IS NULL OR u.agent_id = $4) \
+           AND u.completed_at IS NOT NULL AND u.committed_at IS NULL \
+           AND NOT EXISTS (SELECT 1 FROM artifact_uploads o WHERE o.run_id = $2 \
+                           AND o.committed_at IS NOT NULL) \
+           FOR UPDATE), \
+         manifest AS (INSERT INTO artifacts (run_id, path, tenant_id, attempt, upload_id, \
+           blob, size, sha256, mode, is_symlink, link_target) \
+           SELECT u.run_id, e.path, u.tenant_id, u.attempt, u.id, e.blob, e.size, e.sha256, \
+           e.mode, e.is_symlink, e.link_target \
+           FROM u, jsonb_to_recordset(u.manifest) AS e(path text, blob integer, size bigint, \
+           sha256 text, mode integer, is_symlink boolean, link_target text)) \
+         UPDATE artifact_uploads a SET committed_at = now() FROM u WHERE a.id = u.id",
+    )
+    .bind(upload)
+    .bind(run_id.0)
+    .bind(epoch)
+    .bind(agent)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 const ARTIFACT_COLUMNS: &str =
