@@ -9,7 +9,8 @@ use drover_core::ids::{AgentId, RunId};
 use drover_core::observe;
 use drover_core::repo::agents::{self, AgentRegistration};
 use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
-use drover_core::repo::{RunRecord, Transition, TransitionPatch, logs, runs, secrets};
+use drover_core::repo::folded_end::{self, FoldedSuccess};
+use drover_core::repo::{RunRecord, Transition, TransitionPatch, artifacts, logs, runs, secrets};
 use drover_core::retry::Failure;
 use drover_core::spec::validate_pool;
 use drover_core::state::RunState;
@@ -267,10 +268,16 @@ impl AgentApi {
             ));
         }
         // A run that ended inside the agent's fold window: its start goes in first.
-        let fold_start = (!req.started_executor.is_empty()).then(|| {
-            let executor = std::mem::take(&mut req.started_executor);
-            let reason = format!("started on {agent} ({executor}); reported with its end");
-            start(&agent, run, ep, executor, reason)
+        let folded_executor = std::mem::take(&mut req.started_executor);
+        let start_reason = format!("started on {agent} ({folded_executor}); reported with its end");
+        let fold_start = (!folded_executor.is_empty()).then(|| {
+            start(
+                &agent,
+                run,
+                ep,
+                folded_executor.clone(),
+                start_reason.clone(),
+            )
         });
         let kind = match pb::Outcome::try_from(req.outcome) {
             Ok(pb::Outcome::Succeeded) => EndKind::Succeeded,
@@ -325,6 +332,42 @@ impl AgentApi {
         }
         let ended = async {
             let mut tx = self.state.pool.begin().await?;
+            // A folded success: start and end in one row update (the common short run).
+            if fold_start.is_some() && kind == EndKind::Succeeded {
+                let (output, truncated) = end
+                    .output
+                    .as_ref()
+                    .map_or((&[][..], false), |(o, t)| (o.as_slice(), *t));
+                let folded = FoldedSuccess {
+                    run_id: run,
+                    agent: agent.as_str(),
+                    epoch: ep,
+                    executor: &folded_executor,
+                    start_reason: &start_reason,
+                    exit_code: end.exit_code,
+                    output,
+                    output_truncated: truncated,
+                    reason: &end.reason,
+                };
+                if let Some((rec, started, event)) =
+                    folded_end::start_and_succeed(&mut tx, &folded).await?
+                {
+                    if let Some(upload) = upload {
+                        artifacts::commit_upload(
+                            &mut tx,
+                            run,
+                            upload,
+                            Some(agent.as_str()),
+                            ep,
+                            true,
+                        )
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    observe::record_transition(&started);
+                    return Ok::<_, CoreError>((rec, event));
+                }
+            }
             let (started, locked) = match fold_start {
                 Some(t) => match runs::transition(&mut tx, &t).await {
                     Ok((rec, event)) => (Some(event), Some(rec)),

@@ -252,3 +252,110 @@ async fn racing_transitions_number_their_events_without_gaps() {
     pool.close().await;
     services::drop_database(&name).await;
 }
+
+/// A success reported with its start (the agent's fold window) is one row update with both
+/// events, numbered and ordered as the two transitions would have numbered them; under a
+/// stale lease it writes nothing.
+#[tokio::test]
+async fn a_folded_success_writes_the_start_and_the_end_at_once() {
+    use drover_core::repo::folded_end::{FoldedSuccess, start_and_succeed};
+    let (name, pool) = fresh_db(4).await;
+    let run = submit_one(&pool).await;
+    let assigned = {
+        let mut tx = pool.begin().await.unwrap();
+        let (r, _) = runs::transition(&mut tx, &assign(run.id, "agent-1"))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        r
+    };
+    let report = |epoch: i64| FoldedSuccess {
+        run_id: run.id,
+        agent: "agent-1",
+        epoch,
+        executor: "mock",
+        start_reason: "started on agent-1 (mock); reported with its end",
+        exit_code: Some(0),
+        output: b"hello\n",
+        output_truncated: false,
+        reason: "exited with code 0",
+    };
+
+    // A stale epoch: refused, nothing written.
+    let mut tx = pool.begin().await.unwrap();
+    let stale = start_and_succeed(&mut tx, &report(assigned.lease_epoch + 1))
+        .await
+        .unwrap();
+    assert!(stale.is_none());
+    tx.commit().await.unwrap();
+    assert_eq!(event_count(&pool, run.id).await, 2);
+
+    let mut tx = pool.begin().await.unwrap();
+    let (done, started, ended) = start_and_succeed(&mut tx, &report(assigned.lease_epoch))
+        .await
+        .unwrap()
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(done.state, RunState::Succeeded);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(done.output, b"hello\n");
+    assert_eq!(done.executor.as_deref(), Some("mock"));
+    assert!(done.started_at.is_some() && done.finished_at.is_some());
+    assert_eq!(done.lease_expires_at, None);
+    assert_eq!(done.lease_epoch, assigned.lease_epoch, "same lease");
+    assert_eq!(
+        (started.seq, started.from_state, started.to_state),
+        (3, Some(RunState::Assigned), RunState::Running)
+    );
+    assert_eq!(
+        (ended.seq, ended.from_state, ended.to_state),
+        (4, Some(RunState::Running), RunState::Succeeded)
+    );
+    // As stored: in order (for the audit chain too), with their reasons and actor.
+    let rows: Vec<(i32, String, String, String, String)> = sqlx::query_as(
+        "SELECT seq, from_state, to_state, reason, actor FROM run_events \
+         WHERE run_id = $1 AND seq > 2 ORDER BY audit_order",
+    )
+    .bind(run.id.0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                3,
+                "ASSIGNED".into(),
+                "RUNNING".into(),
+                "started on agent-1 (mock); reported with its end".into(),
+                "agent:agent-1".into()
+            ),
+            (
+                4,
+                "RUNNING".into(),
+                "SUCCEEDED".into(),
+                "exited with code 0".into(),
+                "agent:agent-1".into()
+            ),
+        ]
+    );
+    let last_seq: i32 = sqlx::query_scalar("SELECT last_seq FROM runs WHERE id = $1")
+        .bind(run.id.0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(last_seq, 4, "the run's counter agrees");
+
+    // Already ended: a repeat writes nothing.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        start_and_succeed(&mut tx, &report(assigned.lease_epoch))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(event_count(&pool, run.id).await, 4);
+    pool.close().await;
+    services::drop_database(&name).await;
+}

@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod attempts;
 pub mod cancel;
 pub mod dead_letters;
+pub mod folded_end;
 pub mod logs;
 pub mod outbox;
 pub mod overdue;

@@ -54,7 +54,7 @@ pub(crate) const RUN_COLUMNS: &str = "id, tenant_id, state, spec, spec_hash, ide
     reason, executor, created_at, updated_at, started_at, finished_at, not_before, queue_deadline, \
     cancel_requested_at, cancel_reason, traceparent";
 
-fn parse_state(s: &str) -> Result<RunState, CoreError> {
+pub(crate) fn parse_state(s: &str) -> Result<RunState, CoreError> {
     s.parse()
         .map_err(|e: crate::state::UnknownState| CoreError::Corrupt(e.to_string()))
 }
@@ -614,7 +614,7 @@ static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// [`RUN_COLUMNS`] qualified by a table alias, for statements that join or update `runs`.
-fn run_columns_of(alias: &str) -> String {
+pub(crate) fn run_columns_of(alias: &str) -> String {
     RUN_COLUMNS
         .split(", ")
         .map(|c| format!("{alias}.{}", c.trim()))
