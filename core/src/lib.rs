@@ -23,6 +23,7 @@ pub mod ids;
 pub mod inputs;
 pub mod messages;
 pub mod observe;
+pub mod outbox_marks;
 pub mod outbox_relay;
 pub mod paths;
 pub mod pg_wakeup;

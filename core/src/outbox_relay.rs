@@ -1,5 +1,5 @@
 //! The outbox relay: publishes committed outbox rows to RabbitMQ with publisher confirms and
-//! marks them published. Runs in every API and dispatcher process; a claim leases its rows
+//! marks them published (in batches across publishes, [`crate::outbox_marks`]). Runs in every API and dispatcher process; a claim leases its rows
 //! for `claim_lease_ms` (no transaction stays open across the publish) and keeps relays off
 //! each other's rows. A crash between confirm and mark, or a publish outliving its lease,
 //! republishes a row, which receivers recognise as a duplicate (messages carry ids and
@@ -31,7 +31,7 @@ use crate::config::RelaySettings;
 use crate::error::CoreError;
 use crate::messages::CONTENT_TYPE;
 use crate::repo::outbox;
-use crate::{amqp, pg_wakeup, telemetry, topology};
+use crate::{amqp, outbox_marks, pg_wakeup, telemetry, topology};
 
 /// Hand-offs waiting for the relay; beyond this a row waits out its lease for a drain.
 const HANDOFF_QUEUE: usize = 4096;
@@ -44,6 +44,8 @@ pub struct OutboxRelay {
     name: String,
     handoff: outbox::Handoff,
     handed: Option<tokio::sync::mpsc::Receiver<outbox::OutboxRow>>,
+    /// Set while running: published rows go here to be marked ([`crate::outbox_marks`]).
+    marks: Option<outbox_marks::Marks>,
 }
 
 struct Link {
@@ -70,6 +72,7 @@ impl OutboxRelay {
             name: name.into(),
             handoff,
             handed: Some(handed),
+            marks: None,
         }
     }
 
@@ -79,8 +82,16 @@ impl OutboxRelay {
         self.handoff.clone()
     }
 
-    /// Runs until `cancel` fires.
+    /// Runs until `cancel` fires, then writes the marks it still holds.
     pub async fn run(mut self, cancel: CancellationToken) {
+        let (marks, marker) = outbox_marks::spawn(self.pool.clone());
+        self.marks = Some(marks);
+        self.serve(cancel).await;
+        self.marks = None;
+        marker.finish().await;
+    }
+
+    async fn serve(&mut self, cancel: CancellationToken) {
         let wake: Arc<Notify> = pg_wakeup::spawn(
             self.pool.clone(),
             crate::repo::OUTBOX_CHANNEL,
@@ -339,13 +350,19 @@ impl OutboxRelay {
         }
         metrics::histogram!(crate::observe::names::PUBLISH_CONFIRM)
             .record(sent_at.elapsed().as_secs_f64());
-        outbox::mark_published(&self.pool, &published).await?;
-        metrics::counter!(crate::observe::names::OUTBOX_PUBLISHED)
-            .increment(published.len() as u64);
+        let count = published.len();
+        let unqueued = match self.marks.as_ref() {
+            Some(marks) => marks.mark(published).err(),
+            None => Some(published),
+        };
+        if let Some(ids) = unqueued {
+            outbox::mark_published(&self.pool, &ids).await?;
+        }
+        metrics::counter!(crate::observe::names::OUTBOX_PUBLISHED).increment(count as u64);
         if let Some(e) = broken {
             return Err(e.into());
         }
-        Ok(published.len())
+        Ok(count)
     }
 }
 
