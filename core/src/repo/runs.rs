@@ -9,6 +9,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::quota_locks;
+use super::submit_statement::{self, Answer, FIRST_EVENT, INSERT_RUN, NewRun, RUN_VALUES};
 use crate::audit;
 use crate::error::{CoreError, Refusal};
 use crate::ids::{RunId, TenantId};
@@ -185,31 +186,29 @@ pub async fn submit_within(
     } else {
         RunState::Queued
     };
-    if let Some(h) = handoff {
-        let new = super::submit_statement::NewRun {
-            id,
-            tenant,
-            spec,
-            hash: &hash,
-            idempotency_key,
-            state,
-            token: by.token,
-            actor: &by.actor,
-            max_queued,
-            lease_ms: h.lease_ms(),
-        };
-        if let super::submit_statement::Answer::Stored(run, message) =
-            super::submit_statement::submit(pool, &new).await?
-        {
-            if let Some(row) = message {
-                h.hand(row);
-            }
-            metrics::counter!(crate::observe::names::RUNS_SUBMITTED).increment(1);
-            return Ok(Submitted {
-                run: *run,
-                deduplicated: false,
-            });
+    let new = NewRun {
+        id,
+        tenant,
+        spec,
+        hash: &hash,
+        idempotency_key,
+        state,
+        token: by.token,
+        actor: &by.actor,
+        traceparent: crate::telemetry::current_traceparent(),
+    };
+    if let Some(h) = handoff
+        && let Answer::Stored(run, message) =
+            submit_statement::submit(pool, &new, max_queued, h.lease_ms()).await?
+    {
+        if let Some(row) = message {
+            h.hand(row);
         }
+        metrics::counter!(crate::observe::names::RUNS_SUBMITTED).increment(1);
+        return Ok(Submitted {
+            run: *run,
+            deduplicated: false,
+        });
     }
     let mut mode = quota_locks::Mode::Shared;
     let mut tx = loop {
@@ -245,37 +244,14 @@ pub async fn submit_within(
     };
     // The run and its first event, in one statement; an idempotency key already used
     // inserts neither.
-    let inserted = sqlx::query(&format!(
-        "WITH r AS (INSERT INTO runs (id, tenant_id, state, spec, spec_hash, idempotency_key, \
-         pool, priority, attempt, max_attempts, queue_deadline, submitted_by, approval_deadline, \
-         traceparent, last_seq) \
-         VALUES ($1, $2, $10, $3, $4, $5, $6, $7, 1, $8, \
-         CASE WHEN $9 > 0 AND $10 = 'QUEUED' THEN now() + $9 * interval '1 second' END, $11, \
-         CASE WHEN $12 > 0 THEN now() + $12 * interval '1 second' END, $13, 1) \
-         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}), \
-         ev AS (INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
-         lease_epoch, agent_id, reason, at, actor) \
-         SELECT id, 1, tenant_id, NULL, state, attempt, lease_epoch, agent_id, 'submitted', \
-         $14, $15 FROM r) \
-         SELECT * FROM r"
-    ))
-    .bind(id.0)
-    .bind(tenant.0)
-    .bind(Json(spec))
-    .bind(&hash)
-    .bind(idempotency_key)
-    .bind(&spec.pool)
-    .bind(spec.priority)
-    .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
-    .bind(i64::from(spec.queue_timeout_secs))
-    .bind(state.as_str())
-    .bind(by.token)
-    .bind(i64::from(spec.approval_timeout_secs))
-    .bind(crate::telemetry::current_traceparent())
-    .bind(audit::now())
-    .bind(&by.actor)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let inserted = new
+        .bind(sqlx::query(&format!(
+            "WITH r AS ({INSERT_RUN} VALUES ({RUN_VALUES}) \
+             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {RUN_COLUMNS}), \
+             {FIRST_EVENT} SELECT * FROM r"
+        )))
+        .fetch_optional(&mut *tx)
+        .await?;
 
     let Some(row) = inserted else {
         // The key exists (possibly committed by a concurrent submit we just waited for).
