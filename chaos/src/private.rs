@@ -4,7 +4,7 @@
 //!
 //! The end-to-end tests use these too (`tests/src/private.rs` wraps them). Every server is a
 //! direct child in its own process group under `setpriv --pdeathsig`, so a process that dies
-//! abruptly still takes its servers with it; [`Daemon`]'s `Drop` SIGKILLs the group. Errors
+//! abruptly still takes its servers with it; `Daemon`'s `Drop` SIGKILLs the group. Errors
 //! are values here, not panics: a scenario that cannot start its services reports why.
 
 use std::fs::{self, OpenOptions};

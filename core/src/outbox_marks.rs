@@ -52,7 +52,7 @@ impl Marks {
 
 impl Marker {
     /// Once every [`Marks`] is dropped: lets the marker write what it holds, for at most
-    /// [`FLUSH_LIMIT`].
+    /// `FLUSH_LIMIT`.
     pub async fn finish(self) {
         if tokio::time::timeout(FLUSH_LIMIT, self.task).await.is_err() {
             tracing::warn!(

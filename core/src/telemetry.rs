@@ -153,7 +153,7 @@ fn otlp_wanted() -> bool {
 }
 
 impl Telemetry {
-    /// Exports the spans still buffered (at most [`FLUSH_LIMIT`]) and stops exporting. Call
+    /// Exports the spans still buffered (at most `FLUSH_LIMIT`) and stops exporting. Call
     /// it last, while the runtime still runs: the exporter's channel needs it.
     pub async fn shutdown(self) {
         if !self.exporting {

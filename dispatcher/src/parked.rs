@@ -13,7 +13,7 @@
 //! found runs parked in the pool: runs end far more often than runs park, and a pool with
 //! nothing parked gains nothing from a query per ended run. Runs another dispatcher parked
 //! and left (it died) are found by the backstop. Each pass places as many runs as there are
-//! free slots in one transaction ([`ParkedScheduler::drain`]): its runs are locked with
+//! free slots in one transaction (`ParkedScheduler::drain`): its runs are locked with
 //! `FOR UPDATE SKIP LOCKED` and assigned through the same compare-and-set as a direct
 //! assignment, so the schedulers of several dispatchers share the parked runs safely, and a
 //! restarted dispatcher finds them in Postgres.

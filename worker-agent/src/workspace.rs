@@ -2,7 +2,7 @@
 //! `<workspace_root>/<agent_id>/drover-<run>-<attempt>-<epoch>`, named like the execution so a
 //! restarted agent finds it again. Before start the agent writes the spec's inline inputs and
 //! `.drover/request.json` into it; after exit, `.drover/result.json`. The directory is removed
-//! only once the completion report is settled (with the execution, see [`crate::settle`]),
+//! only once the completion report is settled (with the execution, in the agent's `settle` module),
 //! unless the `keep_workspaces` setting asks to keep it (tests, debugging).
 //!
 //! Safety: `.drover/` stays owned by the agent and is not handed to the sandbox user; before

@@ -10,7 +10,7 @@
 //!
 //! Writers do not link: they insert their rows unchained ([`record`], the run repository's
 //! event insert), so a transition holds no tenant-wide lock and one tenant's transitions
-//! commit in parallel. The [`seal`]er links rows shortly after they commit, in transaction-id
+//! commit in parallel. The `seal`er links rows shortly after they commit, in transaction-id
 //! order, and only rows whose transaction id is below the oldest running one: no transaction
 //! still running can add a row that sorts before them, so the order it fixes never changes.
 //! Until it is sealed (a fraction of a second under normal running) a row is not yet
@@ -95,7 +95,7 @@ pub fn now() -> DateTime<Utc> {
 }
 
 /// Appends a non-transition audit event (token, secret, policy, cancel request), unchained:
-/// the [`seal`]er links it after the caller's transaction has committed.
+/// the `seal`er links it after the caller's transaction has committed.
 pub async fn record(
     conn: &mut PgConnection,
     tenant: TenantId,

@@ -169,7 +169,7 @@ pub async fn submit(
 /// tenant's queued-runs lock ([`super::quota_locks`]), so concurrent submits cannot overshoot.
 /// A deduplicated submit is never refused: it adds nothing. With a `handoff`, the dispatch
 /// message goes to that relay after the commit instead of waking every relay, and the common
-/// case is one statement ([`super::submit_statement`]); this transaction is the full path.
+/// case is one statement (`submit_statement`); this transaction is the full path.
 pub async fn submit_within(
     pool: &PgPool,
     tenant: TenantId,
