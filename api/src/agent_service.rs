@@ -269,7 +269,11 @@ impl AgentApi {
         }
         // A run that ended inside the agent's fold window: its start goes in first.
         let folded_executor = std::mem::take(&mut req.started_executor);
-        let start_reason = format!("started on {agent} ({folded_executor}); reported with its end");
+        let start_reason = if folded_executor.is_empty() {
+            String::new()
+        } else {
+            format!("started on {agent} ({folded_executor}); reported with its end")
+        };
         let fold_start = (!folded_executor.is_empty()).then(|| {
             start(
                 &agent,

@@ -1,7 +1,7 @@
 //! The outbox relay: publishes committed outbox rows to RabbitMQ with publisher confirms and
-//! marks them published (in batches across publishes, [`crate::outbox_marks`]). Runs in every API and dispatcher process; a claim leases its rows
-//! for `claim_lease_ms` (no transaction stays open across the publish) and keeps relays off
-//! each other's rows. A crash between confirm and mark, or a publish outliving its lease,
+//! marks them published (in batches across publishes, [`crate::outbox_marks`]). Runs in
+//! every API and dispatcher process; a claim leases its rows for `claim_lease_ms` (no
+//! transaction stays open across the publish) and keeps relays off each other's rows. A crash between confirm and mark, or a publish outliving its lease,
 //! republishes a row, which receivers recognise as a duplicate (messages carry ids and
 //! fencing numbers only).
 //!

@@ -283,11 +283,7 @@ pub async fn lock_parked(
 ) -> Result<Vec<RunRecord>, CoreError> {
     let tenants: Vec<uuid::Uuid> = picks.iter().map(|(t, _)| t.0).collect();
     let counts: Vec<i64> = picks.iter().map(|(_, n)| *n).collect();
-    let columns = RUN_COLUMNS
-        .split(',')
-        .map(|c| format!("r.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let columns = super::runs::run_columns_of("r");
     let rows = sqlx::query(&format!(
         "SELECT {columns} FROM unnest($2::uuid[], $3::bigint[]) WITH ORDINALITY \
            AS p(tenant_id, n, ord) \
