@@ -11,12 +11,14 @@
 //!
 //! Small uploads may instead ride in the completion report ([`store_inline`]): the same
 //! header checks (`Manifest`), each content checked whole against its size and hash, then
-//! the row and every blob, before the report's end commits them.
+//! the row and every blob, before the report's end commits them. Those totalling at most
+//! `artifacts.database_upload_bytes` (64 KiB) keep their bytes in Postgres, written with the
+//! row; larger ones go to the store.
 
 use std::time::Duration;
 
 use drover_core::artifact_paths::{self, ManifestPaths, PathError};
-use drover_core::artifacts::{BlobSink, StoreError};
+use drover_core::artifacts::{BlobReader, BlobSink, StoreError};
 use drover_core::ids::{AgentId, RunId, TenantId};
 use drover_core::repo::artifacts::{self as repo, ArtifactRecord, NewUpload, StagedEntry};
 use drover_core::repo::{RunRecord, runs};
@@ -422,10 +424,21 @@ pub async fn store_inline(
                 ),
             ));
         }
-        blobs.push((u32::try_from(blob).unwrap_or(u32::MAX), item.content));
+        blobs.push((blob, item.content));
     }
     let id = Uuid::now_v7();
     let bytes = manifest.bytes_i64();
+    // Small enough: the bytes go with the row, in its statement; else to the store after it.
+    let (in_database, in_store) = if total as u64 <= state.settings.artifacts.database_upload_bytes
+    {
+        (blobs, Vec::new())
+    } else {
+        let files = blobs
+            .into_iter()
+            .map(|(index, content)| (u32::try_from(index).unwrap_or(u32::MAX), content))
+            .collect();
+        (Vec::new(), files)
+    };
     if !repo::begin_inline_upload(
         &state.pool,
         id,
@@ -434,13 +447,17 @@ pub async fn store_inline(
         agent.as_str(),
         &manifest.entries,
         bytes,
+        in_database,
     )
     .await?
     {
         return Ok(None);
     }
     metrics::counter!(drover_core::observe::names::ARTIFACT_BYTES).increment(manifest.bytes);
-    if let Err(e) = state.artifacts.put_all(id, blobs).await {
+    if in_store.is_empty() {
+        return Ok(Some(id));
+    }
+    if let Err(e) = state.artifacts.put_all(id, in_store).await {
         discard(state, id).await;
         return Err(e.into());
     }
@@ -512,7 +529,12 @@ async fn send_blob(
         // Logged again with the reference the client gets.
         Status::from(ApiError::Store(e))
     };
-    let mut reader = store.open(r.upload_id, blob).await.map_err(internal)?;
+    // A small upload's bytes came with the record (Postgres holds them); they are checked
+    // against the manifest the same way.
+    let mut reader = match &r.content {
+        Some(bytes) => Box::pin(std::io::Cursor::new(bytes.clone())) as BlobReader,
+        None => store.open(r.upload_id, blob).await.map_err(internal)?,
+    };
     let mut hasher = Sha256::new();
     let mut sent = 0u64;
     loop {
@@ -560,7 +582,7 @@ pub async fn list(
     if !runs::exists(&state.pool, tenant, run).await? {
         return Err(ApiError::NotFound("run not found"));
     }
-    let records = repo::list(&state.pool, tenant, run).await?;
+    let records = repo::list(&state.pool, tenant, run, repo::Content::Without).await?;
     Ok(pb::ListArtifactsResponse {
         entries: records.iter().map(entry_to_proto).collect(),
     })
@@ -607,7 +629,7 @@ pub async fn download_inputs(
             source.state
         )));
     }
-    let records = repo::list(&state.pool, run.tenant_id, src).await?;
+    let records = repo::list(&state.pool, run.tenant_id, src, repo::Content::With).await?;
     tracing::info!(run_id = %run.id, agent_id = %agent, source = %src, files = records.len(), "serving inputs from an earlier run");
     Ok(stream_records(state, records))
 }

@@ -78,6 +78,11 @@ pub struct ArtifactSettings {
     /// An upload stream silent this long is abandoned (DEADLINE_EXCEEDED) and discarded, so
     /// a hung agent does not hold staged files until the TTL.
     pub upload_idle_secs: u64,
+    /// Inline artifacts (carried by a completion report) totalling at most this many bytes
+    /// are kept in Postgres with the upload's row instead of as files in the store: a
+    /// short run's `.drover/` records then cost no file creation and no fsync. 0 keeps every
+    /// byte in the store.
+    pub database_upload_bytes: u64,
 }
 
 impl Default for ArtifactSettings {
@@ -90,6 +95,7 @@ impl Default for ArtifactSettings {
             staged_ttl_secs: 3_600,
             gc_interval_secs: 60,
             upload_idle_secs: 60,
+            database_upload_bytes: 64 * 1024,
         }
     }
 }

@@ -273,8 +273,9 @@ async fn upload_then_completion_commits_exactly_the_manifest() {
     stack.stop().await;
 }
 
-/// Small artifacts ride in the completion report: checked by the upload's rules, stored, and
-/// committed with the end in one call. A refused report ends nothing and keeps nothing.
+/// Small artifacts ride in the completion report: checked by the upload's rules, stored (in
+/// Postgres up to 64 KiB, in the store beyond), and committed with the end in one call. A
+/// refused report ends nothing and keeps nothing.
 #[tokio::test]
 async fn inline_artifacts_are_checked_stored_and_committed_with_the_end() {
     let root = tempfile::tempdir().unwrap();
@@ -343,6 +344,31 @@ async fn inline_artifacts_are_checked_stored_and_committed_with_the_end() {
         .unwrap();
     assert_eq!(done.state, pb::RunState::Succeeded as i32);
     let listed = assert_committed_exactly(&stack, &run, &files).await;
+    // Under 64 KiB in all: the bytes are in Postgres, one row per regular file, and the
+    // store made no directory for them.
+    let regular = files.iter().filter(|f| f.link_target.is_none()).count();
+    assert_eq!(database_blobs(&stack, &run).await, regular as i64);
+    assert!(
+        !committed_upload_dir(&stack, root.path(), &run)
+            .await
+            .exists()
+    );
+    // They are verified as they are served, as the store's are: bytes changed at rest end
+    // the stream DATA_LOSS.
+    let tamper = |content: &'static [u8]| {
+        sqlx::query(
+            "UPDATE artifact_blobs b SET content = $2 FROM artifacts a \
+             WHERE a.run_id = $1::uuid AND a.path = 'README.md' \
+             AND b.upload_id = a.upload_id AND b.blob = a.blob",
+        )
+        .bind(run.clone())
+        .bind(content)
+        .execute(&stack.db)
+    };
+    tamper(b"# tampered\n").await.unwrap();
+    let err = get(&stack, &run, "README.md").await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    tamper(b"# demo\n").await.unwrap();
     // A repeat after a lost answer is told what stands, and stores nothing again.
     let again = agent
         .complete_with_inline(&run, epoch, ok, Some(0), &files)
@@ -350,16 +376,62 @@ async fn inline_artifacts_are_checked_stored_and_committed_with_the_end() {
         .unwrap();
     assert_eq!(again.state, pb::RunState::Succeeded as i32);
     assert_eq!(list(&stack, &run).await.unwrap(), listed);
+    assert_eq!(database_blobs(&stack, &run).await, regular as i64);
     let (entry, data) = get(&stack, &run, "escape").await.unwrap();
     assert!(entry.is_symlink && data.is_empty());
-    // The streamed upload nobody committed is garbage now that the run ended.
+    // The streamed upload nobody committed is garbage now that the run ended: its row and
+    // its directory go; the inline upload, all in Postgres, stays.
     let collected = stack
         .wait_for(WAIT, || async {
-            upload_rows(&stack).await == 1 && staged_dirs(root.path()) == 1
+            upload_rows(&stack).await == 1 && staged_dirs(root.path()) == 0
         })
         .await;
     assert!(collected, "only the committed inline upload is left");
+
+    // Over 64 KiB inline (and under the 1 MiB an inline report may carry): the store holds
+    // the bytes, Postgres none of them, and they are served the same.
+    let (run2, epoch2) = leased(&stack, &mut agent, spec()).await;
+    let larger = vec![
+        UploadFile::file("data/medium.bin", &vec![3u8; 100 * 1024]),
+        UploadFile::file("notes.txt", b"beside it\n"),
+    ];
+    let done = agent
+        .complete_with_inline(&run2, epoch2, ok, Some(0), &larger)
+        .await
+        .unwrap();
+    assert_eq!(done.state, pb::RunState::Succeeded as i32);
+    assert_committed_exactly(&stack, &run2, &larger).await;
+    assert_eq!(database_blobs(&stack, &run2).await, 0);
+    assert!(
+        committed_upload_dir(&stack, root.path(), &run2)
+            .await
+            .is_dir()
+    );
     stack.stop().await;
+}
+
+/// Where the store would keep the committed upload of `run`.
+async fn committed_upload_dir(stack: &Stack, root: &Path, run: &str) -> std::path::PathBuf {
+    let id: uuid::Uuid = sqlx::query_scalar(
+        "SELECT id FROM artifact_uploads WHERE run_id = $1::uuid AND committed_at IS NOT NULL",
+    )
+    .bind(run)
+    .fetch_one(&stack.db)
+    .await
+    .unwrap();
+    root.join("uploads").join(id.simple().to_string())
+}
+
+/// Rows of `artifact_blobs` behind the committed manifest of `run`.
+async fn database_blobs(stack: &Stack, run: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM artifact_blobs b JOIN artifacts a \
+         ON b.upload_id = a.upload_id AND b.blob = a.blob WHERE a.run_id = $1::uuid",
+    )
+    .bind(run)
+    .fetch_one(&stack.db)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]

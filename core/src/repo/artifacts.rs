@@ -11,6 +11,11 @@
 //! with its manifest in one statement ([`begin_inline_upload`]), before their blobs are
 //! stored, by the one request that alone knows the upload's id and commits it only once the
 //! store holds every blob. The collector treats it as any other uncommitted upload.
+//!
+//! A small inline upload keeps its bytes in `artifact_blobs`, written by that same statement
+//! (no file, no fsync: see the migration `20261207000016_artifact_blobs.sql`); its rows go
+//! with the upload's (ON DELETE CASCADE), and readers get the bytes with the manifest entry
+//! ([`ArtifactRecord::content`]) instead of from the store.
 
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row};
@@ -38,6 +43,9 @@ pub struct ArtifactRecord {
     pub upload_id: Uuid,
     pub attempt: i32,
     pub entry: StagedEntry,
+    /// The bytes, when Postgres holds them (a small inline upload) and the read asked for
+    /// them; `None`: the store holds them (or it is a symlink, or the read was a listing).
+    pub content: Option<Vec<u8>>,
 }
 
 /// Who staged an upload: the lease it was made under.
@@ -76,7 +84,10 @@ fn manifest_of(entries: &[StagedEntry]) -> Result<(serde_json::Value, i32), Core
 
 /// Writes the row of an inline upload, manifest included, if `agent` holds `run_id` under
 /// `epoch` (ASSIGNED or RUNNING); `false` when it does not. Tenant and attempt come from the
-/// run row, so the caller needs no read of its own.
+/// run row, so the caller needs no read of its own. `in_database` (blob index, content) are
+/// written to `artifact_blobs` by the same statement: the upload's bytes when they are small
+/// enough to keep in Postgres, empty when the store is to hold them.
+#[allow(clippy::too_many_arguments)]
 pub async fn begin_inline_upload(
     pool: &PgPool,
     id: Uuid,
@@ -85,14 +96,20 @@ pub async fn begin_inline_upload(
     agent: &str,
     entries: &[StagedEntry],
     bytes: i64,
+    in_database: Vec<(i32, Vec<u8>)>,
 ) -> Result<bool, CoreError> {
     let (manifest, files) = manifest_of(entries)?;
-    let done = sqlx::query(
-        "INSERT INTO artifact_uploads (id, tenant_id, run_id, attempt, lease_epoch, agent_id, \
-         manifest, files, bytes, completed_at) \
+    let (indexes, contents): (Vec<i32>, Vec<Vec<u8>>) = in_database.into_iter().unzip();
+    let written: i64 = sqlx::query_scalar(
+        "WITH up AS (INSERT INTO artifact_uploads (id, tenant_id, run_id, attempt, lease_epoch, \
+         agent_id, manifest, files, bytes, completed_at) \
          SELECT $1, r.tenant_id, r.id, r.attempt, r.lease_epoch, r.agent_id, $5, $6, $7, now() \
          FROM runs r WHERE r.id = $2 AND r.lease_epoch = $3 AND r.agent_id = $4 \
-         AND r.state IN ('ASSIGNED', 'RUNNING')",
+         AND r.state IN ('ASSIGNED', 'RUNNING') RETURNING id), \
+         blobs AS (INSERT INTO artifact_blobs (upload_id, blob, content) \
+         SELECT up.id, b.blob, b.content FROM up, \
+         unnest($8::integer[], $9::bytea[]) AS b(blob, content)) \
+         SELECT count(*) FROM up",
     )
     .bind(id)
     .bind(run_id.0)
@@ -101,9 +118,11 @@ pub async fn begin_inline_upload(
     .bind(manifest)
     .bind(files)
     .bind(bytes)
-    .execute(pool)
+    .bind(indexes)
+    .bind(contents)
+    .fetch_one(pool)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(written == 1)
 }
 
 /// Records the verified manifest, if the lease the upload was made under is still current
@@ -259,8 +278,31 @@ async fn commit_first_upload(
     Ok(done.rows_affected() == 1)
 }
 
-const ARTIFACT_COLUMNS: &str =
-    "upload_id, attempt, path, blob, size, sha256, mode, is_symlink, link_target";
+/// Whether a read of the manifest brings the bytes Postgres holds ([`ArtifactRecord::content`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content {
+    /// The entries only (a listing).
+    Without,
+    /// The entries and, for a small upload's files, their bytes (a download).
+    With,
+}
+
+impl Content {
+    /// The select list and joins of a manifest read: `artifacts a`, and its bytes if asked.
+    fn select_list(self) -> &'static str {
+        match self {
+            Content::Without => {
+                "a.upload_id, a.attempt, a.path, a.blob, a.size, a.sha256, a.mode, a.is_symlink, \
+                 a.link_target, NULL::bytea AS content FROM artifacts a"
+            }
+            Content::With => {
+                "a.upload_id, a.attempt, a.path, a.blob, a.size, a.sha256, a.mode, a.is_symlink, \
+                 a.link_target, b.content FROM artifacts a LEFT JOIN artifact_blobs b \
+                 ON b.upload_id = a.upload_id AND b.blob = a.blob"
+            }
+        }
+    }
+}
 
 fn from_row(row: &sqlx::postgres::PgRow) -> Result<ArtifactRecord, CoreError> {
     Ok(ArtifactRecord {
@@ -275,6 +317,7 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<ArtifactRecord, CoreError> {
             is_symlink: row.try_get("is_symlink")?,
             link_target: row.try_get("link_target")?,
         },
+        content: row.try_get("content")?,
     })
 }
 
@@ -283,10 +326,11 @@ pub async fn list(
     pool: &PgPool,
     tenant: TenantId,
     run: RunId,
+    content: Content,
 ) -> Result<Vec<ArtifactRecord>, CoreError> {
     let rows = sqlx::query(&format!(
-        "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE run_id = $1 AND tenant_id = $2 \
-         ORDER BY path COLLATE \"C\""
+        "SELECT {} WHERE a.run_id = $1 AND a.tenant_id = $2 ORDER BY a.path COLLATE \"C\"",
+        content.select_list()
     ))
     .bind(run.0)
     .bind(tenant.0)
@@ -295,6 +339,7 @@ pub async fn list(
     rows.iter().map(from_row).collect()
 }
 
+/// One committed entry, with its bytes if Postgres holds them.
 pub async fn get(
     pool: &PgPool,
     tenant: TenantId,
@@ -302,8 +347,8 @@ pub async fn get(
     path: &str,
 ) -> Result<Option<ArtifactRecord>, CoreError> {
     let row = sqlx::query(&format!(
-        "SELECT {ARTIFACT_COLUMNS} FROM artifacts \
-         WHERE run_id = $1 AND tenant_id = $2 AND path = $3"
+        "SELECT {} WHERE a.run_id = $1 AND a.tenant_id = $2 AND a.path = $3",
+        Content::With.select_list()
     ))
     .bind(run.0)
     .bind(tenant.0)
