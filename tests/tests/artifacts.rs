@@ -1062,3 +1062,102 @@ async fn a_redriven_run_that_ends_again_replaces_its_manifest() {
     assert_eq!(committed, [second], "one committed upload: the last");
     stack.stop().await;
 }
+
+/// A mock run given no inputs has no workspace directory to start in: the agent makes its
+/// `request.json` and `result.json` in memory and sends them as the run's artifacts, the same
+/// records a directory would have held (and, under 64 KiB, the API keeps them in Postgres).
+/// What the simulation writes, files or output, still arrives beside them.
+#[tokio::test]
+async fn a_mock_run_without_inputs_sends_its_records_made_in_memory() {
+    let workspaces = tempfile::tempdir().unwrap();
+    let stack = Stack::start_with(StackOptions {
+        agent_executor: "mock".into(),
+        agent_env: vec![(
+            "DROVER_WORKSPACE_ROOT".into(),
+            workspaces.path().display().to_string(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let mock_spec = |mock: pb::MockBehavior| pb::RunSpec {
+        image: "none".into(),
+        command: vec!["true".into()],
+        env: [("MODE".to_owned(), "quiet".to_owned())].into(),
+        mock: Some(mock),
+        ..Default::default()
+    };
+    let finish = |spec: pb::RunSpec| {
+        let stack = &stack;
+        async move {
+            let run = submit(stack, spec).await;
+            let done = wait_run(stack, &run, WAIT, |r| {
+                r.state == pb::RunState::Succeeded as i32 || r.state == pb::RunState::Failed as i32
+            })
+            .await;
+            assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:?}");
+            let paths: Vec<String> = list(stack, &run)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.path)
+                .collect();
+            (run, paths)
+        }
+    };
+    let json = |run: String, path: &'static str| {
+        let stack = &stack;
+        async move {
+            let (entry, data) = get(stack, &run, path).await.unwrap();
+            assert_eq!(entry.mode, 0o644, "{path}");
+            serde_json::from_slice::<serde_json::Value>(&data).unwrap()
+        }
+    };
+
+    // Silent, no files: the two records, and nothing else.
+    let (quiet, paths) = finish(mock_spec(pb::MockBehavior::default())).await;
+    assert_eq!(paths, [".drover/request.json", ".drover/result.json"]);
+    let request = json(quiet.clone(), ".drover/request.json").await;
+    assert_eq!(request["run_id"], quiet.as_str());
+    assert_eq!(request["executor"], "mock");
+    assert_eq!(
+        request["env"]["MODE"], "present",
+        "names only, never values"
+    );
+    assert_eq!(request["inputs"], serde_json::json!([]));
+    let result = json(quiet.clone(), ".drover/result.json").await;
+    assert_eq!(result["status"], "success");
+    assert_eq!(result["exit_code"], 0);
+    assert_eq!(result["created_files"], serde_json::json!([]));
+    assert_eq!(database_blobs(&stack, &quiet).await, 2);
+
+    // Output and a file: its stored log and the file beside the records, the file listed
+    // as created.
+    let (busy, paths) = finish(mock_spec(pb::MockBehavior {
+        stdout: vec!["hello".into()],
+        files: vec![pb::MockFile {
+            path: "out/report.txt".into(),
+            content: b"done\n".to_vec(),
+        }],
+        ..Default::default()
+    }))
+    .await;
+    assert_eq!(
+        paths,
+        [
+            ".drover/logs/stdout.log",
+            ".drover/request.json",
+            ".drover/result.json",
+            "out/report.txt"
+        ]
+    );
+    let result = json(busy.clone(), ".drover/result.json").await;
+    assert_eq!(
+        result["created_files"],
+        serde_json::json!(["out/report.txt"])
+    );
+    let (_, log) = get(&stack, &busy, ".drover/logs/stdout.log").await.unwrap();
+    assert_eq!(log, b"hello\n");
+    let (_, report) = get(&stack, &busy, "out/report.txt").await.unwrap();
+    assert_eq!(report, b"done\n");
+    stack.stop().await;
+}

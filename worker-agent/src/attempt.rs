@@ -26,7 +26,7 @@ use crate::running::{LeaseSignals, RunClaim};
 use crate::settle::{self, Execution};
 use crate::supervise::{Ending, Supervision, supervise};
 use crate::transfer;
-use crate::workspace::{Ended, Workspaces};
+use crate::workspace::{Ended, Record, Workspaces};
 
 /// Output chunks buffered between the container and the log shipper.
 const LOG_CHANNEL_CAPACITY: usize = 256;
@@ -126,24 +126,36 @@ pub async fn follow(
         finished_at: chrono::Utc::now(),
         executor: ctx.executor.name_for(&handle).to_owned(),
     };
+    let executor = ctx.executor.name_for(&handle).to_owned();
+    let in_directory = ctx.workspaces.needs_directory(&job, &executor);
+    let mut records = Vec::new();
     match ctx
         .workspaces
         .write_result(job.workspace.clone(), ended)
         .await
     {
-        Ok(result) => tracing::info!(
-            created = result.created_files.len(),
-            modified = result.modified_files.len(),
-            "result.json written"
-        ),
-        Err(e) => tracing::warn!(error = %e, "could not write result.json"),
+        Ok((result, record)) => {
+            tracing::info!(
+                created = result.created_files.len(),
+                modified = result.modified_files.len(),
+                "result.json made"
+            );
+            records.push(record);
+        }
+        Err(e) => tracing::warn!(error = %e, "could not make result.json"),
+    }
+    if !in_directory {
+        match Workspaces::request_record(&job, &executor) {
+            Ok(record) => records.push(record),
+            Err(e) => tracing::warn!(error = %e, "could not make request.json"),
+        }
     }
     let artifacts = if verdict.outcome == pb::Outcome::HandedBack {
         // A hand-back re-queues the run: nothing of this attempt is kept.
         Artifacts::None
     } else {
         let span = tracing::info_span!("agent.upload_artifacts");
-        match upload_workspace(ctx, &job, &signals.stop)
+        match upload_workspace(ctx, &job, in_directory, records, &signals.stop)
             .instrument(span)
             .await
         {
@@ -317,24 +329,28 @@ impl std::fmt::Display for Artifacts {
     }
 }
 
-/// Collects the workspace's files (the spec's `outputs`, plus `.drover/`): inline when they
-/// are small, else uploaded. [`Artifacts::None`] when the workspace is gone (an executor that
-/// keeps none, a re-adopted execution whose workspace was lost).
+/// Collects the workspace's files (the spec's `outputs`, plus `.drover/`) and the `records`
+/// made in memory: inline when they are small, else uploaded. [`Artifacts::None`] when a
+/// workspace that should exist (`in_directory`) is gone (a re-adopted execution whose
+/// workspace was lost); a mock run without one sends its records and whatever it wrote.
 async fn upload_workspace(
     ctx: &RunContext,
     job: &Job,
+    in_directory: bool,
+    records: Vec<Record>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<Artifacts, ApiError> {
-    if tokio::fs::metadata(&job.workspace).await.is_err() {
+    if in_directory && tokio::fs::metadata(&job.workspace).await.is_err() {
         tracing::warn!(workspace = %job.workspace.display(), "no workspace to upload");
         return Ok(Artifacts::None);
     }
-    let collected = transfer::collect(&job.workspace, &job.spec.outputs, INLINE_BYTES)
+    let mut collected = transfer::collect(&job.workspace, &job.spec.outputs, INLINE_BYTES)
         .await
         .map_err(|e| ApiError::Permanent {
             code: tonic::Code::Internal,
             message: e.to_string(),
         })?;
+    collected.add_records(&job.workspace, records);
     for (path, why) in &collected.skipped {
         tracing::warn!(%path, %why, "workspace file not uploaded");
     }

@@ -339,7 +339,8 @@ pub async fn proceed(
 
 /// Makes the job's workspace: seeded from `inputs_from_run` when the spec names one (its
 /// `.drover/` records describe that run and are left out), then the inline inputs and
-/// `request.json`.
+/// `request.json`; nothing for a job that needs no directory
+/// ([`crate::workspace::Workspaces::needs_directory`]).
 async fn prepare_workspace(
     ctx: &RunContext,
     job: &Job,
@@ -347,6 +348,15 @@ async fn prepare_workspace(
     stop: &CancellationToken,
 ) -> Result<(), ExecError> {
     let workspace = |e: crate::workspace::WorkspaceError| ExecError::Workspace(e.to_string());
+    if !ctx.workspaces.needs_directory(job, executor) {
+        // Nothing to put there before the start (its request.json is made at the end, in
+        // memory). A leftover of a start of this lease that never happened must not be
+        // taken for this run's files.
+        if std::fs::symlink_metadata(&job.workspace).is_ok() {
+            ctx.workspaces.remove(&job.name()).await;
+        }
+        return Ok(());
+    }
     if job.spec.inputs_from_run.is_none() {
         return ctx
             .workspaces

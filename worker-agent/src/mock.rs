@@ -38,6 +38,9 @@ use crate::executor::{
 };
 use crate::state_file::StateFiles;
 
+/// The executor's name (settings, specs, `request.json`).
+pub const MOCK_EXECUTOR: &str = "mock";
+
 /// Output chunks buffered per execution.
 const OUTPUT_BUFFER: usize = 64;
 const SIGKILL_EXIT: i32 = 137;
@@ -335,7 +338,7 @@ fn handle(name: &str) -> ExecHandle {
 
 impl Executor for MockExecutor {
     fn name(&self) -> &'static str {
-        "mock"
+        MOCK_EXECUTOR
     }
 
     fn start<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Started, ExecError>> {

@@ -68,6 +68,33 @@ pub struct Collected {
 }
 
 impl Collected {
+    /// Adds the `.drover/` records the agent made in memory, each in the place of whatever
+    /// the walk found at its path (the record is the agent's word; a file there is not), in
+    /// path order. Their content is kept, so they go inline or stream from memory.
+    pub fn add_records(&mut self, root: &Path, records: Vec<crate::workspace::Record>) {
+        for r in records {
+            self.files.retain(|f| f.entry.path != r.path);
+            let at = self
+                .files
+                .partition_point(|f| f.entry.path.as_str() < r.path.as_str());
+            let entry = pb::ArtifactEntry {
+                path: r.path.clone(),
+                size: r.content.len() as u64,
+                sha256: hex::encode(Sha256::digest(&r.content)),
+                mode: 0o644,
+                ..Default::default()
+            };
+            self.files.insert(
+                at,
+                Outgoing {
+                    source: root.join(&r.path),
+                    entry,
+                    content: Some(r.content),
+                },
+            );
+        }
+    }
+
     /// The files as inline artifacts of the completion report, when every regular file's
     /// content was kept (all of them fit the inline budget); else the collection back, to
     /// upload. The content sent is the content hashed, so a file changed since cannot
@@ -94,6 +121,7 @@ impl Collected {
 /// Walks `root` without following symlinks and returns the files to upload, sorted by path:
 /// those matching any of `outputs` (all when empty), plus everything under `.drover/`.
 /// Regular files are kept in memory as they are hashed until `inline_budget` bytes are used.
+/// No `root` at all is an empty collection (a mock run that wrote nothing has none).
 pub async fn collect(
     root: &Path,
     outputs: &[String],
@@ -111,6 +139,11 @@ pub async fn collect(
 }
 
 fn walk(root: &Path, outputs: &[String], mut budget: u64) -> Result<Collected, TransferError> {
+    if let Err(e) = std::fs::symlink_metadata(root)
+        && e.kind() == std::io::ErrorKind::NotFound
+    {
+        return Ok(Collected::default());
+    }
     let mut found: BTreeMap<String, Outgoing> = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut stack = vec![root.to_owned()];
@@ -251,6 +284,15 @@ pub fn upload_stream(
                 return;
             }
             if is_symlink {
+                continue;
+            }
+            // Kept at the walk (or made in memory): sent as hashed, without reading again.
+            if let Some(content) = file.content {
+                for piece in content.chunks(CHUNK) {
+                    if tx.send(send(Item::Data(piece.to_vec()))).await.is_err() {
+                        return;
+                    }
+                }
                 continue;
             }
             let Ok(mut f) = tokio::fs::File::open(&file.source).await else {
@@ -468,6 +510,65 @@ mod tests {
         let py = collect(root, &["**/*.py".into()], 0).await.unwrap();
         let paths: Vec<&str> = py.files.iter().map(|f| f.entry.path.as_str()).collect();
         assert_eq!(paths, vec![".drover/result.json", "src/app.py"]);
+    }
+
+    #[tokio::test]
+    async fn records_take_the_place_of_files_at_their_path_and_stream_from_memory() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join(".drover")).unwrap();
+        std::fs::write(root.join(".drover/result.json"), "planted").unwrap();
+        std::fs::write(root.join("out.txt"), "out").unwrap();
+        let record = |path: &str, content: &str| crate::workspace::Record {
+            path: path.into(),
+            content: content.as_bytes().to_vec(),
+        };
+
+        // No directory at all: an empty walk, and the records alone.
+        let mut none = collect(&root.join("missing"), &[], 0).await.unwrap();
+        assert!(none.files.is_empty());
+        none.add_records(root, vec![record(".drover/result.json", "{}")]);
+        assert_eq!(none.files.len(), 1);
+
+        let mut all = collect(root, &[], 0).await.unwrap();
+        all.add_records(
+            root,
+            vec![
+                record(".drover/result.json", r#"{"status":"success"}"#),
+                record(".drover/request.json", "{}"),
+            ],
+        );
+        let paths: Vec<&str> = all.files.iter().map(|f| f.entry.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![".drover/request.json", ".drover/result.json", "out.txt"],
+            "in path order, the planted file replaced"
+        );
+        let result = &all.files[1];
+        assert_eq!(result.entry.size, 20);
+        assert_eq!(
+            result.entry.sha256,
+            hex::encode(Sha256::digest(br#"{"status":"success"}"#))
+        );
+        // No budget: streamed, the records from memory and out.txt from its file.
+        let all = all.into_inline().expect_err("out.txt was not kept");
+        let sent: Vec<pb::UploadArtifactsRequest> =
+            upload_stream(pb::UploadStart::default(), all.files)
+                .collect()
+                .await;
+        use pb::upload_artifacts_request::Item;
+        let data: Vec<&[u8]> = sent
+            .iter()
+            .filter_map(|m| match &m.item {
+                Some(Item::Data(d)) => Some(d.as_slice()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            data,
+            vec![b"{}".as_slice(), br#"{"status":"success"}"#, b"out"]
+        );
     }
 
     #[tokio::test]

@@ -1,15 +1,25 @@
 //! Per-attempt workspaces: one host directory per lease,
 //! `<workspace_root>/<agent_id>/drover-<run>-<attempt>-<epoch>`, named like the execution so a
 //! restarted agent finds it again. Before start the agent writes the spec's inline inputs and
-//! `.drover/request.json` into it; after exit, `.drover/result.json`. The directory is removed
-//! only once the completion report is settled (with the execution, in the agent's `settle` module),
-//! unless the `keep_workspaces` setting asks to keep it (tests, debugging).
+//! `.drover/request.json` into it. After exit it makes `.drover/result.json` in memory and
+//! sends it with the artifacts; the file is written into the directory only when workspaces
+//! are kept. The directory is removed only once the completion report is settled (with the
+//! execution, in the agent's `settle` module), unless the `keep_workspaces` setting asks to
+//! keep it (tests, debugging).
+//!
+//! A mock run given nothing to put there (no inputs, no `inputs_from_run`) gets no directory
+//! at all ([`Workspaces::needs_directory`]): its `request.json` is made in memory too, and a
+//! directory appears only if the simulation writes files or output. On the build machine's
+//! journal-less ext4, each new inode scans the group's recently deleted ones, and the five a
+//! no-op mock run created (the directory, `.drover/`, both records, the mock's own record)
+//! were a third of the agent's CPU, which scale tests of the control plane should not pay.
 //!
 //! Safety: `.drover/` stays owned by the agent and is not handed to the sandbox user; before
 //! writing `result.json` the agent replaces whatever the run left at `.drover` or
 //! `.drover/result.json` (a symlink planted by the run is removed, never followed), and the
-//! file is created with `create_new` so no link is followed. Scans never follow symlinks: a
-//! symlink counts as a file whose content is its target text.
+//! file is created with `create_new` so no link is followed. Whatever the run left at that
+//! path is never sent: the record made in memory takes its place in the artifacts. Scans
+//! never follow symlinks: a symlink counts as a file whose content is its target text.
 //!
 //! `request.json` lists env names as `"present"`, never values (they may become secrets), and
 //! each input with its size, mode and sha256; `result.json` compares the workspace after the
@@ -119,6 +129,13 @@ pub struct ResultFile {
     pub executor: String,
 }
 
+/// A `.drover/` record made in memory: its path in the artifacts and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub path: String,
+    pub content: Vec<u8>,
+}
+
 /// What the agent knows about the end of an attempt, for [`Workspaces::write_result`].
 #[derive(Debug, Clone)]
 pub struct Ended {
@@ -146,6 +163,26 @@ impl Workspaces {
     /// The workspace of the execution named `name` ([`crate::executor::execution_name`]).
     pub fn dir(&self, name: &str) -> PathBuf {
         self.agent_root.join(name)
+    }
+
+    /// Whether the job's execution needs its directory before it starts: every executor but
+    /// the mock runs a program in it, and a mock needs one only for its inputs (or when
+    /// workspaces are kept, to be looked at). Decided from the job alone, so the start and
+    /// the end agree.
+    pub fn needs_directory(&self, job: &Job, executor: &str) -> bool {
+        self.keep
+            || executor != crate::mock::MOCK_EXECUTOR
+            || !job.spec.inputs.is_empty()
+            || job.spec.inputs_from_run.is_some()
+    }
+
+    /// `.drover/request.json` of a job with no directory ([`Workspaces::needs_directory`]):
+    /// the same record, made in memory, with no inputs.
+    pub fn request_record(job: &Job, executor: &str) -> Result<Record, WorkspaceError> {
+        let path = format!("{DROVER_DIR}/{REQUEST_FILE}");
+        let content = serde_json::to_vec_pretty(&request_of(job, executor, Vec::new()))
+            .map_err(|e| io_err("encoding", Path::new(&path))(io::Error::other(e)))?;
+        Ok(Record { path, content })
     }
 
     /// Creates the job's workspace afresh (a leftover of a start that never happened is
@@ -178,14 +215,16 @@ impl Workspaces {
         job.workspace.join(DROVER_DIR).join("logs")
     }
 
-    /// Writes `.drover/result.json` after the run, comparing the workspace with the inputs
-    /// recorded in `request.json`. Returns what it wrote.
+    /// Makes `.drover/result.json` after the run, comparing the workspace (none counts as
+    /// empty) with the inputs recorded in `request.json`; writes it into the workspace too
+    /// when workspaces are kept. Returns the result and the record to send.
     pub async fn write_result(
         &self,
         dir: PathBuf,
         ended: Ended,
-    ) -> Result<ResultFile, WorkspaceError> {
-        blocking(move || write_result_blocking(&dir, ended)).await
+    ) -> Result<(ResultFile, Record), WorkspaceError> {
+        let keep = self.keep;
+        blocking(move || write_result_blocking(&dir, ended, keep)).await
     }
 
     /// Removes the workspace of execution `name` (unless workspaces are kept). Failures are
@@ -292,7 +331,16 @@ fn prepare_blocking(job: &Job, executor: &str) -> Result<(), WorkspaceError> {
             sha256,
         });
     }
-    let request = RequestFile {
+    write_json(
+        &drover.join(REQUEST_FILE),
+        &request_of(job, executor, inputs),
+    )
+}
+
+/// `request.json` of `job` with `inputs` (what the workspace held before the start).
+fn request_of(job: &Job, executor: &str, inputs: Vec<InputEntry>) -> RequestFile {
+    let spec = &job.spec;
+    RequestFile {
         run_id: job.run_id.to_string(),
         attempt: job.attempt,
         lease_epoch: job.lease_epoch.0,
@@ -314,8 +362,7 @@ fn prepare_blocking(job: &Job, executor: &str) -> Result<(), WorkspaceError> {
         memory_bytes: spec.resources.memory_bytes,
         pids: spec.resources.pids,
         inputs,
-    };
-    write_json(&drover.join(REQUEST_FILE), &request)
+    }
 }
 
 /// Creates `path` (never following or replacing anything there) with `content` and `mode`.
@@ -338,10 +385,17 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), WorkspaceError
     write_new(path, &json, 0o644)
 }
 
-fn write_result_blocking(dir: &Path, ended: Ended) -> Result<ResultFile, WorkspaceError> {
+fn write_result_blocking(
+    dir: &Path,
+    ended: Ended,
+    keep: bool,
+) -> Result<(ResultFile, Record), WorkspaceError> {
     let drover = dir.join(DROVER_DIR);
     let inputs = read_inputs(&drover.join(REQUEST_FILE));
-    let after = scan(dir)?;
+    let after = match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+        _ => scan(dir)?,
+    };
 
     let mut created = Vec::new();
     let mut modified = Vec::new();
@@ -378,6 +432,15 @@ fn write_result_blocking(dir: &Path, ended: Ended) -> Result<ResultFile, Workspa
         duration_ms,
         executor: ended.executor,
     };
+    let path = drover.join(RESULT_FILE);
+    let record = Record {
+        path: format!("{DROVER_DIR}/{RESULT_FILE}"),
+        content: serde_json::to_vec_pretty(&result)
+            .map_err(|e| io_err("encoding", &path)(io::Error::other(e)))?,
+    };
+    if !keep {
+        return Ok((result, record));
+    }
 
     // Whatever the run left at `.drover` (a symlink, a file) is replaced, never followed.
     let is_dir = std::fs::symlink_metadata(&drover)
@@ -388,7 +451,6 @@ fn write_result_blocking(dir: &Path, ended: Ended) -> Result<ResultFile, Workspa
         let _ = std::fs::remove_dir_all(&drover);
         std::fs::create_dir(&drover).map_err(io_err("creating", &drover))?;
     }
-    let path = drover.join(RESULT_FILE);
     match std::fs::symlink_metadata(&path) {
         Ok(m) if m.is_dir() => {
             std::fs::remove_dir_all(&path).map_err(io_err("replacing", &path))?
@@ -396,8 +458,8 @@ fn write_result_blocking(dir: &Path, ended: Ended) -> Result<ResultFile, Workspa
         Ok(_) => std::fs::remove_file(&path).map_err(io_err("replacing", &path))?,
         Err(_) => {}
     }
-    write_json(&path, &result)?;
-    Ok(result)
+    write_new(&path, &record.content, 0o644)?;
+    Ok((result, record))
 }
 
 /// Input path → sha256 as `request.json` recorded them; empty if it cannot be read (then
@@ -593,20 +655,32 @@ mod tests {
             finished_at: now,
             executor: "process".into(),
         };
-        let result = ws.write_result(dir.clone(), ended).await.unwrap();
+        let (result, record) = ws.write_result(dir.clone(), ended).await.unwrap();
         assert_eq!(result.status, "error");
         assert_eq!(result.errors, vec!["exited with code 3".to_owned()]);
         assert_eq!(result.created_files, vec!["link", "out/new.txt"]);
         assert_eq!(result.modified_files, vec!["app.py"]);
         assert_eq!(result.deleted_files, vec!["gone.txt"]);
         assert_eq!(result.duration_ms, 1500);
-        let on_disk: ResultFile =
-            serde_json::from_slice(&std::fs::read(dir.join(".drover/result.json")).unwrap())
-                .unwrap();
-        assert_eq!(on_disk, result);
+        // Made in memory, sent with the artifacts; not written where workspaces go.
+        assert_eq!(record.path, ".drover/result.json");
+        let sent: ResultFile = serde_json::from_slice(&record.content).unwrap();
+        assert_eq!(sent, result);
+        assert!(!dir.join(".drover/result.json").exists());
 
         ws.remove(&job.name()).await;
         assert!(!dir.exists());
+    }
+
+    fn mock_exited_0() -> Ended {
+        Ended {
+            success: true,
+            exit_code: Some(0),
+            summary: "exited with code 0".into(),
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            executor: "mock".into(),
+        }
     }
 
     #[tokio::test]
@@ -618,20 +692,49 @@ mod tests {
         let victim = tmp.path().join("victim");
         std::fs::write(&victim, b"keep me").unwrap();
         std::os::unix::fs::symlink(&victim, job.workspace.join(".drover/result.json")).unwrap();
-        let ended = Ended {
-            success: true,
-            exit_code: Some(0),
-            summary: "exited with code 0".into(),
-            started_at: Utc::now(),
-            finished_at: Utc::now(),
-            executor: "mock".into(),
-        };
-        ws.write_result(job.workspace.clone(), ended).await.unwrap();
+        let ended = mock_exited_0();
+        let (_, record) = ws.write_result(job.workspace.clone(), ended).await.unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
-        let meta = std::fs::symlink_metadata(job.workspace.join(".drover/result.json")).unwrap();
-        assert!(meta.is_file());
+        let at = job.workspace.join(".drover/result.json");
+        assert!(std::fs::symlink_metadata(&at).unwrap().is_file());
+        // Kept workspaces get the file, the same bytes as the record sent.
+        assert_eq!(std::fs::read(&at).unwrap(), record.content);
         ws.remove(&job.name()).await;
         assert!(job.workspace.exists(), "kept workspaces stay");
+    }
+
+    #[tokio::test]
+    async fn a_mock_run_without_inputs_gets_no_directory_and_its_records_from_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut job = job(tmp.path());
+        let ws = Workspaces::new(tmp.path(), &job.agent_id, false);
+        assert!(ws.needs_directory(&job, "mock"), "it has inputs");
+        job.spec.inputs.clear();
+        assert!(!ws.needs_directory(&job, "mock"));
+        assert!(ws.needs_directory(&job, "process"));
+        assert!(ws.needs_directory(&job, "docker"));
+        job.spec.inputs_from_run = Some(uuid::Uuid::now_v7());
+        assert!(ws.needs_directory(&job, "mock"), "it is seeded");
+        job.spec.inputs_from_run = None;
+        let kept = Workspaces::new(tmp.path(), &job.agent_id, true);
+        assert!(kept.needs_directory(&job, "mock"), "kept to be looked at");
+
+        // The request record is the one a directory would have held, with no inputs.
+        let request = Workspaces::request_record(&job, "mock").unwrap();
+        assert_eq!(request.path, ".drover/request.json");
+        let parsed: RequestFile = serde_json::from_slice(&request.content).unwrap();
+        assert_eq!(parsed.executor, "mock");
+        assert_eq!(parsed.env["TOKEN"], "present");
+        assert!(parsed.inputs.is_empty());
+        assert!(!String::from_utf8_lossy(&request.content).contains("s3cret-value"));
+
+        // No directory is an empty one: nothing created, and nothing written.
+        let ended = mock_exited_0();
+        let (result, record) = ws.write_result(job.workspace.clone(), ended).await.unwrap();
+        assert_eq!(result.status, "success");
+        assert!(result.created_files.is_empty() && result.deleted_files.is_empty());
+        assert!(!record.content.is_empty());
+        assert!(!job.workspace.exists());
     }
 
     #[tokio::test]
