@@ -9,7 +9,7 @@ use drover_core::ids::{AgentId, RunId};
 use drover_core::observe;
 use drover_core::repo::agents::{self, AgentRegistration};
 use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
-use drover_core::repo::folded_end::{self, FoldedSuccess};
+use drover_core::repo::folded_end::{self, FoldedArtifacts, FoldedSuccess};
 use drover_core::repo::{RunRecord, Transition, TransitionPatch, artifacts, logs, runs, secrets};
 use drover_core::retry::Failure;
 use drover_core::spec::validate_pool;
@@ -72,6 +72,33 @@ pub(crate) async fn leased_run(
 }
 
 /// The guarded ASSIGNED → RUNNING of `agent`'s lease under `epoch`.
+/// The folded success of `end`, reported by `agent` under epoch `ep` (see
+/// [`folded_end`]).
+fn folded_success<'a>(
+    run: RunId,
+    agent: &'a AgentId,
+    ep: i64,
+    executor: &'a str,
+    start_reason: &'a str,
+    end: &'a AttemptEnd,
+) -> FoldedSuccess<'a> {
+    let (output, output_truncated) = end
+        .output
+        .as_ref()
+        .map_or((&[][..], false), |(o, t)| (o.as_slice(), *t));
+    FoldedSuccess {
+        run_id: run,
+        agent: agent.as_str(),
+        epoch: ep,
+        executor,
+        start_reason,
+        exit_code: end.exit_code,
+        output,
+        output_truncated,
+        reason: &end.reason,
+    }
+}
+
 fn start(agent: &AgentId, run: RunId, epoch: i64, executor: String, reason: String) -> Transition {
     Transition {
         expected_epoch: Some(epoch),
@@ -331,46 +358,64 @@ impl AgentApi {
             epoch: ep,
             fence: false,
         };
-        if !inline.is_empty() {
-            upload = crate::artifacts::store_inline(&self.state, &agent, run, ep, inline).await?;
+        let checked = if inline.is_empty() {
+            None
+        } else {
+            Some(crate::artifacts::check_inline(&self.state, inline)?)
+        };
+        // A folded success: start and end in one row update (the common short run)...
+        let fold = fold_start.is_some() && kind == EndKind::Succeeded;
+        // ...and when Postgres keeps its files, those too, all in one statement.
+        let kept = checked
+            .as_ref()
+            .and_then(|c| c.kept().map(|kept| (c, kept)));
+        let one_statement = match kept {
+            Some((checked, kept)) if fold => {
+                let files = FoldedArtifacts {
+                    upload_id: uuid::Uuid::now_v7(),
+                    entries: &checked.entries,
+                    bytes: i64::try_from(checked.bytes).unwrap_or(i64::MAX),
+                    kept,
+                };
+                let mut conn = self.state.pool.acquire().await.map_err(CoreError::from)?;
+                let done = folded_end::start_and_succeed_with_artifacts(
+                    &mut conn,
+                    &folded_success(run, &agent, ep, &folded_executor, &start_reason, &end),
+                    &files,
+                )
+                .await?;
+                if done.is_some() {
+                    metrics::counter!(observe::names::ARTIFACT_BYTES).increment(checked.bytes);
+                }
+                done
+            }
+            _ => None,
+        };
+        if one_statement.is_none()
+            && let Some(checked) = checked
+        {
+            upload = crate::artifacts::store_inline(&self.state, &agent, run, ep, checked).await?;
         }
         let ended = async {
+            if let Some((rec, started, event)) = one_statement {
+                observe::record_transition(&started);
+                return Ok::<_, CoreError>((rec, event));
+            }
             let mut tx = self.state.pool.begin().await?;
-            // A folded success: start and end in one row update (the common short run).
-            if fold_start.is_some() && kind == EndKind::Succeeded {
-                let (output, truncated) = end
-                    .output
-                    .as_ref()
-                    .map_or((&[][..], false), |(o, t)| (o.as_slice(), *t));
-                let folded = FoldedSuccess {
-                    run_id: run,
-                    agent: agent.as_str(),
-                    epoch: ep,
-                    executor: &folded_executor,
-                    start_reason: &start_reason,
-                    exit_code: end.exit_code,
-                    output,
-                    output_truncated: truncated,
-                    reason: &end.reason,
-                };
-                if let Some((rec, started, event)) =
-                    folded_end::start_and_succeed(&mut tx, &folded).await?
-                {
-                    if let Some(upload) = upload {
-                        artifacts::commit_upload(
-                            &mut tx,
-                            run,
-                            upload,
-                            Some(agent.as_str()),
-                            ep,
-                            true,
-                        )
+            if fold
+                && let Some((rec, started, event)) = folded_end::start_and_succeed(
+                    &mut tx,
+                    &folded_success(run, &agent, ep, &folded_executor, &start_reason, &end),
+                )
+                .await?
+            {
+                if let Some(upload) = upload {
+                    artifacts::commit_upload(&mut tx, run, upload, Some(agent.as_str()), ep, true)
                         .await?;
-                    }
-                    tx.commit().await?;
-                    observe::record_transition(&started);
-                    return Ok::<_, CoreError>((rec, event));
                 }
+                tx.commit().await?;
+                observe::record_transition(&started);
+                return Ok::<_, CoreError>((rec, event));
             }
             let (started, locked) = match fold_start {
                 Some(t) => match runs::transition(&mut tx, &t).await {

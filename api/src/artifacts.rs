@@ -374,20 +374,40 @@ pub async fn upload(
 /// well inside gRPC's default 4 MiB message).
 pub const MAX_INLINE_BYTES: usize = 1024 * 1024;
 
-/// Stores a completion report's inline artifacts as an upload of `agent`'s lease and returns
-/// its id, for the report to commit with the end. Every entry passes the same checks as a
-/// streamed file, and its content must match its size and sha256. The row comes first (so
-/// the collector knows it), then every blob in one store step. `None` when the lease is not
-/// executing: nothing is stored, and the end decides, by the same rules as any report (a
-/// stale lease is refused; a repeat of this lease's own end after a lost answer is told
-/// what stands).
-pub async fn store_inline(
-    state: &AppState,
-    agent: &AgentId,
-    run: RunId,
-    epoch: i64,
-    items: Vec<pb::InlineArtifact>,
-) -> ApiResult<Option<Uuid>> {
+/// A completion report's inline artifacts, checked: the manifest entries, their total size,
+/// and the bytes, kept for Postgres or bound for the store.
+pub struct CheckedInline {
+    pub entries: Vec<StagedEntry>,
+    pub bytes: u64,
+    pub content: InlineBytes,
+}
+
+/// Where a checked inline upload's bytes go.
+pub enum InlineBytes {
+    /// At most `artifacts.database_upload_bytes` in all: Postgres keeps them.
+    Database(repo::KeptBytes),
+    /// More: the store, blob index and content.
+    Store(Vec<(u32, Vec<u8>)>),
+}
+
+impl CheckedInline {
+    /// The bytes, when Postgres is to keep them.
+    pub fn kept(&self) -> Option<&repo::KeptBytes> {
+        match &self.content {
+            InlineBytes::Database(kept) => Some(kept),
+            InlineBytes::Store(_) => None,
+        }
+    }
+
+    fn bytes_i64(&self) -> i64 {
+        i64::try_from(self.bytes).unwrap_or(i64::MAX)
+    }
+}
+
+/// Checks a completion report's inline artifacts: every entry passes the same checks as a
+/// streamed file, and its content must match its size and sha256 (INVALID_ARGUMENT
+/// otherwise, before anything is written).
+pub fn check_inline(state: &AppState, items: Vec<pb::InlineArtifact>) -> ApiResult<CheckedInline> {
     let total: usize = items.iter().map(|i| i.content.len()).sum();
     if total > MAX_INLINE_BYTES {
         return Err(ApiError::bad(
@@ -426,38 +446,59 @@ pub async fn store_inline(
         }
         blobs.push((blob, item.content));
     }
-    let id = Uuid::now_v7();
-    let bytes = manifest.bytes_i64();
     // Small enough: the bytes go with the row, in its statement; else to the store after it.
-    let (in_database, in_store) = if total as u64 <= state.settings.artifacts.database_upload_bytes
-    {
-        (blobs, Vec::new())
+    let content = if total as u64 <= state.settings.artifacts.database_upload_bytes {
+        let (indexes, contents) = blobs.into_iter().unzip();
+        InlineBytes::Database(repo::KeptBytes { indexes, contents })
     } else {
-        let files = blobs
-            .into_iter()
-            .map(|(index, content)| (u32::try_from(index).unwrap_or(u32::MAX), content))
-            .collect();
-        (Vec::new(), files)
+        InlineBytes::Store(
+            blobs
+                .into_iter()
+                .map(|(index, content)| (u32::try_from(index).unwrap_or(u32::MAX), content))
+                .collect(),
+        )
     };
+    Ok(CheckedInline {
+        bytes: manifest.bytes,
+        entries: manifest.entries,
+        content,
+    })
+}
+
+/// Stores checked inline artifacts ([`check_inline`]) as an upload of `agent`'s lease and
+/// returns its id, for the report to commit with the end. The row comes first (so the
+/// collector knows it), with the bytes when Postgres keeps them, else every blob in one store
+/// step after it. `None` when the lease is not executing: nothing is stored, and the end
+/// decides, by the same rules as any report (a stale lease is refused; a repeat of this
+/// lease's own end after a lost answer is told what stands).
+pub async fn store_inline(
+    state: &AppState,
+    agent: &AgentId,
+    run: RunId,
+    epoch: i64,
+    checked: CheckedInline,
+) -> ApiResult<Option<Uuid>> {
+    let id = Uuid::now_v7();
+    let none = repo::KeptBytes::default();
     if !repo::begin_inline_upload(
         &state.pool,
         id,
         run,
         epoch,
         agent.as_str(),
-        &manifest.entries,
-        bytes,
-        in_database,
+        &checked.entries,
+        checked.bytes_i64(),
+        checked.kept().unwrap_or(&none),
     )
     .await?
     {
         return Ok(None);
     }
-    metrics::counter!(drover_core::observe::names::ARTIFACT_BYTES).increment(manifest.bytes);
-    if in_store.is_empty() {
+    metrics::counter!(drover_core::observe::names::ARTIFACT_BYTES).increment(checked.bytes);
+    let InlineBytes::Store(files) = checked.content else {
         return Ok(Some(id));
-    }
-    if let Err(e) = state.artifacts.put_all(id, in_store).await {
+    };
+    if let Err(e) = state.artifacts.put_all(id, files).await {
         discard(state, id).await;
         return Err(e.into());
     }

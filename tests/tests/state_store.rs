@@ -253,6 +253,24 @@ async fn racing_transitions_number_their_events_without_gaps() {
     services::drop_database(&name).await;
 }
 
+/// agent-1's report of a silent success of `run`, started and ended inside its fold window.
+fn folded_report(
+    run: drover_core::ids::RunId,
+    epoch: i64,
+) -> drover_core::repo::folded_end::FoldedSuccess<'static> {
+    drover_core::repo::folded_end::FoldedSuccess {
+        run_id: run,
+        agent: "agent-1",
+        epoch,
+        executor: "mock",
+        start_reason: "started on agent-1 (mock); reported with its end",
+        exit_code: Some(0),
+        output: b"",
+        output_truncated: false,
+        reason: "exited with code 0",
+    }
+}
+
 /// A success reported with its start (the agent's fold window) is one row update with both
 /// events, numbered and ordered as the two transitions would have numbered them; under a
 /// stale lease it writes nothing.
@@ -270,15 +288,8 @@ async fn a_folded_success_writes_the_start_and_the_end_at_once() {
         r
     };
     let report = |epoch: i64| FoldedSuccess {
-        run_id: run.id,
-        agent: "agent-1",
-        epoch,
-        executor: "mock",
-        start_reason: "started on agent-1 (mock); reported with its end",
-        exit_code: Some(0),
         output: b"hello\n",
-        output_truncated: false,
-        reason: "exited with code 0",
+        ..folded_report(run.id, epoch)
     };
 
     // A stale epoch: refused, nothing written.
@@ -356,6 +367,145 @@ async fn a_folded_success_writes_the_start_and_the_end_at_once() {
     );
     tx.commit().await.unwrap();
     assert_eq!(event_count(&pool, run.id).await, 4);
+    pool.close().await;
+    services::drop_database(&name).await;
+}
+
+/// A folded success whose files Postgres keeps is one statement: the run and its two events,
+/// the upload (committed), its bytes and its manifest. Under a stale lease, after the end,
+/// or when the run already has a manifest (a redriven run's second end, which the checked
+/// path replaces), it writes nothing at all.
+#[tokio::test]
+async fn a_folded_success_with_kept_files_writes_run_upload_and_manifest_at_once() {
+    use drover_core::repo::artifacts::{self, Content, KeptBytes, StagedEntry};
+    use drover_core::repo::folded_end::{FoldedArtifacts, start_and_succeed_with_artifacts};
+    let (name, pool) = fresh_db(4).await;
+    let assigned = |agent: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let run = submit_one(&pool).await;
+            let mut tx = pool.begin().await.unwrap();
+            let (r, _) = runs::transition(&mut tx, &assign(run.id, agent))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            r
+        }
+    };
+    let run = assigned("agent-1").await;
+    let report = |run: &runs::RunRecord, epoch: i64| folded_report(run.id, epoch);
+    let entries = vec![
+        StagedEntry {
+            path: ".drover/result.json".into(),
+            blob: Some(0),
+            size: 2,
+            sha256: "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a".into(),
+            mode: 0o644,
+            is_symlink: false,
+            link_target: None,
+        },
+        StagedEntry {
+            path: "latest".into(),
+            blob: None,
+            size: 0,
+            sha256: String::new(),
+            mode: 0o777,
+            is_symlink: true,
+            link_target: Some(".drover/result.json".into()),
+        },
+    ];
+    let kept = KeptBytes {
+        indexes: vec![0],
+        contents: vec![b"{}".to_vec()],
+    };
+    let files = || FoldedArtifacts {
+        upload_id: uuid::Uuid::now_v7(),
+        entries: &entries,
+        bytes: 2,
+        kept: &kept,
+    };
+    let uploads = |run: drover_core::ids::RunId| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM artifact_uploads WHERE run_id = $1")
+                .bind(run.0)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let mut conn = pool.acquire().await.unwrap();
+
+    // A stale epoch: nothing written, neither the end nor any of the files.
+    let stale =
+        start_and_succeed_with_artifacts(&mut conn, &report(&run, run.lease_epoch + 1), &files())
+            .await
+            .unwrap();
+    assert!(stale.is_none());
+    assert_eq!(event_count(&pool, run.id).await, 2);
+    assert_eq!(uploads(run.id).await, 0);
+
+    let (done, started, ended) =
+        start_and_succeed_with_artifacts(&mut conn, &report(&run, run.lease_epoch), &files())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(done.state, RunState::Succeeded);
+    assert_eq!((started.seq, ended.seq), (3, 4));
+    assert_eq!(event_count(&pool, run.id).await, 4);
+    let (committed, completed, count, bytes): (bool, bool, i32, i64) = sqlx::query_as(
+        "SELECT committed_at IS NOT NULL, completed_at IS NOT NULL, files, bytes \
+         FROM artifact_uploads WHERE run_id = $1",
+    )
+    .bind(run.id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((committed, completed, count, bytes), (true, true, 2, 2));
+    let listed = artifacts::list(&pool, DEFAULT_TENANT, run.id, Content::With)
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<Vec<u8>>, i32)> = listed
+        .into_iter()
+        .map(|r| (r.entry.path, r.content, r.attempt))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (".drover/result.json".into(), Some(b"{}".to_vec()), 1),
+            ("latest".into(), None, 1),
+        ]
+    );
+
+    // A repeat after the end: nothing more.
+    let again =
+        start_and_succeed_with_artifacts(&mut conn, &report(&run, run.lease_epoch), &files())
+            .await
+            .unwrap();
+    assert!(again.is_none());
+    assert_eq!(uploads(run.id).await, 1);
+
+    // A run that already has a committed manifest: left to the checked path, untouched.
+    let other = assigned("agent-1").await;
+    sqlx::query(
+        "INSERT INTO artifact_uploads (id, tenant_id, run_id, attempt, lease_epoch, agent_id, \
+         manifest, completed_at, committed_at) \
+         VALUES ($1, $2, $3, 1, 0, 'agent-0', '[]', now(), now())",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(DEFAULT_TENANT.0)
+    .bind(other.id.0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let redriven =
+        start_and_succeed_with_artifacts(&mut conn, &report(&other, other.lease_epoch), &files())
+            .await
+            .unwrap();
+    assert!(redriven.is_none());
+    assert_eq!(event_count(&pool, other.id).await, 2, "still ASSIGNED");
+    assert_eq!(uploads(other.id).await, 1);
+    drop(conn);
     pool.close().await;
     services::drop_database(&name).await;
 }

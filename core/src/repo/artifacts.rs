@@ -76,17 +76,25 @@ pub async fn begin_upload(pool: &PgPool, u: &NewUpload) -> Result<(), CoreError>
 }
 
 /// The manifest column and the file count of `entries`.
-fn manifest_of(entries: &[StagedEntry]) -> Result<(serde_json::Value, i32), CoreError> {
+pub(crate) fn manifest_of(entries: &[StagedEntry]) -> Result<(serde_json::Value, i32), CoreError> {
     let manifest = serde_json::to_value(entries)
         .map_err(|e| CoreError::Corrupt(format!("artifact manifest: {e}")))?;
     Ok((manifest, i32::try_from(entries.len()).unwrap_or(i32::MAX)))
 }
 
+/// The bytes of an upload that Postgres keeps (`artifact_blobs`): blob index and content,
+/// side by side as the statements bind them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeptBytes {
+    pub indexes: Vec<i32>,
+    pub contents: Vec<Vec<u8>>,
+}
+
 /// Writes the row of an inline upload, manifest included, if `agent` holds `run_id` under
 /// `epoch` (ASSIGNED or RUNNING); `false` when it does not. Tenant and attempt come from the
-/// run row, so the caller needs no read of its own. `in_database` (blob index, content) are
-/// written to `artifact_blobs` by the same statement: the upload's bytes when they are small
-/// enough to keep in Postgres, empty when the store is to hold them.
+/// run row, so the caller needs no read of its own. `in_database` is written to
+/// `artifact_blobs` by the same statement: the upload's bytes when they are small enough to
+/// keep in Postgres, empty when the store is to hold them.
 #[allow(clippy::too_many_arguments)]
 pub async fn begin_inline_upload(
     pool: &PgPool,
@@ -96,10 +104,9 @@ pub async fn begin_inline_upload(
     agent: &str,
     entries: &[StagedEntry],
     bytes: i64,
-    in_database: Vec<(i32, Vec<u8>)>,
+    in_database: &KeptBytes,
 ) -> Result<bool, CoreError> {
     let (manifest, files) = manifest_of(entries)?;
-    let (indexes, contents): (Vec<i32>, Vec<Vec<u8>>) = in_database.into_iter().unzip();
     let written: i64 = sqlx::query_scalar(
         "WITH up AS (INSERT INTO artifact_uploads (id, tenant_id, run_id, attempt, lease_epoch, \
          agent_id, manifest, files, bytes, completed_at) \
@@ -118,8 +125,8 @@ pub async fn begin_inline_upload(
     .bind(manifest)
     .bind(files)
     .bind(bytes)
-    .bind(indexes)
-    .bind(contents)
+    .bind(&in_database.indexes)
+    .bind(&in_database.contents)
     .fetch_one(pool)
     .await?;
     Ok(written == 1)
