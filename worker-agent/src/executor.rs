@@ -10,7 +10,9 @@
 //!   [`ExecError::ImageUnavailable`].
 //! - The job's workspace directory ([`Job::workspace`]) exists, holds the inputs and
 //!   `.drover/request.json` before [`Executor::start`] is called; the executor runs the
-//!   process in it (Docker: bind-mounted at `/workspace`).
+//!   process in it (Docker: bind-mounted at `/workspace`). The one exception is a mock job
+//!   with no inputs (`Workspaces::needs_directory`): it may have no directory, and the mock
+//!   creates one only if it writes files there.
 //! - Errors carry backend text for the agent's logs only; what the API (and so clients) sees is
 //!   chosen by the caller.
 //! - [`Executor::list`] finds every execution this agent left on the host (labelled with its

@@ -4,7 +4,8 @@
 //! buffers per execution; no process, no container.
 //!
 //! The simulation: the `n` lines of a stream are printed at `duration * i / n` (stdout before
-//! stderr at the same instant), the files are written into the workspace at the end, then
+//! stderr at the same instant), the files are written into the workspace at the end (made
+//! then if the run had none: a mock run without inputs starts with no directory), then
 //! the "process" exits with the spec's code. SIGTERM (cancel) and SIGKILL end it at once with
 //! 143 / 137 and no files, as a process that does not handle signals would. A spec without
 //! `mock` simulates an instant, silent exit 0.

@@ -1,5 +1,6 @@
-//! Where artifact bytes live. Postgres holds the manifests (`repo::artifacts`); a store holds
-//! the content, addressed by upload id and blob index — per upload rather than by content
+//! Where artifact bytes live. Postgres holds the manifests (`repo::artifacts`), and the bytes
+//! of small inline uploads (`artifact_blobs`, see `repo::artifacts`); a store holds the rest,
+//! addressed by upload id and blob index — per upload rather than by content
 //! hash, so nothing on disk is shared between runs, deleting an upload is one directory, and
 //! no reference counting is needed. (Content addressing, which would de-duplicate the files a
 //! follow-up run inherits through `inputs_from_run`, is a later step behind the same trait.)
