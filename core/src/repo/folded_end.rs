@@ -54,7 +54,8 @@ pub struct FoldedArtifacts<'a> {
 
 /// What [`super::runs::transition`] would do for ASSIGNED → RUNNING then RUNNING → SUCCEEDED
 /// under the same guards (the lease's epoch and agent), in one UPDATE numbering two events;
-/// `with_artifacts`, also the upload, its bytes and its manifest, committed.
+/// `with_artifacts`, also the upload, its bytes and its manifest, committed. The UPDATE names
+/// the run by `$1` for the primary key, as the transition's does (see there why).
 fn folded_sql(with_artifacts: bool) -> String {
     let (guard, artifacts) = if with_artifacts {
         (
@@ -94,7 +95,7 @@ fn folded_sql(with_artifacts: bool) -> String {
            queue_deadline = NULL, \
            parked_at = NULL, parked_quota = NULL, \
            updated_at = now() \
-         FROM prev WHERE r.id = prev.id AND r.state = 'ASSIGNED' \
+         FROM prev WHERE r.id = $1 AND r.id = prev.id AND r.state = 'ASSIGNED' \
            AND r.lease_epoch = $2 AND r.agent_id = $3{guard} \
          RETURNING prev.prev_state, r.last_seq, {RETURNED}), \
          ev AS (INSERT INTO run_events (run_id, seq, tenant_id, from_state, to_state, attempt, \
