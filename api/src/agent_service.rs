@@ -374,7 +374,7 @@ impl AgentApi {
                 let files = FoldedArtifacts {
                     upload_id: uuid::Uuid::now_v7(),
                     entries: &checked.entries,
-                    bytes: i64::try_from(checked.bytes).unwrap_or(i64::MAX),
+                    bytes: checked.bytes_i64(),
                     kept,
                 };
                 let mut conn = self.state.pool.acquire().await.map_err(CoreError::from)?;

@@ -399,7 +399,8 @@ impl CheckedInline {
         }
     }
 
-    fn bytes_i64(&self) -> i64 {
+    /// The total size as Postgres stores it.
+    pub fn bytes_i64(&self) -> i64 {
         i64::try_from(self.bytes).unwrap_or(i64::MAX)
     }
 }

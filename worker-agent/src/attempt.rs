@@ -117,6 +117,8 @@ pub async fn follow(
         return;
     };
     verdict.reason = redactor.redact_str(&verdict.reason);
+    let executor = ctx.executor.name_for(&handle).to_owned();
+    let in_directory = ctx.workspaces.needs_directory(&job, &executor);
     let ended = Ended {
         success: verdict.outcome == pb::Outcome::Succeeded,
         exit_code: verdict.exit_code,
@@ -124,10 +126,8 @@ pub async fn follow(
         started_at: adopted_at
             - chrono::Duration::from_std(started.running_for).unwrap_or_default(),
         finished_at: chrono::Utc::now(),
-        executor: ctx.executor.name_for(&handle).to_owned(),
+        executor: executor.clone(),
     };
-    let executor = ctx.executor.name_for(&handle).to_owned();
-    let in_directory = ctx.workspaces.needs_directory(&job, &executor);
     let mut records = Vec::new();
     match ctx
         .workspaces
