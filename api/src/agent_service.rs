@@ -3,6 +3,7 @@
 //! FAILED_PRECONDITION and changes nothing; a repeat of an accepted report is a no-op.
 
 use drover_core::CoreError;
+use drover_core::announce::Announcement;
 use drover_core::convert;
 use drover_core::error::Refusal;
 use drover_core::ids::{AgentId, RunId};
@@ -10,6 +11,7 @@ use drover_core::observe;
 use drover_core::repo::agents::{self, AgentRegistration};
 use drover_core::repo::attempts::{self, AttemptEnd, EndKind, Holder};
 use drover_core::repo::folded_end::{self, FoldedArtifacts, FoldedSuccess};
+use drover_core::repo::runs::EventRecord;
 use drover_core::repo::{RunRecord, Transition, TransitionPatch, artifacts, logs, runs, secrets};
 use drover_core::retry::Failure;
 use drover_core::spec::validate_pool;
@@ -121,7 +123,9 @@ impl AgentApi {
         let mut conn = self.state.pool.acquire().await?;
         let (run, event) = runs::transition(&mut conn, &t).await?;
         observe::record_transition(&event);
-        self.state.bus.run_event(run.id, event.seq);
+        self.state
+            .bus
+            .announce(Announcement::carrying(&run, &[&event]));
         Ok(run)
     }
 
@@ -399,7 +403,7 @@ impl AgentApi {
         let ended = async {
             if let Some((rec, started, event)) = one_statement {
                 observe::record_transition(&started);
-                return Ok::<_, CoreError>((rec, event));
+                return Ok::<_, CoreError>((rec, Some(started), event));
             }
             let mut tx = self.state.pool.begin().await?;
             if fold
@@ -415,7 +419,7 @@ impl AgentApi {
                 }
                 tx.commit().await?;
                 observe::record_transition(&started);
-                return Ok::<_, CoreError>((rec, event));
+                return Ok::<_, CoreError>((rec, Some(started), event));
             }
             let (started, locked) = match fold_start {
                 Some(t) => match runs::transition(&mut tx, &t).await {
@@ -427,21 +431,26 @@ impl AgentApi {
                 },
                 None => (None, None),
             };
-            let done =
+            let (rec, event) =
                 attempts::end_attempt_with_artifacts(&mut tx, run, &holder, end, upload, locked)
                     .await?;
             tx.commit().await?;
             if let Some(event) = &started {
                 observe::record_transition(event);
             }
-            Ok::<_, CoreError>(done)
+            Ok::<_, CoreError>((rec, started, event))
         };
         match ended.await {
-            Ok((rec, event)) => {
+            Ok((rec, started, event)) => {
                 let span = tracing::Span::current();
                 span.record("tenant", tracing::field::display(rec.tenant_id));
                 observe::record_transition(&event);
-                self.state.bus.run_event(rec.id, event.seq);
+                // The start (when folded) and the end, for watchers; an end that wrote more
+                // events than these leaves a gap, which they read from Postgres.
+                let events: Vec<&EventRecord> = started.iter().chain([&event]).collect();
+                self.state
+                    .bus
+                    .announce(Announcement::carrying(&rec, &events));
                 tracing::info!(run_id = %run, agent_id = %agent, epoch = ep, attempt = event.attempt, state = %rec.state, exit_code = ?rec.exit_code, reason = rec.reason.as_deref().unwrap_or(""), "attempt ended");
                 Ok(pb::ReportCompletionResponse {
                     state: convert::state_to_proto(rec.state).into(),

@@ -9,15 +9,22 @@
 //! new watcher's SUBSCRIBE. When the connection is lost every subscription ends (its watchers
 //! fall back to polling Postgres and subscribe again later), as with a connection of their own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use drover_core::announce;
+use drover_core::redis_keys::RedisKeys;
+use drover_proto::v1 as pb;
 use futures::StreamExt;
 use futures::future::select_all;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::watch;
+
+/// Most carried events one channel keeps (by seq, the newest): a watcher takes them within a
+/// wake-up of their arrival, so only a burst of transitions of one run comes near this.
+const CARRIED_KEPT: usize = 32;
 
 /// How long connecting and subscribing may take before the watcher polls instead.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,7 +55,28 @@ struct Entry {
     /// The highest number a message on the channel carried (a run's events channel carries
     /// each event's seq); 0 before any.
     hinted: AtomicI64,
+    /// Events a run's events channel carried ([`announce`]), by seq.
+    carried: Mutex<BTreeMap<i64, pb::WatchRunResponse>>,
     watchers: Mutex<usize>,
+}
+
+impl Entry {
+    /// Keeps what an events-channel message carried and raises the announced seq. Before the
+    /// wake-up, so a woken watcher finds both.
+    fn heard(&self, heard: announce::Heard) {
+        if !heard.events.is_empty() {
+            let mut kept = locked(&self.carried);
+            for msg in heard.events {
+                if let Some(seq) = msg.event.as_ref().and_then(|e| i64::try_from(e.seq).ok()) {
+                    kept.insert(seq, msg);
+                }
+            }
+            while kept.len() > CARRIED_KEPT {
+                kept.pop_first();
+            }
+        }
+        self.hinted.fetch_max(heard.newest, Ordering::SeqCst);
+    }
 }
 
 /// A watcher's interest in some channels; unsubscribes (when it was the last) on drop.
@@ -115,6 +143,7 @@ impl LiveHub {
                         tx: watch::Sender::new(0),
                         lost: AtomicBool::new(false),
                         hinted: AtomicI64::new(0),
+                        carried: Mutex::new(BTreeMap::new()),
                         watchers: Mutex::new(0),
                     });
                     locked(&self.inner)
@@ -152,12 +181,10 @@ impl LiveHub {
                 .get(msg.get_channel_name())
                 .cloned();
             if let Some(entry) = entry {
-                // Before the wake-up, so a woken watcher sees it.
-                if let Some(n) = std::str::from_utf8(msg.get_payload_bytes())
-                    .ok()
-                    .and_then(|t| t.parse::<i64>().ok())
+                if RedisKeys::is_run_events_channel(msg.get_channel_name())
+                    && let Some(heard) = announce::parse(msg.get_payload_bytes())
                 {
-                    entry.hinted.fetch_max(n, Ordering::SeqCst);
+                    entry.heard(heard);
                 }
                 entry.tx.send_modify(|n| *n = n.wrapping_add(1));
             }
@@ -239,6 +266,36 @@ impl Subscription {
             .map(|(_, e)| e.hinted.load(Ordering::SeqCst))
             .max()
             .unwrap_or(0)
+    }
+
+    /// The carried events that follow seq `after` without a gap, in order, up to and
+    /// including a terminal one (which must carry its run; one that does not ends the list,
+    /// for the watcher to read it with the run from Postgres); and whether the last is that
+    /// terminal one.
+    pub fn carried_after(&self, after: i64) -> (Vec<pb::WatchRunResponse>, bool) {
+        let mut out = Vec::new();
+        let mut next = after + 1;
+        loop {
+            let found = self
+                .entries
+                .iter()
+                .find_map(|(_, e)| locked(&e.carried).get(&next).cloned());
+            let Some(msg) = found else { break };
+            let terminal = msg
+                .event
+                .as_ref()
+                .and_then(|e| drover_core::convert::state_from_proto(e.to_state))
+                .is_none_or(|s| s.is_terminal());
+            if terminal && msg.run.is_none() {
+                break;
+            }
+            out.push(msg);
+            if terminal {
+                return (out, true);
+            }
+            next += 1;
+        }
+        (out, false)
     }
 
     fn is_lost(&self) -> bool {

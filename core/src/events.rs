@@ -1,6 +1,7 @@
 //! Live fan-out of committed changes through Redis pub/sub. Publishing happens after the
-//! Postgres commit and is best effort: Redis may lose anything at any time, so subscribers use
-//! a message only as a hint to read Postgres, and also poll it.
+//! Postgres commit and is best effort: Redis may lose anything at any time, so subscribers
+//! take what a message carries only where it leaves no gap ([`crate::announce`]), read
+//! Postgres for the rest, and also poll it.
 //!
 //! Request handlers never wait on Redis: they hand messages to a background publisher over a
 //! bounded channel, which drops them when full or while Redis is unreachable. A blackholed
@@ -12,6 +13,7 @@ use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::mpsc;
 
+use crate::announce::Announcement;
 use crate::ids::RunId;
 use crate::redis_keys::RedisKeys;
 
@@ -52,12 +54,14 @@ impl EventBus {
         }
     }
 
-    /// Announces that run `run` has a new event `seq`.
+    /// Announces that run `run` has a new event `seq` (watchers read it from Postgres).
     pub fn run_event(&self, run: RunId, seq: i32) {
-        self.publish(
-            self.keys.run_events_channel(run),
-            seq.to_string().into_bytes(),
-        );
+        self.announce(Announcement::hint(run, seq));
+    }
+
+    /// Publishes an [`Announcement`]: a hint, or the committed events themselves.
+    pub fn announce(&self, news: Announcement) {
+        self.publish(self.keys.run_events_channel(news.run), news.payload);
     }
 
     /// Forwards a live log chunk.

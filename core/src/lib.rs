@@ -10,6 +10,7 @@
 //! It must not serve gRPC, consume queues or run containers: those belong to the binaries.
 
 pub mod amqp;
+pub mod announce;
 pub mod artifact_paths;
 pub mod artifacts;
 pub mod audit;

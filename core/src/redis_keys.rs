@@ -3,6 +3,8 @@
 
 use crate::ids::RunId;
 
+const EVENTS_SUFFIX: &str = "events";
+
 #[derive(Debug, Clone)]
 pub struct RedisKeys {
     prefix: String,
@@ -15,9 +17,16 @@ impl RedisKeys {
         }
     }
 
-    /// Pub/sub channel announcing new events of a run (payload: the event's seq).
+    /// Pub/sub channel announcing new events of a run (payload: [`crate::announce`]).
     pub fn run_events_channel(&self, run: RunId) -> String {
-        format!("{}run:{}:events", self.prefix, run)
+        format!("{}run:{}:{EVENTS_SUFFIX}", self.prefix, run)
+    }
+
+    /// Whether `channel` is a run's events channel (whatever the prefix).
+    pub fn is_run_events_channel(channel: &str) -> bool {
+        channel
+            .strip_suffix(EVENTS_SUFFIX)
+            .is_some_and(|c| c.ends_with(':'))
     }
 
     /// Pub/sub channel carrying live log chunks of a run.

@@ -20,11 +20,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use drover_core::CoreError;
+use drover_core::announce::Announcement;
 use drover_core::ids::{LeaseEpoch, RunId, TenantId};
 use drover_core::messages::{self, AgentCommand, RunMessage};
 use drover_core::observe;
 use drover_core::repo::agents::LockedAgent;
-use drover_core::repo::parking::{self, BatchRead, OverQuota, Precheck};
+use drover_core::repo::parking::{self, BatchRead, OverQuota, OwnLimit, Precheck};
 use drover_core::repo::{
     EventRecord, RunRecord, Transition, TransitionPatch, agents, outbox, runs,
 };
@@ -39,7 +40,8 @@ pub enum Outcome {
     Assigned {
         agent_id: String,
         epoch: i64,
-        seq: i32,
+        /// For the run's watchers: the ASSIGNED event, carried.
+        news: Announcement,
     },
     /// Already assigned, finished or superseded: the message is a duplicate.
     Obsolete,
@@ -129,7 +131,7 @@ pub async fn assign_locked(
     Ok(Outcome::Assigned {
         agent_id,
         epoch: run.lease_epoch,
-        seq: event.seq,
+        news: Announcement::carrying(&run, &[&event]),
     })
 }
 
@@ -215,13 +217,15 @@ pub async fn assign_batch(
     let reads = parking::lock_queued_batch(&mut tx, &keys).await?;
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
     let mut queued: Vec<Option<(Box<RunRecord>, tracing::Span)>> = Vec::with_capacity(items.len());
+    let mut own_limits = HashMap::new();
     for (read, item) in reads.into_iter().zip(items) {
         let decided = match read {
             BatchRead::Queued {
                 behind_parked: true,
                 ..
             } => Outcome::BehindParked,
-            BatchRead::Queued { run, .. } => {
+            BatchRead::Queued { run, own_limit, .. } => {
+                own_limits.insert(run.tenant_id, own_limit);
                 outcomes.push(None);
                 queued.push(Some((run, item.span.clone())));
                 continue;
@@ -232,7 +236,7 @@ pub async fn assign_batch(
         outcomes.push(Some(decided));
         queued.push(None);
     }
-    let placed = place(tx, queued, HoldBack::Pool, limits, handoff).await?;
+    let placed = place(tx, queued, HoldBack::Pool, limits, &own_limits, handoff).await?;
     Ok(outcomes
         .into_iter()
         .zip(placed)
@@ -253,11 +257,13 @@ pub enum HoldBack {
 /// Places the locked QUEUED runs of `runs` (`None`: decided by the caller) in order, as the
 /// module doc says, and commits: one outcome per entry (`None` for the caller's). Each run's
 /// transition is traced in its span, and its agent's command continues that span's trace.
+/// `own_limits`: the tenants' own concurrency limits the caller read already in `tx`.
 pub async fn place(
     mut tx: Transaction<'static, Postgres>,
     runs: Vec<Option<(Box<RunRecord>, tracing::Span)>>,
     hold_back: HoldBack,
     limits: Limits,
+    own_limits: &HashMap<TenantId, Option<i32>>,
     handoff: &outbox::Handoff,
 ) -> Result<Vec<Option<Outcome>>, CoreError> {
     let mut outcomes: Vec<Option<Outcome>> = runs.iter().map(|_| None).collect();
@@ -295,7 +301,10 @@ pub async fn place(
     }
     let mut room: HashMap<TenantId, Option<(i64, i64)>> = HashMap::new();
     for tenant in tenants.into_iter().map(TenantId) {
-        let r = parking::quota_room(&mut tx, tenant, limits.default_max_concurrent).await?;
+        let own = own_limits
+            .get(&tenant)
+            .map_or(OwnLimit::Unknown, |l| OwnLimit::Read(*l));
+        let r = parking::quota_room(&mut tx, tenant, limits.default_max_concurrent, own).await?;
         room.insert(tenant, r);
     }
     let mut held_back: HashSet<String> = HashSet::new();
@@ -362,7 +371,7 @@ pub async fn place(
         outcomes[i] = Some(Outcome::Assigned {
             agent_id: agent.id.clone(),
             epoch: done.lease_epoch,
-            seq: event.seq,
+            news: Announcement::carrying(&done, &[&event]),
         });
         assigned.push((*run, event));
     }

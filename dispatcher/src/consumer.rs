@@ -267,7 +267,7 @@ impl PoolConsumer {
             Outcome::Assigned {
                 agent_id,
                 epoch,
-                seq,
+                news,
             } => {
                 let span = tracing::Span::current();
                 span.record("agent_id", agent_id.as_str());
@@ -276,7 +276,7 @@ impl PoolConsumer {
                 amqp::settle("ack", delivery.ack(BasicAckOptions::default())).await;
                 metrics::histogram!(drover_core::observe::names::DISPATCH_LATENCY)
                     .record(received.elapsed().as_secs_f64());
-                self.bus.run_event(msg.run_id, seq);
+                self.bus.announce(news);
             }
             Outcome::Obsolete => {
                 tracing::debug!(run_id = %msg.run_id, attempt = msg.attempt, "duplicate or superseded message dropped");

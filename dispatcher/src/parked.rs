@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_core::CoreError;
+use drover_core::announce::Announcement;
 use drover_core::events::EventBus;
 use drover_core::ids::{RunId, TenantId};
 use drover_core::repo::RunRecord;
@@ -145,10 +146,11 @@ impl ParkedScheduler {
             let pass = self.place_picks(&picks, &full_labels).await?;
             let progress = !pass.assigned.is_empty();
             let now = Instant::now();
-            for (n, (tenant, run_id, agent_id, epoch, seq)) in pass.assigned.into_iter().enumerate()
+            for (n, (tenant, run_id, agent_id, epoch, news)) in
+                pass.assigned.into_iter().enumerate()
             {
                 tracing::info!(%run_id, agent_id = %agent_id, epoch, "parked run assigned");
-                self.bus.run_event(run_id, seq);
+                self.bus.announce(news);
                 // In the order assigned, as one run per pass would have stamped them.
                 served.insert(tenant, now + Duration::from_nanos(n as u64));
                 assigned += 1;
@@ -234,6 +236,7 @@ impl ParkedScheduler {
             batch.into_iter().map(Some).collect(),
             HoldBack::None,
             self.limits,
+            &std::collections::HashMap::new(),
             &self.outbox,
         )
         .await?;
@@ -242,8 +245,8 @@ impl ParkedScheduler {
                 Some(Outcome::Assigned {
                     agent_id,
                     epoch,
-                    seq,
-                }) => pass.assigned.push((tenant, run_id, agent_id, epoch, seq)),
+                    news,
+                }) => pass.assigned.push((tenant, run_id, agent_id, epoch, news)),
                 Some(Outcome::NoCapacity) => pass.no_room.push(labels),
                 Some(Outcome::OverQuota(q)) => pass.over_quota.push((tenant, q.limit)),
                 // Cannot happen under the row lock; the run stays parked.
@@ -272,7 +275,7 @@ const MAX_PICKS: usize = 64;
 /// What one pass of the scheduler did.
 #[derive(Default)]
 struct Pass {
-    assigned: Vec<(TenantId, RunId, String, i64, i32)>,
+    assigned: Vec<(TenantId, RunId, String, i64, Announcement)>,
     /// The labels of each run no agent had room for.
     no_room: Vec<BTreeMap<String, String>>,
     /// Tenants found at their limit.

@@ -48,6 +48,9 @@ pub enum BatchRead {
     Queued {
         run: Box<RunRecord>,
         behind_parked: bool,
+        /// The tenant's own concurrency limit (`tenants.max_concurrent_runs`), read by the
+        /// same statement so that placing the batch need not ask again.
+        own_limit: Option<i32>,
     },
     /// No longer QUEUED at that attempt: a duplicate, or another dispatcher got there first.
     Obsolete,
@@ -68,7 +71,8 @@ pub async fn lock_queued_batch(
     let ids: Vec<uuid::Uuid> = messages.iter().map(|(_, r, _)| r.0).collect();
     let rows = sqlx::query(&format!(
         "SELECT {RUN_COLUMNS}, EXISTS (SELECT 1 FROM runs p WHERE p.pool = runs.pool \
-           AND p.state = 'QUEUED' AND p.parked_at IS NOT NULL) AS behind_parked \
+           AND p.state = 'QUEUED' AND p.parked_at IS NOT NULL) AS behind_parked, \
+           (SELECT t.max_concurrent_runs FROM tenants t WHERE t.id = runs.tenant_id) AS own_limit \
          FROM runs WHERE id = ANY($1) AND state = 'QUEUED' ORDER BY id FOR UPDATE OF runs"
     ))
     .bind(&ids)
@@ -78,22 +82,24 @@ pub async fn lock_queued_batch(
     for row in &rows {
         let run = RunRecord::from_row(row)?;
         let behind: bool = row.try_get("behind_parked")?;
-        found.insert(run.id, (run, behind));
+        let own_limit: Option<i32> = row.try_get("own_limit")?;
+        found.insert(run.id, (run, behind, own_limit));
     }
     let mut out = Vec::with_capacity(messages.len());
     let mut missing = Vec::new();
     for (i, (tenant, id, attempt)) in messages.iter().enumerate() {
         let matches = found
             .get(id)
-            .map(|(run, _)| (run.tenant_id == *tenant, run.attempt == *attempt));
+            .map(|(run, _, _)| (run.tenant_id == *tenant, run.attempt == *attempt));
         match matches {
             // Taken out: a repeat of this message later in the batch finds it gone and is
             // told Obsolete by the second read.
             Some((true, true)) => {
-                if let Some((run, behind)) = found.remove(id) {
+                if let Some((run, behind, own_limit)) = found.remove(id) {
                     out.push(BatchRead::Queued {
                         run: Box::new(run),
                         behind_parked: behind,
+                        own_limit,
                     });
                 }
             }
@@ -312,6 +318,14 @@ pub struct OverQuota {
     pub limit: i64,
 }
 
+/// A tenant's own concurrency limit as far as the caller knows it: read in its transaction
+/// already (a statement spared per batch, on every run's way to an agent), or not yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnLimit {
+    Read(Option<i32>),
+    Unknown,
+}
+
 /// The tenant's effective concurrency limit: its own, else `default_limit`; `None` = none.
 pub fn effective_limit(own: Option<i32>, default_limit: u32) -> Option<i64> {
     let limit = own.map_or(i64::from(default_limit), i64::from);
@@ -326,7 +340,7 @@ pub async fn check_quota(
     tenant: TenantId,
     default_limit: u32,
 ) -> Result<Option<OverQuota>, CoreError> {
-    Ok(quota_room(conn, tenant, default_limit)
+    Ok(quota_room(conn, tenant, default_limit, OwnLimit::Unknown)
         .await?
         .filter(|(active, limit)| active >= limit)
         .map(|(active, limit)| OverQuota { active, limit }))
@@ -339,13 +353,19 @@ pub async fn quota_room(
     conn: &mut PgConnection,
     tenant: TenantId,
     default_limit: u32,
+    own: OwnLimit,
 ) -> Result<Option<(i64, i64)>, CoreError> {
-    let own: Option<Option<i32>> =
-        sqlx::query_scalar("SELECT max_concurrent_runs FROM tenants WHERE id = $1")
-            .bind(tenant.0)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some(limit) = effective_limit(own.flatten(), default_limit) else {
+    let own = match own {
+        OwnLimit::Read(own) => own,
+        OwnLimit::Unknown => sqlx::query_scalar::<_, Option<i32>>(
+            "SELECT max_concurrent_runs FROM tenants WHERE id = $1",
+        )
+        .bind(tenant.0)
+        .fetch_optional(&mut *conn)
+        .await?
+        .flatten(),
+    };
+    let Some(limit) = effective_limit(own, default_limit) else {
         return Ok(None);
     };
     super::quota_locks::lock_active(conn, tenant).await?;
