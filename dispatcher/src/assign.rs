@@ -32,7 +32,7 @@ use drover_core::repo::{
 use drover_core::state::RunState;
 use drover_core::telemetry;
 use drover_core::topology;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tracing::Instrument;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -110,21 +110,22 @@ pub async fn assign_locked(
     {
         return Ok(Outcome::OverQuota(over));
     }
-    let (run, event) =
-        match runs::transition(&mut tx, &assignment(&queued, &agent_id, limits)).await {
-            Ok(done) => done,
-            // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
-            Err(CoreError::Refused(_)) => return Ok(Outcome::Obsolete),
-            Err(e) => return Err(e),
-        };
-    let command = command_row(&run, &agent_id, telemetry::current_traceparent());
-    let message = outbox::Message {
-        exchange: &command.exchange,
-        routing_key: &command.routing_key,
-        payload: &command.payload,
-        traceparent: command.traceparent.as_deref(),
+    let traceparent = telemetry::current_traceparent();
+    let (run, event, row) = match assign_with_command(
+        &mut tx,
+        &queued,
+        &agent_id,
+        limits,
+        traceparent,
+        handoff,
+    )
+    .await
+    {
+        Ok(done) => done,
+        // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
+        Err(CoreError::Refused(_)) => return Ok(Outcome::Obsolete),
+        Err(e) => return Err(e),
     };
-    let row = outbox::enqueue_leased(&mut tx, run.tenant_id, message, handoff.lease_ms()).await?;
     tx.commit().await?;
     handoff.hand(row);
     committed(&queued, &event);
@@ -151,12 +152,49 @@ fn assignment(queued: &RunRecord, agent_id: &str, limits: Limits) -> Transition 
 
 /// The agent's `Execute` command for the assigned `run`, as an outbox row (its id is set by
 /// the insert), continuing the trace `traceparent` names.
-fn command_row(run: &RunRecord, agent_id: &str, traceparent: Option<String>) -> outbox::OutboxRow {
+/// Assigns the locked QUEUED `queued` to `agent_id` and writes the agent's command in the
+/// same statement ([`runs::transition_and_enqueue`]). The command names the epoch the
+/// assignment gives the run, one past the locked row's; an assignment that gave another (it
+/// cannot, under the lock) is an error, and the caller's transaction rolls back with it.
+async fn assign_with_command(
+    tx: &mut PgConnection,
+    queued: &RunRecord,
+    agent_id: &str,
+    limits: Limits,
+    traceparent: Option<String>,
+    handoff: &outbox::Handoff,
+) -> Result<(RunRecord, EventRecord, outbox::OutboxRow), CoreError> {
+    let epoch = queued.lease_epoch + 1;
+    let command = command_row(queued, epoch, agent_id, traceparent);
+    let message = outbox::Message {
+        exchange: &command.exchange,
+        routing_key: &command.routing_key,
+        payload: &command.payload,
+        traceparent: command.traceparent.as_deref(),
+    };
+    let t = assignment(queued, agent_id, limits);
+    let (run, event, id) =
+        runs::transition_and_enqueue(tx, &t, &message, handoff.lease_ms()).await?;
+    if run.lease_epoch != epoch || run.attempt != queued.attempt {
+        return Err(CoreError::Corrupt(format!(
+            "assignment of run {} gave epoch {} attempt {}, its command says {epoch} and {}",
+            run.id, run.lease_epoch, run.attempt, queued.attempt
+        )));
+    }
+    Ok((run, event, outbox::OutboxRow { id, ..command }))
+}
+
+fn command_row(
+    run: &RunRecord,
+    epoch: i64,
+    agent_id: &str,
+    traceparent: Option<String>,
+) -> outbox::OutboxRow {
     let cmd = AgentCommand::Execute {
         run_id: run.id,
         tenant_id: run.tenant_id,
         attempt: run.attempt,
-        lease_epoch: LeaseEpoch(run.lease_epoch),
+        lease_epoch: LeaseEpoch(epoch),
     };
     outbox::OutboxRow {
         id: 0,
@@ -309,7 +347,7 @@ pub async fn place(
     }
     let mut held_back: HashSet<String> = HashSet::new();
     let mut assigned: Vec<(RunRecord, EventRecord)> = Vec::new();
-    let mut commands: Vec<(TenantId, outbox::OutboxRow)> = Vec::new();
+    let mut commands: Vec<outbox::OutboxRow> = Vec::new();
     for (i, entry) in runs.into_iter().enumerate() {
         let Some((run, span)) = entry else {
             continue;
@@ -350,24 +388,25 @@ pub async fn place(
             }
             continue;
         }
-        let t = assignment(&run, &agent.id, limits);
-        let (done, event) = match runs::transition(&mut tx, &t).instrument(span.clone()).await {
-            Ok(done) => done,
-            // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
-            Err(CoreError::Refused(_)) => {
-                outcomes[i] = Some(Outcome::Obsolete);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let traceparent = telemetry::traceparent_of(&span);
+        let (done, event, row) =
+            match assign_with_command(&mut tx, &run, &agent.id, limits, traceparent, handoff)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(done) => done,
+                // Cannot happen while the row lock is held; kept as the compare-and-set's answer.
+                Err(CoreError::Refused(_)) => {
+                    outcomes[i] = Some(Outcome::Obsolete);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
         agent.active += 1;
         if let Some(Some((active, _))) = room.get_mut(&run.tenant_id) {
             *active += 1;
         }
-        commands.push((
-            done.tenant_id,
-            command_row(&done, &agent.id, telemetry::traceparent_of(&span)),
-        ));
+        commands.push(row);
         outcomes[i] = Some(Outcome::Assigned {
             agent_id: agent.id.clone(),
             epoch: done.lease_epoch,
@@ -375,9 +414,8 @@ pub async fn place(
         });
         assigned.push((*run, event));
     }
-    let rows = outbox::enqueue_leased_many(&mut tx, commands, handoff.lease_ms()).await?;
     tx.commit().await?;
-    for row in rows {
+    for row in commands {
         handoff.hand(row);
     }
     for (run, event) in &assigned {

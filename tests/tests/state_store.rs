@@ -509,3 +509,56 @@ async fn a_folded_success_with_kept_files_writes_run_upload_and_manifest_at_once
     pool.close().await;
     services::drop_database(&name).await;
 }
+
+/// The dispatcher's assignment and its command to the agent are one statement: the outbox
+/// row is written, leased to the writer's relay, exactly when the transition applies.
+#[tokio::test]
+async fn an_assignment_writes_its_command_only_when_it_applies() {
+    let (_db, pool) = fresh_db(2).await;
+    let run = submit_one(&pool).await;
+    let message = drover_core::repo::outbox::Message {
+        exchange: "drover.agents",
+        routing_key: "agent-cmd",
+        payload: b"the command",
+        traceparent: None,
+    };
+    let commands = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE routing_key = 'agent-cmd'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let mut conn = pool.acquire().await.unwrap();
+
+    let mut stale = assign(run.id, "agent-cmd");
+    stale.expected_attempt = Some(2);
+    let refused = runs::transition_and_enqueue(&mut conn, &stale, &message, 60_000).await;
+    assert!(matches!(refused, Err(CoreError::Refused(_))), "{refused:?}");
+    assert_eq!(
+        commands().await,
+        0,
+        "a refused assignment writes no command"
+    );
+
+    let (done, event, id) =
+        runs::transition_and_enqueue(&mut conn, &assign(run.id, "agent-cmd"), &message, 60_000)
+            .await
+            .unwrap();
+    assert_eq!(done.state, RunState::Assigned);
+    assert_eq!(event.seq, 2);
+    let (payload, leased): (Vec<u8>, bool) = sqlx::query_as(
+        "SELECT payload, available_at > now() + interval '50 seconds' FROM outbox WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(payload, b"the command");
+    assert!(leased, "leased to the writer's relay for the lease given");
+
+    let again =
+        runs::transition_and_enqueue(&mut conn, &assign(run.id, "agent-cmd"), &message, 60_000)
+            .await;
+    assert!(matches!(again, Err(CoreError::Refused(_))), "{again:?}");
+    assert_eq!(commands().await, 1, "still the one command");
+}

@@ -117,62 +117,6 @@ pub async fn enqueue_leased(
     })
 }
 
-/// [`enqueue_leased`] for several messages in one statement (a dispatcher's batch of
-/// assignments): the rows given (their `id` ignored) come back with the ids the insert gave
-/// them, in the order given.
-pub async fn enqueue_leased_many(
-    conn: &mut PgConnection,
-    messages: Vec<(TenantId, OutboxRow)>,
-    lease_ms: i64,
-) -> Result<Vec<OutboxRow>, CoreError> {
-    if messages.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut tenants = Vec::with_capacity(messages.len());
-    let mut exchanges = Vec::with_capacity(messages.len());
-    let mut keys = Vec::with_capacity(messages.len());
-    let mut payloads = Vec::with_capacity(messages.len());
-    let mut parents = Vec::with_capacity(messages.len());
-    for (tenant, m) in &messages {
-        tenants.push(tenant.0);
-        exchanges.push(m.exchange.as_str());
-        keys.push(m.routing_key.as_str());
-        payloads.push(m.payload.as_slice());
-        parents.push(m.traceparent.as_deref());
-    }
-    // WITH ORDINALITY and ORDER BY keep the ids in the given order (a serial column takes its
-    // values in insertion order, and the insert consumes the ordered rows).
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO outbox (tenant_id, exchange, routing_key, payload, available_at, \
-         traceparent) \
-         SELECT m.t, m.e, m.k, m.p, now() + $6::bigint * interval '1 millisecond', m.tp \
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[]) \
-           WITH ORDINALITY AS m(t, e, k, p, tp, n) ORDER BY m.n RETURNING id",
-    )
-    .bind(&tenants)
-    .bind(&exchanges)
-    .bind(&keys)
-    .bind(&payloads)
-    .bind(&parents)
-    .bind(lease_ms.max(1))
-    .fetch_all(conn)
-    .await?;
-    if ids.len() != messages.len() {
-        return Err(CoreError::Corrupt(format!(
-            "outbox insert returned {} ids for {} rows",
-            ids.len(),
-            messages.len()
-        )));
-    }
-    let mut ids = ids;
-    ids.sort_unstable();
-    Ok(messages
-        .into_iter()
-        .zip(ids)
-        .map(|((_, m), id)| OutboxRow { id, ..m })
-        .collect())
-}
-
 /// A process's way to its own relay for rows written with [`enqueue_leased`]. Cloned into
 /// whatever writes them; [`Handoff::hand`] never waits.
 #[derive(Debug, Clone)]

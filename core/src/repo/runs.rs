@@ -542,7 +542,22 @@ impl Transition {
 /// prepared statement's generic plan on a young table was a sequential scan of `runs` (seen
 /// with `auto_explain` under load: 0.85 ms a transition, 8 ms at worst, where the primary key
 /// takes microseconds).
-static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
+static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| transition_sql("", ""));
+
+/// [`TRANSITION_SQL`] that also writes one outbox row when, and only when, the run changed:
+/// the dispatcher's assignment and its command to the agent in one statement (they were two
+/// round trips of every assignment's transaction).
+static TRANSITION_ENQUEUE_SQL: LazyLock<String> = LazyLock::new(|| {
+    transition_sql(
+        ", ob AS (INSERT INTO outbox (tenant_id, exchange, routing_key, payload, available_at, \
+           traceparent) \
+           SELECT tenant_id, $25, $26, $27, now() + $28::bigint * interval '1 millisecond', $29 \
+           FROM upd RETURNING id AS outbox_id)",
+        ", (SELECT outbox_id FROM ob) AS outbox_id",
+    )
+});
+
+fn transition_sql(extra_cte: &str, extra_column: &str) -> String {
     format!(
         "WITH prev AS (SELECT id, state AS prev_state FROM runs WHERE id = $1 FOR UPDATE), \
          upd AS (UPDATE runs r SET \
@@ -586,12 +601,12 @@ static TRANSITION_SQL: LazyLock<String> = LazyLock::new(|| {
            SELECT id, last_seq, tenant_id, prev_state, state, attempt, lease_epoch, agent_id, \
              $10, $21, $22 FROM upd \
            RETURNING seq AS event_seq, at AS event_at), \
-         cap AS (SELECT pg_notify($23, '') FROM upd WHERE $24) \
-         SELECT upd.*, ev.event_seq, ev.event_at, (SELECT count(*) FROM cap) AS woke \
+         cap AS (SELECT pg_notify($23, '') FROM upd WHERE $24){extra_cte} \
+         SELECT upd.*, ev.event_seq, ev.event_at, (SELECT count(*) FROM cap) AS woke{extra_column} \
          FROM upd, ev",
         RETURNED = run_columns_of("r")
     )
-});
+}
 
 /// [`RUN_COLUMNS`] qualified by a table alias, for statements that join or update `runs`.
 pub(crate) fn run_columns_of(alias: &str) -> String {
@@ -634,6 +649,29 @@ pub async fn transition(
     conn: &mut PgConnection,
     t: &Transition,
 ) -> Result<(RunRecord, EventRecord), CoreError> {
+    let (run, event, _) = apply(conn, t, None).await?;
+    Ok((run, event))
+}
+
+/// [`transition`] that, in the same statement and only if it applies, writes `message` to the
+/// outbox leased to the caller's relay for `lease_ms` (as [`super::outbox::enqueue_leased`]
+/// does); returns the row's id with the run and event.
+pub async fn transition_and_enqueue(
+    conn: &mut PgConnection,
+    t: &Transition,
+    message: &super::outbox::Message<'_>,
+    lease_ms: i64,
+) -> Result<(RunRecord, EventRecord, i64), CoreError> {
+    let (run, event, id) = apply(conn, t, Some((message, lease_ms))).await?;
+    let id = id.ok_or_else(|| CoreError::Corrupt("transition wrote no outbox row".into()))?;
+    Ok((run, event, id))
+}
+
+async fn apply(
+    conn: &mut PgConnection,
+    t: &Transition,
+    enqueue: Option<(&super::outbox::Message<'_>, i64)>,
+) -> Result<(RunRecord, EventRecord, Option<i64>), CoreError> {
     let allowed = RunState::names(&RunState::sources_of(t.to));
     let mut b = Binds::default();
     match &t.patch {
@@ -670,7 +708,12 @@ pub async fn transition(
         }
         TransitionPatch::Redrive => b.redrive = true,
     }
-    let row = sqlx::query(&TRANSITION_SQL)
+    let sql: &str = if enqueue.is_some() {
+        &TRANSITION_ENQUEUE_SQL
+    } else {
+        &TRANSITION_SQL
+    };
+    let mut query = sqlx::query(sql)
         .bind(t.run_id.0)
         .bind(t.to.as_str())
         .bind(b.new_lease)
@@ -694,12 +737,24 @@ pub async fn transition(
         .bind(audit::now())
         .bind(t.actor())
         .bind(super::CAPACITY_CHANNEL)
-        .bind(t.frees_capacity)
-        .fetch_optional(&mut *conn)
-        .await?;
+        .bind(t.frees_capacity);
+    if let Some((m, lease_ms)) = enqueue {
+        query = query
+            .bind(m.exchange)
+            .bind(m.routing_key)
+            .bind(m.payload)
+            .bind(lease_ms.max(1))
+            .bind(m.traceparent);
+    }
+    let row = query.fetch_optional(&mut *conn).await?;
 
     let Some(row) = row else {
         return Err(explain_refusal(conn, t).await);
+    };
+    let outbox_id: Option<i64> = if enqueue.is_some() {
+        row.try_get("outbox_id")?
+    } else {
+        None
     };
     let prev: String = row.try_get("prev_state")?;
     let run = RunRecord::from_row(&row)?;
@@ -713,7 +768,7 @@ pub async fn transition(
         reason: t.reason.clone(),
         at: row.try_get("event_at")?,
     };
-    Ok((run, event))
+    Ok((run, event, outbox_id))
 }
 
 async fn explain_refusal(conn: &mut PgConnection, t: &Transition) -> CoreError {
