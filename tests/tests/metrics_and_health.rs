@@ -249,9 +249,28 @@ async fn counters_move_by_what_the_runs_did() {
         "agents end runs through the API"
     );
     // Both relays publish from the same outbox (SKIP LOCKED): together, at least the 5
-    // submits, the retry, the dead-run record and the 6 agent commands.
-    let published = delta(&api0, &api1, "drover_outbox_published_total", &[])
-        + delta(&disp0, &disp1, "drover_outbox_published_total", &[]);
+    // submits, the retry, the dead-run record and the 6 agent commands. A relay counts a row
+    // when its confirm is back, which can be after the scrapes above (the dead run's record
+    // archived, or the run seen DEAD_LETTERED, before its publisher heard the confirm).
+    let published_by_both = || async {
+        delta(
+            &api0,
+            &scrape(&api).await,
+            "drover_outbox_published_total",
+            &[],
+        ) + delta(
+            &disp0,
+            &scrape(&dispatcher).await,
+            "drover_outbox_published_total",
+            &[],
+        )
+    };
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut published = published_by_both().await;
+    while published < 13.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        published = published_by_both().await;
+    }
     assert!(published >= 13.0, "published {published}");
     let confirmed = hist_delta(&api0, &api1, "drover_amqp_publish_confirm_seconds")
         + hist_delta(&disp0, &disp1, "drover_amqp_publish_confirm_seconds");
