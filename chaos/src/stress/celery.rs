@@ -276,13 +276,12 @@ async fn run_in(
     driver
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(dir.join("driver.log"))?));
-    let busy_before = super::procstat::host_busy();
+    let cpu = super::cpu_share::CpuWindow::start();
     let mut outcome = drive(driver, progress).await;
-    if let (Ok((rec, _)), Some(before), Some(after)) =
-        (&mut outcome, busy_before, super::procstat::host_busy())
-    {
+    let cpu = cpu.finish();
+    if let Ok((rec, _)) = &mut outcome {
         // Includes the Python driver's start-up, a fraction of a second.
-        rec.set_host_busy(after.saturating_sub(before));
+        rec.set_cpu(cpu);
     }
     stop(worker).await;
     // Flush our result keys from the spare database.

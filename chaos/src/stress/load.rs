@@ -60,7 +60,7 @@ where
 {
     let op = Arc::new(op);
     let start = Instant::now();
-    let busy_before = super::procstat::host_busy();
+    let cpu = super::cpu_share::CpuWindow::start();
     let mut rec = Recorder::default();
     let mut in_flight = FuturesUnordered::new();
     let mut started = 0u64;
@@ -117,9 +117,7 @@ where
             }
         }
     }
-    if let (Some(before), Some(after)) = (busy_before, super::procstat::host_busy()) {
-        rec.set_host_busy(after.saturating_sub(before));
-    }
+    rec.set_cpu(cpu.finish());
     (rec, start.elapsed())
 }
 

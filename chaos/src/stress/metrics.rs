@@ -8,6 +8,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use super::cpu_share::CpuUse;
+
 /// Histograms hold microseconds, 1 µs .. 1 h, 3 significant digits.
 const MAX_US: u64 = 3_600_000_000;
 
@@ -61,8 +63,8 @@ pub struct Recorder {
     errors: BTreeMap<String, u64>,
     ok: u64,
     /// CPU time the whole host spent while this system ran (every process: the system, its
-    /// services, the load generator).
-    host_busy: Option<Duration>,
+    /// services, the load generator), and how it split between processes.
+    cpu: CpuUse,
 }
 
 impl Default for Recorder {
@@ -76,7 +78,7 @@ impl Default for Recorder {
             seconds: Vec::new(),
             errors: BTreeMap::new(),
             ok: 0,
-            host_busy: None,
+            cpu: CpuUse::default(),
         }
     }
 }
@@ -121,9 +123,10 @@ impl Recorder {
         self.ok
     }
 
-    /// The host's CPU time over the run (see [`SystemReport::host_cpu_ms_per_op`]).
-    pub fn set_host_busy(&mut self, busy: Duration) {
-        self.host_busy = Some(busy);
+    /// The host's CPU time over the run and its split (see
+    /// [`SystemReport::host_cpu_ms_per_op`], [`SystemReport::cpu_ms_per_op_by_group`]).
+    pub fn set_cpu(&mut self, cpu: CpuUse) {
+        self.cpu = cpu;
     }
 
     pub fn error_count(&self) -> u64 {
@@ -144,9 +147,22 @@ impl Recorder {
             execution: Percentiles::of(&self.execution),
             end_to_end: Percentiles::of(&self.e2e),
             host_cpu_ms_per_op: self
+                .cpu
                 .host_busy
                 .filter(|_| self.ok > 0)
                 .map(|b| b.as_secs_f64() * 1000.0 / self.ok as f64),
+            cpu_ms_per_op_by_group: if self.ok > 0 {
+                self.cpu
+                    .groups
+                    .iter()
+                    .map(|g| GroupCpuPerOp {
+                        group: g.group.clone(),
+                        ms_per_op: g.cpu_s * 1000.0 / self.ok as f64,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             timeline: self
                 .seconds
                 .iter()
@@ -224,7 +240,18 @@ pub struct SystemReport {
     /// operation costs the machine: on a saturated host, throughput ≈ cores × 1000 / this.
     #[serde(default)]
     pub host_cpu_ms_per_op: Option<f64>,
+    /// [`Self::host_cpu_ms_per_op`] split by process group (each drover binary, Postgres,
+    /// RabbitMQ, Redis, the load generator, …), largest first: where an operation's cost goes.
+    #[serde(default)]
+    pub cpu_ms_per_op_by_group: Vec<GroupCpuPerOp>,
     pub timeline: Vec<SecondReport>,
+}
+
+/// One process group's CPU per successful operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupCpuPerOp {
+    pub group: String,
+    pub ms_per_op: f64,
 }
 
 #[cfg(test)]

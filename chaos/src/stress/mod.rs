@@ -7,6 +7,7 @@
 //! set-up and cold caches, which a steady-state figure should not include.
 
 pub mod celery;
+pub mod cpu_share;
 pub mod docker_baseline;
 pub mod drover;
 pub mod load;

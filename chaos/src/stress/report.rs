@@ -160,6 +160,7 @@ impl Report {
                     .map_or("-".to_owned(), |c| format!("{c:.2}"))
             );
         }
+        self.cpu_by_group_markdown(&mut md);
         if !self.ratios.is_empty() {
             md.push_str("\n## drover / baseline\n\nThroughput above 1: drover did more per second. Latency above 1: drover was slower.\n\n| baseline | throughput | e2e p50 | e2e p99 |\n|---|---:|---:|---:|\n");
             for r in &self.ratios {
@@ -204,6 +205,47 @@ impl Report {
                 .collect::<String>()
         );
         md
+    }
+
+    /// The table of where each system's host CPU went, per successful operation: one row
+    /// per process group, one column per system, groups in the order of the first system's
+    /// cost.
+    fn cpu_by_group_markdown(&self, md: &mut String) {
+        let systems: Vec<&SystemReport> = self
+            .systems
+            .iter()
+            .filter(|s| !s.cpu_ms_per_op_by_group.is_empty())
+            .collect();
+        if systems.is_empty() {
+            return;
+        }
+        let mut groups: Vec<&str> = Vec::new();
+        for s in &systems {
+            for g in &s.cpu_ms_per_op_by_group {
+                if !groups.contains(&g.group.as_str()) {
+                    groups.push(&g.group);
+                }
+            }
+        }
+        md.push_str("\n## Where the CPU went (ms per successful operation)\n\nEvery process's CPU time while the system ran, by group; the rows add up to the host CPU per op above.\n\n| process group |");
+        for s in &systems {
+            let _ = write!(md, " {} |", s.name);
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---:|".repeat(systems.len()));
+        md.push('\n');
+        for group in groups {
+            let _ = write!(md, "| {group} |");
+            for s in &systems {
+                let cell = s
+                    .cpu_ms_per_op_by_group
+                    .iter()
+                    .find(|g| g.group == group)
+                    .map_or_else(|| "-".to_owned(), |g| format!("{:.3}", g.ms_per_op));
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
     }
 
     /// Writes `report.json`, `summary.md`, `latency.svg` and `throughput.svg` into `dir`.
@@ -289,6 +331,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::stress::cpu_share::{CpuUse, GroupCpu};
     use crate::stress::metrics::{Recorder, Sample};
     use crate::stress::procstat::ProcSample;
 
@@ -307,6 +350,18 @@ mod tests {
             );
         }
         r.record(Duration::from_millis(100), &Err("Unavailable".into()));
+        let group = |group: &str, cpu_s: f64| GroupCpu {
+            group: group.into(),
+            cpu_s,
+        };
+        r.set_cpu(CpuUse {
+            host_busy: None,
+            groups: if name == "drover" {
+                vec![group("postgres", 1.0), group("drover-api", 0.5)]
+            } else {
+                vec![group("docker", 2.0)]
+            },
+        });
         r.summarize(name, Duration::from_secs(elapsed_s))
     }
 
@@ -382,6 +437,11 @@ mod tests {
         );
         assert!(md.contains("| docker | 0.50 | 2.00 | 2.00 |"), "{md}");
         assert!(md.contains("| api | 7 | 20.0 | - | 12.5 | 40.0 |"), "{md}");
+        // Where the CPU went: per op (5 ok each), one column per system.
+        assert!(md.contains("| process group | drover | docker |"), "{md}");
+        assert!(md.contains("| postgres | 200.000 | - |"), "{md}");
+        assert!(md.contains("| drover-api | 100.000 | - |"), "{md}");
+        assert!(md.contains("| docker | - | 400.000 |"), "{md}");
         assert!(md.contains("0 violation(s)"));
 
         let line = r.one_line();
