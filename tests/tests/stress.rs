@@ -74,8 +74,24 @@ fn check_files(out: &Path, report: &Report) {
     for p in &report.processes {
         assert!(p.peak_rss_kib > 0 && p.alive_at_end, "{p:?}");
     }
+    // Where the host's CPU went while drover ran: its binaries and its Postgres among it.
+    let cpu = |group: &str| {
+        drover
+            .cpu_ms_per_op_by_group
+            .iter()
+            .find(|g| g.group == group)
+            .map_or(0.0, |g| g.ms_per_op)
+    };
+    for group in ["drover-api", "postgres"] {
+        assert!(
+            cpu(group) > 0.0,
+            "{group}: {:?}",
+            drover.cpu_ms_per_op_by_group
+        );
+    }
     let md = std::fs::read_to_string(out.join("summary.md")).expect("summary.md");
     assert!(md.contains("| drover | submit→terminal | 20 |"), "{md}");
+    assert!(md.contains("## Where the CPU went"), "{md}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -113,6 +129,15 @@ async fn stress_with_the_celery_baseline() {
     assert_eq!(celery.name, "celery-noop");
     assert_eq!(celery.ok, 20, "{:?}", celery.errors);
     assert_eq!(celery.submit.count, 20);
+    // Celery's worker and driver are Python processes, measured over Celery's own window.
+    assert!(
+        celery
+            .cpu_ms_per_op_by_group
+            .iter()
+            .any(|g| g.group == "python (celery)" && g.ms_per_op > 0.0),
+        "{:?}",
+        celery.cpu_ms_per_op_by_group
+    );
     let r = &report.ratios[0];
     assert!(
         r.throughput > 0.0 && r.e2e_p50 > 0.0 && r.e2e_p99 > 0.0,

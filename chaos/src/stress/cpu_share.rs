@@ -21,7 +21,7 @@ const TICKS_PER_S: f64 = 100.0;
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// The group for what no process was charged with.
-pub const UNATTRIBUTED: &str = "unattributed (interrupts, exited processes)";
+pub const UNATTRIBUTED: &str = "unattributed (interrupts, processes that ended between samples)";
 
 /// One group's CPU time over a window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
