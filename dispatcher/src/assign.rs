@@ -150,8 +150,6 @@ fn assignment(queued: &RunRecord, agent_id: &str, limits: Limits) -> Transition 
     }
 }
 
-/// The agent's `Execute` command for the assigned `run`, as an outbox row (its id is set by
-/// the insert), continuing the trace `traceparent` names.
 /// Assigns the locked QUEUED `queued` to `agent_id` and writes the agent's command in the
 /// same statement ([`runs::transition_and_enqueue`]). The command names the epoch the
 /// assignment gives the run, one past the locked row's; an assignment that gave another (it
@@ -184,6 +182,8 @@ async fn assign_with_command(
     Ok((run, event, outbox::OutboxRow { id, ..command }))
 }
 
+/// The agent's `Execute` command for `run` under lease `epoch`, as an outbox row (its id is
+/// set by the insert), continuing the trace `traceparent` names.
 fn command_row(
     run: &RunRecord,
     epoch: i64,

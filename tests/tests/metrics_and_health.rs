@@ -265,12 +265,10 @@ async fn counters_move_by_what_the_runs_did() {
             &[],
         )
     };
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    let mut published = published_by_both().await;
-    while published < 13.0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        published = published_by_both().await;
-    }
+    stack
+        .wait_for(LIMIT, || async { published_by_both().await >= 13.0 })
+        .await;
+    let published = published_by_both().await;
     assert!(published >= 13.0, "published {published}");
     let confirmed = hist_delta(&api0, &api1, "drover_amqp_publish_confirm_seconds")
         + hist_delta(&disp0, &disp1, "drover_amqp_publish_confirm_seconds");

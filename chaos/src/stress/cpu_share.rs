@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-const TICKS_PER_S: f64 = 100.0;
+use super::procstat::TICKS_PER_S;
+
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// The group for what no process was charged with.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const TICKS_PER_S: f64 = 100.0;
+pub(super) const TICKS_PER_S: f64 = 100.0;
 
 /// A process to watch: a name for the report and its pid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,15 +91,10 @@ pub fn parse_rss_kib(status: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// `utime + stime` in clock ticks from the text of `/proc/<pid>/stat`. Fields are counted after
-/// the last `)`, since the command name between parentheses may itself hold spaces or `)`.
+/// `utime + stime` in clock ticks from the text of `/proc/<pid>/stat`
+/// ([`super::cpu_share::parse_stat`] reads the line).
 pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // After ")": state(3) ppid(4) ... utime(14) stime(15): utime is the 12th field here.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    super::cpu_share::parse_stat(stat).map(|p| p.ticks)
 }
 
 /// Busy clock ticks of the whole host, all CPUs, from the text of `/proc/stat` (its `cpu` line):
